@@ -1,0 +1,80 @@
+"""Bad environment files get one line naming file, field, value and what is allowed."""
+import textwrap
+
+import pytest
+
+from runtime.errors import UserError
+from runtime.spec import load_spec
+from tests.conftest import ENVIRONMENTS, ROOT
+
+
+@pytest.mark.parametrize("path", ENVIRONMENTS, ids=lambda p: p.name)
+def test_every_shipped_environment_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert spec.target_section is not None
+
+
+def test_there_is_an_environment_for_every_target():
+    assert {load_spec(p).target for p in ENVIRONMENTS} == {"local", "onprem", "aws", "gcp"}
+
+
+LOCAL = (ROOT / "environments" / "local.yaml").read_text()
+
+
+def write(tmp_path, text):
+    path = tmp_path / "env.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(path) -> str:
+    with pytest.raises(UserError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    return message
+
+
+@pytest.mark.parametrize("change, field, expected", [
+    (("quantization: none", "quantisation: none"), "model.quantisation", "did you mean quantization"),
+    (("tensor: 3", "tensor: three"), "parallelism.tensor", "'auto'"),
+    (("tensor: 3", "tensor: 2"), "parallelism.tensor", "allowed: auto, 1, 3, 9"),
+    (("nodes: 1", "nodes: 0"), "parallelism.nodes", "greater than or equal to 1"),
+    (("max_model_len: 2048", "max_model_len: 100000"), "context.max_model_len", "16..8192"),
+    (("id: smollm2-135m-instruct", "id: smollm2-135m-instrukt"), "model.id", "smollm2-135m-instruct"),
+    (("target: local", "target: azure"), "target", "'local', 'onprem', 'aws' or 'gcp'"),
+    (("port: 8000", "port: 80000"), "serving.port", "65535"),
+    (("host: 127.0.0.1", "host: 0.0.0.0"), "serving.host", "API key is required"),
+    (("concurrency: 4", "concurrency: [4]"), "context.concurrency", "valid integer"),
+])
+def test_bad_field_names_field_value_and_allowed(tmp_path, change, field, expected):
+    old, new = change
+    assert old in LOCAL
+    message = error_of(write(tmp_path, LOCAL.replace(old, new)))
+    assert field in message and expected in message, message
+
+
+def test_unreadable_yaml_names_the_line(tmp_path):
+    message = error_of(write(tmp_path, "name: x\ntarget: local\nmodel: [unclosed\n"))
+    assert "line 4" in message or "line 3" in message
+
+
+def test_missing_file_is_named(tmp_path):
+    message = error_of(tmp_path / "nope.yaml")
+    assert "no such file" in message
+
+
+def test_only_the_targets_own_section_is_allowed(tmp_path):
+    text = LOCAL + "aws:\n  region: us-east-1\n  instance_type: p5.48xlarge\n  allowed_cidrs: [10.0.0.0/8]\n"
+    assert "section 'aws' given but target is 'local'" in error_of(write(tmp_path, text))
+
+
+def test_cloud_target_needs_its_section_and_valid_cidrs(tmp_path):
+    aws = (ROOT / "environments" / "aws-p5-405b-fp8.yaml").read_text()
+    assert "add 'aws:'" in error_of(write(tmp_path, aws.split("aws:\n")[0]))
+    bad = aws.replace("[203.0.113.0/24]", "[everyone]")
+    assert "aws.allowed_cidrs" in error_of(write(tmp_path, bad))
+    wrong_cloud = aws.replace("p5.48xlarge", "a3-highgpu-8g")
+    assert "is a gcp machine type" in error_of(write(tmp_path, wrong_cloud))
