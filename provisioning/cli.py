@@ -1,6 +1,48 @@
-"""Provisioning commands (up/down/status for local and on-prem targets, weights)."""
+"""Provisioning commands: up / down / status (local target today; on-prem and clouds plug in here)."""
 from __future__ import annotations
 
-from runtime.cli import RUNTIME_COMMANDS
+from rich.console import Console
 
-PROVISIONING_COMMANDS = list(RUNTIME_COMMANDS)
+from runtime.cli import RUNTIME_COMMANDS
+from runtime.errors import UserError
+from runtime.spec import load_spec
+
+
+def _target_handler(spec, action: str):
+    if spec.target == "local":
+        from provisioning import local
+        return getattr(local, f"{action}_local")
+    raise UserError(f"target: {spec.target!r}: `herd {action}` supports the local target in this "
+                    "version (plan it with `herd plan`)")
+
+
+def add_lifecycle(sub) -> None:
+    up = sub.add_parser("up", help="set up and start a deployment, wait for ready, run the smoke test")
+    up.add_argument("environment", help="environments/NAME.yaml")
+    up.add_argument("--no-smoke", action="store_true", help="skip the smoke test after ready")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop a deployment")
+    down.add_argument("environment")
+    down.set_defaults(func=cmd_down)
+    status = sub.add_parser("status", help="is the deployment running and ready")
+    status.add_argument("environment")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_up(args) -> int:
+    spec = load_spec(args.environment)
+    return _target_handler(spec, "up")(spec, args.environment, Console(), smoke=not args.no_smoke)
+
+
+def cmd_down(args) -> int:
+    spec = load_spec(args.environment)
+    return _target_handler(spec, "down")(spec, Console())
+
+
+def cmd_status(args) -> int:
+    spec = load_spec(args.environment)
+    return _target_handler(spec, "status")(spec, Console(), as_json=args.json)
+
+
+PROVISIONING_COMMANDS = [*RUNTIME_COMMANDS, add_lifecycle]

@@ -115,7 +115,17 @@ def build_parser(registrars) -> ArgumentParser:
     return parser
 
 
-RUNTIME_COMMANDS = [add_plan]
+def _add_serve(sub) -> None:
+    from runtime.serve import add_serve
+    add_serve(sub)
+
+
+def _add_smoke(sub) -> None:
+    from runtime.smoke import add_smoke
+    add_smoke(sub)
+
+
+RUNTIME_COMMANDS = [add_plan, _add_serve, _add_smoke]
 
 
 def run(argv, registrars) -> int:

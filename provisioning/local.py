@@ -1,0 +1,210 @@
+"""The local target: the provisioning steps run in place, and the runtime runs as a managed
+background process (pid file + log file under the spec's state_dir).
+
+`herd up ENV`   : plan (refuse early) -> fetch weights -> start `herd serve` -> wait ready -> smoke
+`herd status`   : is it running, is it ready, why not
+`herd down`     : stop it; nothing is left behind
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from provisioning.weights import fetch
+from runtime.errors import UserError
+from runtime.paths import model_dir_for
+from runtime.plan_report import render as render_plan
+from runtime.plan_spec import request_from_spec
+from runtime.planner import plan
+from runtime.serve import model_dir_from_spec
+from runtime.smoke import render as render_smoke
+from runtime.smoke import run_smoke
+from runtime.spec import Spec
+from runtime.supervisor import kill_ranks
+
+LOG_NAME, PID_NAME = "serve.log", "serve.pid"
+
+
+def state_dir(spec: Spec) -> Path:
+    return Path(spec.local.state_dir if spec.local else ".herd").resolve()
+
+
+def endpoint(spec: Spec) -> str:
+    host = "127.0.0.1" if spec.serving.host in ("0.0.0.0", "localhost") else spec.serving.host
+    return f"http://{host}:{spec.serving.port}"
+
+
+def _running_pid(state: Path) -> int | None:
+    try:
+        pid = int((state / PID_NAME).read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
+             ready_timeout: float = 900) -> int:
+    # 1. Plan: refuse before doing anything expensive.
+    result = plan(request_from_spec(spec))
+    render_plan(result, console)
+    if not result.fits:
+        console.print("[red]refusing to start: the plan does not fit (see the reasons above)[/]")
+        return 1
+    state = state_dir(spec)
+    state.mkdir(parents=True, exist_ok=True)
+    if (pid := _running_pid(state)) is not None:
+        console.print(f"already running (pid {pid}); `herd down {env_path}` first to restart it")
+        return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+    if not _port_free(spec.serving.host, spec.serving.port):
+        raise UserError(f"serving.port: {spec.serving.port} is already in use on {spec.serving.host} "
+                        "(stop what holds it, or choose another port)")
+
+    # 2. Weights: fetched and verified once, reused after.
+    model_dir = model_dir_from_spec(spec)
+    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
+        fetch(spec.model.source, model_dir_for(spec.model.id))
+
+    # 3. The runtime, as a background process that outlives this command.
+    log_path = state / LOG_NAME
+    cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()),
+           "--model-dir", str(model_dir), "--state-dir", str(state)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=Path(env_path).resolve().parent.parent)
+    (state / PID_NAME).write_text(str(proc.pid))
+    console.print(f"started herd serve (pid {proc.pid}); log: {log_path}")
+    return _wait_and_smoke(spec, console, proc.pid, state, smoke, ready_timeout)
+
+
+def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
+    url = endpoint(spec)
+    started = time.monotonic()
+    reason = "starting"
+    with console.status(f"waiting for {url} to be ready: {reason}") as status, httpx.Client(timeout=5) as client:
+        while True:
+            if _running_pid(state) is None or _reaped(pid):
+                console.print(f"[red]herd serve exited while starting; last log lines:[/]")
+                console.print(_tail(state / LOG_NAME), markup=False, highlight=False)
+                return 1
+            try:
+                r = client.get(f"{url}/health/ready")
+                body = r.json()
+                if r.status_code == 200:
+                    break
+                reason = body.get("reason", reason)
+                if body.get("phase") == "failed":
+                    console.print(f"[red]gave up: {reason}[/]")
+                    return 1
+            except (httpx.TransportError, ValueError):
+                reason = "waiting for the HTTP server"
+            if time.monotonic() - started > ready_timeout:
+                console.print(f"[red]not ready after {ready_timeout:.0f}s: {reason}[/]")
+                return 1
+            status.update(f"waiting for {url} ({time.monotonic() - started:.0f}s): {reason}")
+            time.sleep(0.5)
+    console.print(f"[green]ready[/] after {time.monotonic() - started:.1f}s")
+    if smoke:
+        report = run_smoke(url, None, 60, console)
+        render_smoke(report, console)
+        if not report.passed:
+            return 1
+    console.print(f"endpoint: [bold]{url}/v1[/]  (herd status / herd down {spec.name})")
+    return 0
+
+
+def _reaped(pid: int) -> bool:
+    """True if our child has exited (reaps it so it does not linger as a zombie)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == pid
+    except ChildProcessError:
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def status_local(spec: Spec, console: Console, as_json: bool = False) -> int:
+    state = state_dir(spec)
+    pid = _running_pid(state)
+    info = {"environment": spec.name, "running": pid is not None, "pid": pid, "endpoint": endpoint(spec),
+            "log": str(state / LOG_NAME)}
+    if pid is not None:
+        try:
+            r = httpx.get(f"{endpoint(spec)}/health/ready", timeout=5)
+            info["health"] = r.json()
+        except (httpx.TransportError, ValueError) as err:
+            info["health"] = {"status": "unreachable", "reason": str(err)}
+    if as_json:
+        print(json.dumps(info, indent=2))
+    elif pid is None:
+        console.print(f"{spec.name}: not running")
+    else:
+        h = info["health"]
+        console.print(f"{spec.name}: running (pid {pid}) at {info['endpoint']}: {h.get('status')}"
+                      f" ({h.get('reason')}); log {info['log']}")
+    return 0 if pid is not None and info["health"].get("status") == "ready" else 3
+
+
+def down_local(spec: Spec, console: Console, timeout: float = 30) -> int:
+    state = state_dir(spec)
+    pid = _running_pid(state)
+    if pid is None:
+        (state / PID_NAME).unlink(missing_ok=True)
+        console.print(f"{spec.name}: not running")
+        return 0
+    # herd serve was started in its own session: its process group holds torchrun and every rank.
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pid):
+        time.sleep(0.2)
+    if _group_alive(pid):
+        os.killpg(pid, signal.SIGKILL)
+        console.print("[yellow]did not stop in time; killed[/]")
+    # Ranks live in sessions of their own (torchrun's choice): make sure none outlived the server.
+    if leftovers := kill_ranks(state):
+        console.print(f"[yellow]killed {len(leftovers)} leftover rank(s)[/]")
+    (state / PID_NAME).unlink(missing_ok=True)
+    console.print(f"{spec.name}: stopped")
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Members that are zombies are gone for our purposes.
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False

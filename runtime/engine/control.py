@@ -1,0 +1,86 @@
+"""The control channel between the supervisor (HTTP front) and the driver rank.
+
+Line-delimited JSON over loopback TCP. The driver connects and proves itself with a per-launch token
+(a random secret in its environment), so another local process cannot pose as the engine.
+
+driver -> supervisor: hello{token, world}, loading{loaded, world}, loaded{world},
+                      token{id, token}, done{id, finish_reason, completion_tokens}, error{id, message}
+supervisor -> driver: generate{id, input_ids, max_tokens, temperature, top_p, seed, stop_token_ids},
+                      cancel{id}
+"""
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import threading
+import time
+
+from runtime.engine.decode import Row
+
+
+def encode(message: dict) -> bytes:
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+class DriverChannel:
+    """The driver rank's end: a reader thread fills a request queue and a cancelled-id set."""
+
+    def __init__(self, address: str, token: str, connect_timeout: float = 60.0):
+        host, port = address.rsplit(":", 1)
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self.sock = socket.create_connection((host, int(port)), timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.sock.settimeout(None)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lock = threading.Lock()
+        self.requests: queue.Queue[Row | None] = queue.Queue()
+        self.cancelled: set[str] = set()
+        self.send({"type": "hello", "token": token})
+        threading.Thread(target=self._read, daemon=True, name="herd-control").start()
+
+    def send(self, message: dict) -> None:
+        with self._lock:
+            self.sock.sendall(encode(message))
+
+    def _read(self) -> None:
+        try:
+            for line in self.sock.makefile("rb"):
+                message = json.loads(line)
+                if message["type"] == "generate":
+                    self.requests.put(Row(id=message["id"], input_ids=message["input_ids"],
+                                          max_tokens=message["max_tokens"],
+                                          temperature=message.get("temperature", 0.0),
+                                          top_p=message.get("top_p", 1.0), seed=message.get("seed"),
+                                          stop_token_ids=message.get("stop_token_ids", [])))
+                elif message["type"] == "cancel":
+                    self.cancelled.add(message["id"])
+        except OSError:
+            pass
+        self.requests.put(None)  # the supervisor went away: the driver shuts the group down
+
+    def next_batch(self, max_batch: int, window_s: float, idle_timeout: float | None = None) -> list[Row] | None:
+        """Block for one request, then gather what else arrives within a short window."""
+        try:
+            first = self.requests.get(timeout=idle_timeout)
+        except queue.Empty:
+            return []
+        if first is None:
+            return None
+        batch, deadline = [first], time.monotonic() + window_s
+        while len(batch) < max_batch:
+            try:
+                row = self.requests.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if row is None:
+                self.requests.put(None)
+                break
+            batch.append(row)
+        return [r for r in batch if r.id not in self.cancelled]

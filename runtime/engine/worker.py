@@ -1,0 +1,140 @@
+"""One tensor-parallel rank, started by torchrun: `python -m runtime.engine.worker`.
+
+Every rank loads its shard; the driver rank (local rank 0 on the head node) receives requests from
+the supervisor, shares each batch with the other ranks, and all ranks decode in lockstep.
+Configuration comes from the environment the launcher sets (HERD_*), and torchrun's own variables.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime.engine.decode import decode_batch
+
+log = logging.getLogger("herd.worker")
+
+
+def _env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        sys.exit(f"herd worker: {name} is not set (start workers with `herd serve`)")
+    return value
+
+
+def load_model(model_dir: str, dtype: torch.dtype, world: int):
+    from transformers import AutoModelForCausalLM
+    kwargs = {"dtype": dtype}
+    if world > 1:
+        from transformers.distributed import DistributedConfig
+        kwargs["distributed_config"] = DistributedConfig(tp_size=world)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return model.eval()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(message)s")
+    rank, world = int(_env("RANK", "0")), int(_env("WORLD_SIZE", "1"))
+    local_rank = int(_env("LOCAL_RANK", "0"))
+    from runtime.supervisor import die_with_parent
+    die_with_parent()  # if torchrun is killed outright, its ranks go with it
+    state = Path(_env("HERD_STATE_DIR"))
+    (state / "ranks").mkdir(parents=True, exist_ok=True)
+    (state / "ranks" / f"{rank}.pid").write_text(str(os.getpid()))
+    threads = os.environ.get("HERD_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+    if world > 1:
+        # Idle ranks wait in a broadcast between batches; the canary keeps that wait short, and a dead
+        # peer breaks it at once (closed socket), so a long timeout only guards against true hangs.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    wants_driver = os.environ.get("HERD_HEAD") == "1" and local_rank == 0
+    driver_rank = _agree_on_driver(rank, world, wants_driver)
+    is_driver = rank == driver_rank
+    channel = None
+    if is_driver:
+        from runtime.engine.control import DriverChannel
+        channel = DriverChannel(_env("HERD_CONTROL"), _env("HERD_CONTROL_TOKEN"))
+        channel.send({"type": "loading", "loaded": 0, "world": world})
+
+    started = time.monotonic()
+    store = dist.distributed_c10d._get_default_store() if world > 1 else None
+    if is_driver and store is not None:
+        _report_loading(store, channel, world)
+    model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, _env("HERD_DTYPE", "float32")), world)
+    log.info("shard loaded in %.1fs", time.monotonic() - started)
+    if store is not None:
+        store.add("herd/loaded", 1)
+        dist.barrier()
+    if is_driver:
+        channel.send({"type": "loaded", "world": world})
+
+    max_batch = int(_env("HERD_MAX_BATCH", "8"))
+    window = float(_env("HERD_BATCH_WINDOW_S", "0.005"))
+    pad_id = int(_env("HERD_PAD_ID", "0"))
+    share = (lambda t: dist.broadcast(t, src=driver_rank)) if world > 1 else (lambda t: None)
+    while True:
+        batch = channel.next_batch(max_batch, window) if is_driver else None
+        if world > 1:
+            box = [batch]
+            dist.broadcast_object_list(box, src=driver_rank)
+            batch = box[0]
+        if batch is None:  # supervisor gone: leave together
+            break
+        if not batch:
+            continue
+        if is_driver:
+            channel.send({"type": "batch", "size": len(batch)})
+        on_step = _streamer(channel, batch) if is_driver else None
+        decode_batch(model, batch, is_driver=is_driver, share=share, on_step=on_step, pad_id=pad_id)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def _agree_on_driver(rank: int, world: int, wants: bool) -> int:
+    if world == 1:
+        return 0
+    flags = [None] * world
+    dist.all_gather_object(flags, wants)
+    return flags.index(True) if True in flags else 0
+
+
+def _report_loading(store, channel, world: int) -> None:
+    """Tell the supervisor how many ranks have their shard, as they finish (the c10d store counts)."""
+    import threading
+
+    def poll():
+        seen = -1
+        while seen < world:
+            loaded = store.add("herd/loaded", 0)
+            if loaded != seen:
+                channel.send({"type": "loading", "loaded": loaded, "world": world})
+                seen = loaded
+            time.sleep(0.2)
+    threading.Thread(target=poll, daemon=True, name="herd-loading").start()
+
+
+def _streamer(channel, batch):
+    from runtime.engine.decode import FINISH_REASONS, RUNNING
+
+    def on_step(events):
+        for index, token, state in events:
+            row = batch[index]
+            if token is not None:
+                channel.send({"type": "token", "id": row.id, "token": token})
+            if state != RUNNING:
+                channel.send({"type": "done", "id": row.id, "finish_reason": FINISH_REASONS[state]})
+        return set(channel.cancelled)
+    return on_step
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`herd serve`: run one node of a deployment. On the head node: the HTTP front + the supervisor;
+on other nodes: the supervisor alone (its ranks join the head's rendezvous)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from urllib.parse import urlparse
+
+from runtime.errors import UserError
+from runtime.launch import LaunchConfig
+from runtime.paths import model_dir_for
+from runtime.spec import Spec, load_spec
+
+log = logging.getLogger("herd.serve")
+
+
+def read_api_key(env_var: str | None, file: str | None) -> str | None:
+    """The API key, from the variable or file the spec names. Never logged."""
+    if env_var:
+        value = os.environ.get(env_var, "").strip()
+        if not value:
+            raise UserError(f"serving.api_key_env: {env_var!r} is not set in the environment "
+                            "(export it, or use serving.api_key_file)")
+        return value
+    if file:
+        path = Path(file).expanduser()
+        try:
+            value = path.read_text().strip()
+        except OSError as err:
+            raise UserError(f"serving.api_key_file: {file!r}: {err.strerror}") from None
+        if not value:
+            raise UserError(f"serving.api_key_file: {file!r} is empty")
+        return value
+    return None
+
+
+def model_dir_from_spec(spec: Spec) -> Path:
+    source = spec.model.source or ""
+    if source.startswith("file:") or source.startswith("/"):
+        return Path(urlparse(source).path if source.startswith("file:") else source)
+    return model_dir_for(spec.model.id)
+
+
+def add_serve(sub) -> None:
+    from runtime.cli import positive_int
+    p = sub.add_parser("serve", help="run this node's ranks (and, on the head, the HTTP API)")
+    p.add_argument("environment", nargs="?", help="environments/NAME.yaml (flags override it)")
+    p.add_argument("--model-dir", help="model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--tp", type=positive_int, help="ranks on this node (tensor parallel per node)")
+    p.add_argument("--nnodes", type=positive_int, default=None)
+    p.add_argument("--rdzv-endpoint", help="HEAD_ADDR:PORT of the c10d rendezvous (multi-node)")
+    p.add_argument("--node-addr", help="this node's address as the others reach it")
+    p.add_argument("--role", choices=["head", "worker"], default="head")
+    p.add_argument("--host")
+    p.add_argument("--port", type=positive_int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=positive_int)
+    p.add_argument("--concurrency", type=positive_int)
+    p.add_argument("--served-model-name")
+    p.add_argument("--api-key-env", help="environment variable holding the API key")
+    p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
+    p.add_argument("--max-restarts", type=int, default=3)
+    p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between idle canaries")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the driver waits for more requests to join a batch")
+    p.add_argument("--max-queue", type=positive_int, help="requests waiting or running before 429 "
+                                                         "(default 4 x concurrency)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    spec = load_spec(args.environment) if args.environment else None
+    model_dir = Path(args.model_dir) if args.model_dir else (model_dir_from_spec(spec) if spec else None)
+    if model_dir is None:
+        raise UserError("serve: give an environment file or --model-dir")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"--model-dir: {model_dir} has no config.json (fetch the weights first: herd up)")
+    tp = args.tp or (spec.parallelism.tensor if spec and spec.parallelism.tensor != "auto" else 1)
+    nnodes = args.nnodes or (spec.parallelism.nodes if spec and spec.parallelism.nodes != "auto" else 1)
+    host = args.host or (spec.serving.host if spec else "127.0.0.1")
+    port = args.port or (spec.serving.port if spec else 8000)
+    api_key = read_api_key(args.api_key_env or (spec.serving.api_key_env if spec else None),
+                           spec.serving.api_key_file if spec else None)
+    from runtime.spec import ServingSection
+    if not ServingSection(host=host).loopback_only and not api_key:
+        raise UserError(f"--host: {host!r} is not loopback, so an API key is required "
+                        "(--api-key-env VAR, or serving.api_key_env / api_key_file in the spec)")
+    if nnodes > 1 and not args.rdzv_endpoint:
+        raise UserError("--rdzv-endpoint: required when --nnodes is above 1 (the head's ADDR:PORT)")
+    concurrency = args.concurrency or (spec.context.concurrency if spec else 8)
+    threads = spec.local.threads_per_rank if spec and spec.local else None
+    cfg = LaunchConfig(
+        model_dir=model_dir, dtype=args.dtype or (spec.model.dtype if spec else "float32"),
+        nproc_per_node=tp, nnodes=nnodes, rdzv_endpoint=args.rdzv_endpoint, node_addr=args.node_addr,
+        is_head=args.role == "head", max_batch=concurrency, threads_per_rank=threads,
+        state_dir=Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd")),
+        max_restarts=args.max_restarts, canary_interval_s=args.canary_interval,
+        batch_window_s=args.batch_window_ms / 1000)
+    max_len = args.max_model_len or (spec.context.max_model_len if spec else 2048)
+    name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id)) or model_dir.name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if cfg.is_head:
+        asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
+    else:
+        asyncio.run(_serve_worker(cfg))
+    return 0
+
+
+async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
+                      max_queue: int | None) -> None:
+    import uvicorn
+
+    from runtime.metrics import Metrics
+    from runtime.server import ServerConfig, create_app
+    from runtime.supervisor import Supervisor
+    from runtime.text import TextCodec
+
+    codec = TextCodec(cfg.model_dir)
+    canary = codec.encode("Hello")[:8] or [codec.pad_id]
+    supervisor = Supervisor(cfg, pad_id=codec.pad_id, canary_ids=canary, max_queue=max_queue)
+    metrics = Metrics()
+    supervisor.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
+    app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    await supervisor.start()
+    log.info("serving %s on http://%s:%d (%d ranks)", name, host, port, cfg.world_size)
+    try:
+        await server.serve()
+    finally:
+        await supervisor.stop()
+        log.info("stopped")
+
+
+async def _serve_worker(cfg: LaunchConfig) -> None:
+    from runtime.supervisor import Supervisor
+    supervisor = Supervisor(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await supervisor.start()
+    await stop.wait()
+    await supervisor.stop()
