@@ -125,7 +125,12 @@ def _add_smoke(sub) -> None:
     add_smoke(sub)
 
 
-RUNTIME_COMMANDS = [add_plan, _add_serve, _add_smoke]
+def _add_generate(sub) -> None:
+    from runtime.batch import add_generate
+    add_generate(sub)
+
+
+RUNTIME_COMMANDS = [add_plan, _add_serve, _add_smoke, _add_generate]
 
 
 def run(argv, registrars) -> int:

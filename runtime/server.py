@@ -10,8 +10,6 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,7 +32,6 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
-    logprobs: Any = None
     # vLLM-compatible extensions: generate past end-of-sequence; return the generated ids.
     ignore_eos: bool = False
     return_token_ids: bool = False
@@ -43,6 +40,11 @@ class SamplingFields(BaseModel):
 class CompletionBody(SamplingFields):
     prompt: str | list[str] | list[int]   # OpenAI also takes a prompt as token ids
     max_tokens: int | None = 16   # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def top_n(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -54,6 +56,12 @@ class ChatMessage(BaseModel):
 class ChatBody(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def top_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ApiError(Exception):
@@ -150,8 +158,8 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         if body.model != cfg.served_model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{cfg.served_model_name!r}", param="model", code="model_not_found")
-        if body.logprobs not in (None, False):
-            raise ApiError(400, "logprobs are not supported by this engine", param="logprobs")
+        if body.stream and body.top_n is not None:
+            raise ApiError(400, "logprobs: supported without stream only", param="logprobs")
         return body
 
     def _request(ids: list[int], body: SamplingFields, max_tokens: int | None) -> GenerationRequest:
@@ -167,7 +175,8 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                                 f"{cfg.max_model_len} minus the {len(ids)}-token prompt)", param="max_tokens")
         return GenerationRequest(input_ids=ids, max_tokens=max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed,
-                                 stop_token_ids=[] if body.ignore_eos else codec.eos_ids)
+                                 stop_token_ids=[] if body.ignore_eos else codec.eos_ids,
+                                 logprobs=body.top_n)
 
     async def _start(req: GenerationRequest):
         """Submit and wait for the first event, so errors still get a proper status code."""
@@ -201,7 +210,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     (metrics.ttft.observe(now - started) if last is None else metrics.per_token.observe(now - last))
                     last, count = now, count + 1
                     if ids is not None:
-                        ids.append(event.token)
+                        ids.append(event)
                     metrics.tokens_generated += 1
                     out, hit = stops.feed(detok.add(event.token))
                     if hit:
@@ -215,6 +224,27 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     return
         finally:
             await events.aclose()
+
+    def _logprobs_body(events, chat: bool) -> dict:
+        def piece(token_id: int) -> str:
+            return codec.tokenizer.decode([token_id])
+        if chat:
+            return {"content": [{
+                "token": piece(e.token), "logprob": e.logprob, "bytes": list(piece(e.token).encode()),
+                "top_logprobs": [{"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+                                 for t, lp in e.top or []]} for e in events]}
+        offsets, at = [], 0
+        for e in events:
+            offsets.append(at)
+            at += len(piece(e.token))
+        def top(pairs) -> dict:
+            # Keyed by text, as OpenAI's format is; ids that decode alike keep the best (first) one.
+            out: dict[str, float] = {}
+            for t, lp in pairs or []:
+                out.setdefault(piece(t), lp)
+            return out
+        return {"tokens": [piece(e.token) for e in events], "token_logprobs": [e.logprob for e in events],
+                "top_logprobs": [top(e.top) for e in events], "text_offset": offsets}
 
     def _usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -236,7 +266,9 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
                       if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
             if body.return_token_ids:
-                choice["token_ids"] = ids
+                choice["token_ids"] = [e.token for e in ids]
+            if body.top_n is not None:
+                choice["logprobs"] = _logprobs_body([e for e in ids if e.token not in req.stop_token_ids], chat)
             return {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
                     "choices": [choice], "usage": _usage(len(req.input_ids), count)}
 

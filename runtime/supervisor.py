@@ -43,6 +43,7 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Event:
     kind: str                    # "token" | "done"
     token: int | None = None
     finish_reason: str | None = None
+    logprob: float | None = None
+    top: list | None = None      # [[token id, logprob], ...]
 
 
 @dataclass
@@ -296,7 +299,8 @@ class Supervisor:
             self._last_progress = time.monotonic()
             queue = self._pending.get(msg["id"])
             if queue is not None:
-                queue.put_nowait(Event("token", token=msg["token"]) if kind == "token"
+                queue.put_nowait(Event("token", token=msg["token"], logprob=msg.get("logprob"),
+                                       top=msg.get("top")) if kind == "token"
                                  else Event("done", finish_reason=msg["finish_reason"]))
 
     # ------------------------------------------------------------------ requests

@@ -4,8 +4,8 @@ Line-delimited JSON over loopback TCP. The driver connects and proves itself wit
 (a random secret in its environment), so another local process cannot pose as the engine.
 
 driver -> supervisor: hello{token, world}, loading{loaded, world}, loaded{world},
-                      token{id, token}, done{id, finish_reason, completion_tokens}, error{id, message}
-supervisor -> driver: generate{id, input_ids, max_tokens, temperature, top_p, seed, stop_token_ids},
+                      token{id, token[, logprob, top]}, done{id, finish_reason, completion_tokens}, error{id, message}
+supervisor -> driver: generate{id, input_ids, max_tokens, temperature, top_p, seed, stop_token_ids, logprobs},
                       cancel{id}
 """
 from __future__ import annotations
@@ -58,28 +58,33 @@ class DriverChannel:
                                           max_tokens=message["max_tokens"],
                                           temperature=message.get("temperature", 0.0),
                                           top_p=message.get("top_p", 1.0), seed=message.get("seed"),
-                                          stop_token_ids=message.get("stop_token_ids", [])))
+                                          stop_token_ids=message.get("stop_token_ids", []),
+                                          logprobs=message.get("logprobs")))
                 elif message["type"] == "cancel":
                     self.cancelled.add(message["id"])
         except OSError:
             pass
         self.requests.put(None)  # the supervisor went away: the driver shuts the group down
 
-    def next_batch(self, max_batch: int, window_s: float, idle_timeout: float | None = None) -> list[Row] | None:
-        """Block for one request, then gather what else arrives within a short window."""
-        try:
-            first = self.requests.get(timeout=idle_timeout)
-        except queue.Empty:
-            return []
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + window_s
-        while len(batch) < max_batch:
+    def take(self, limit: int, block: bool, window_s: float) -> list[Row] | None:
+        """Requests to join the batch: when idle, block for one and gather what else arrives within a
+        short window; when busy, take what is waiting without blocking. None: shut down."""
+        batch: list[Row] = []
+        if limit <= 0:
+            return batch
+        if block:
+            first = self.requests.get()
+            if first is None:
+                return None
+            batch.append(first)
+            deadline = time.monotonic() + window_s
+        while len(batch) < limit:
             try:
-                row = self.requests.get(timeout=max(0.0, deadline - time.monotonic()))
+                timeout = max(0.0, deadline - time.monotonic()) if block else 0
+                row = self.requests.get(timeout=timeout) if timeout else self.requests.get_nowait()
             except queue.Empty:
                 break
-            if row is None:
+            if row is None:  # noticed again when the batch runs dry
                 self.requests.put(None)
                 break
             batch.append(row)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime.engine.decode import decode_batch
+from runtime.engine.decode import run_engine
 
 log = logging.getLogger("herd.worker")
 
@@ -79,21 +79,31 @@ def main() -> int:
     max_batch = int(_env("HERD_MAX_BATCH", "8"))
     window = float(_env("HERD_BATCH_WINDOW_S", "0.005"))
     pad_id = int(_env("HERD_PAD_ID", "0"))
-    share = (lambda t: dist.broadcast(t, src=driver_rank)) if world > 1 else (lambda t: None)
-    while True:
-        batch = channel.next_batch(max_batch, window) if is_driver else None
-        if world > 1:
-            box = [batch]
+    if world > 1:
+        def share(t):
+            dist.broadcast(t, src=driver_rank)
+
+        def share_object(obj):
+            box = [obj]
             dist.broadcast_object_list(box, src=driver_rank)
-            batch = box[0]
-        if batch is None:  # supervisor gone: leave together
-            break
-        if not batch:
-            continue
-        if is_driver:
-            channel.send({"type": "batch", "size": len(batch)})
-        on_step = _streamer(channel, batch) if is_driver else None
-        decode_batch(model, batch, is_driver=is_driver, share=share, on_step=on_step, pad_id=pad_id)
+            return box[0]
+    else:
+        def share(t):
+            return None
+
+        def share_object(obj):
+            return obj
+
+    take = on_step = None
+    if is_driver:
+        def take(limit, block):
+            rows = channel.take(limit, block, window)
+            if rows:
+                channel.send({"type": "batch", "size": len(rows)})
+            return rows
+        on_step = _streamer(channel)
+    run_engine(model, is_driver=is_driver, share=share, share_object=share_object, max_batch=max_batch,
+               take=take, on_step=on_step, pad_id=pad_id)
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -122,16 +132,18 @@ def _report_loading(store, channel, world: int) -> None:
     threading.Thread(target=poll, daemon=True, name="herd-loading").start()
 
 
-def _streamer(channel, batch):
+def _streamer(channel):
     from runtime.engine.decode import FINISH_REASONS, RUNNING
 
     def on_step(events):
-        for index, token, state in events:
-            row = batch[index]
+        for row_id, token, state, logprobs in events:
             if token is not None:
-                channel.send({"type": "token", "id": row.id, "token": token})
+                message = {"type": "token", "id": row_id, "token": token}
+                if logprobs is not None:
+                    message["logprob"], message["top"] = logprobs
+                channel.send(message)
             if state != RUNNING:
-                channel.send({"type": "done", "id": row.id, "finish_reason": FINISH_REASONS[state]})
+                channel.send({"type": "done", "id": row_id, "finish_reason": FINISH_REASONS[state]})
         return set(channel.cancelled)
     return on_step
 

@@ -1,4 +1,5 @@
-"""The lockstep decode loop reproduces `generate` exactly (fp32), alone and in a padded batch."""
+"""The engine's decode loop reproduces `generate` exactly (fp32): alone, in a padded batch, and when
+rows join and leave a running batch (continuous batching)."""
 import pytest
 import torch
 
@@ -18,42 +19,46 @@ def reference(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def alone(rows, model, **kw):
-    return decode_batch(model, rows, is_driver=True, share=lambda t: None, **kw)
+P1, P2, P3 = [5, 17, 99, 3, 42, 7], [11, 200, 8], [300]
 
 
 def test_greedy_equals_generate_alone_and_batched(model):
-    p1, p2, p3 = [5, 17, 99, 3, 42, 7], [11, 200, 8], [300]
-    refs = [reference(model, p, n) for p, n in ((p1, 12), (p2, 9), (p3, 20))]
-    batched = alone([Row("a", p1, 12), Row("b", p2, 9), Row("c", p3, 20)], model)
+    refs = {"a": reference(model, P1, 12), "b": reference(model, P2, 9), "c": reference(model, P3, 20)}
+    batched = decode_batch(model, [Row("a", P1, 12), Row("b", P2, 9), Row("c", P3, 20)])
     assert batched == refs
-    assert alone([Row("a", p1, 12)], model) == [refs[0]]
+    assert decode_batch(model, [Row("a", P1, 12)]) == {"a": refs["a"]}
+
+
+def test_rows_joining_a_running_batch_get_the_tokens_they_would_get_alone(model):
+    refs = {"a": reference(model, P1, 30), "b": reference(model, P2, 10), "c": reference(model, P3, 25),
+            "d": reference(model, P1 + P2, 5)}
+    out = decode_batch(model, [Row("a", P1, 30)],
+                       arrivals={3: [Row("b", P2, 10)], 7: [Row("c", P3, 25), Row("d", P1 + P2, 5)]})
+    assert out == refs
 
 
 def test_rows_stop_at_their_own_stop_token_or_length(model):
-    p = [5, 17, 99]
-    ref = reference(model, p, 10)
+    ref = reference(model, P2, 10)
     stop_at = ref[3]
     events = []
-    out = alone([Row("a", p, 10, stop_token_ids=[stop_at]), Row("b", p, 4)], model,
-                on_step=lambda ev: events.extend(ev) or set())
-    assert out[0] == ref[:ref.index(stop_at) + 1]
-    assert out[1] == ref[:4]
-    finals = {(i, s) for i, _, s in events if s != 0}
-    assert (0, STOP) in finals and (1, LENGTH) in finals
+    out = decode_batch(model, [Row("a", P2, 10, stop_token_ids=[stop_at]), Row("b", P2, 4)],
+                       on_step=lambda ev: events.extend(ev) or set())
+    assert out["a"] == ref[:ref.index(stop_at) + 1]
+    assert out["b"] == ref[:4]
+    finals = {(row_id, s) for row_id, _, s, _ in events if s != 0}
+    assert ("a", STOP) in finals and ("b", LENGTH) in finals
 
 
 def test_cancelled_row_stops_and_the_others_continue(model):
-    p = [5, 17, 99]
-    ref = reference(model, p, 8)
+    ref = reference(model, P2, 8)
     steps = []
 
     def on_step(events):
         steps.append(events)
         return {"a"} if len(steps) == 2 else set()
-    out = alone([Row("a", p, 8), Row("b", p, 8)], model, on_step=on_step)
-    assert out[0] == ref[:2] and out[1] == ref
-    assert any(i == 0 and s == CANCELLED for ev in steps for i, _, s in ev)
+    out = decode_batch(model, [Row("a", P2, 8), Row("b", P2, 8)], on_step=on_step)
+    assert out["a"] == ref[:2] and out["b"] == ref
+    assert any(row_id == "a" and s == CANCELLED for ev in steps for row_id, _, s, _ in ev)
 
 
 def test_sampling_is_reproducible_with_a_seed_and_top_p_narrows():

@@ -166,3 +166,26 @@ def test_non_loopback_bind_needs_an_api_key_and_checks_it(tiny_model, serve, mon
     assert ok.status_code == 200
     assert httpx.get(f"{srv.url}/health/ready").status_code == 200  # probes need no key
     assert "s3cret-value" not in srv.log_text()
+
+
+def test_logprobs_for_distillation_match_the_model(server, tiny_model):
+    """The chosen token's logprob and the top alternatives, from the model's own distribution."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    prompt = [5, 17, 99]
+    r = complete(server.url, prompt, 3, logprobs=3, ignore_eos=True).json()["choices"][0]
+    ids, lp = r["token_ids"], r["logprobs"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1]
+    expected = torch.log_softmax(logits, -1)
+    for step, token in enumerate(ids):
+        assert lp["token_logprobs"][step] == pytest.approx(float(expected[step, token]), abs=1e-4)
+        assert len(lp["top_logprobs"][step]) <= 3
+        assert max(lp["top_logprobs"][step].values()) == pytest.approx(float(expected[step].max()), abs=1e-4)
+
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
+        "temperature": 0, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) == 2 for c in content)
+    assert all(c["logprob"] <= 0 for c in content)
