@@ -20,6 +20,7 @@ def add_lifecycle(sub) -> None:
     up = sub.add_parser("up", help="set up and start a deployment, wait for ready, run the smoke test")
     up.add_argument("environment", help="environments/NAME.yaml")
     up.add_argument("--no-smoke", action="store_true", help="skip the smoke test after ready")
+    up.add_argument("--dry-run", action="store_true", help="print the plan and every node's launch; change nothing")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop a deployment")
     down.add_argument("environment")
@@ -32,6 +33,9 @@ def add_lifecycle(sub) -> None:
 
 def cmd_up(args) -> int:
     spec = load_spec(args.environment)
+    if args.dry_run:
+        from provisioning.render import render_launch
+        return render_launch(spec, args.environment, Console())
     return _target_handler(spec, "up")(spec, args.environment, Console(), smoke=not args.no_smoke)
 
 
@@ -45,4 +49,9 @@ def cmd_status(args) -> int:
     return _target_handler(spec, "status")(spec, Console(), as_json=args.json)
 
 
-PROVISIONING_COMMANDS = [*RUNTIME_COMMANDS, add_lifecycle]
+def _add_weights(sub) -> None:
+    from provisioning.weights.fetching import add_weights
+    add_weights(sub)
+
+
+PROVISIONING_COMMANDS = [*RUNTIME_COMMANDS, add_lifecycle, _add_weights]

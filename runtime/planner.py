@@ -213,7 +213,9 @@ def _stage_layers(layers: int, pp: int) -> list[range]:
 def weights_per_device(arch: Architecture, req: PlanRequest, tp: int, pp: int) -> tuple[int, int]:
     """(bytes on the heaviest device, layers on that device's stage)."""
     dtype_bytes = DTYPE_BYTES[req.dtype]
-    vocab_split = arch.embedding_params / tp * dtype_bytes  # embeddings and lm_head split by vocab
+    # Embeddings and lm_head split by vocabulary rows; with a vocabulary TP does not divide, the
+    # heaviest rank holds the rounded-up share.
+    vocab_split = math.ceil(arch.vocab_size / tp) * arch.hidden_size * dtype_bytes
     worst, worst_layers = 0.0, 0
     for s, layers in enumerate(_stage_layers(arch.num_hidden_layers, pp)):
         b = sum(_layer_bytes(arch, i, tp, req) for i in layers)

@@ -68,11 +68,16 @@ def add_serve(sub) -> None:
                    help="how long the driver waits for more requests to join a batch")
     p.add_argument("--max-queue", type=positive_int, help="requests waiting or running before 429 "
                                                          "(default 4 x concurrency)")
+    p.add_argument("--engine-cmd", help="run this OpenAI-compatible server behind herd's front instead of "
+                                        "herd's engine (bring your own engine); it must listen on --engine-url")
+    p.add_argument("--engine-url", help="where that engine listens (default http://127.0.0.1:8100)")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     spec = load_spec(args.environment) if args.environment else None
+    if args.engine_cmd:
+        return _serve_own_engine(args, spec)
     model_dir = Path(args.model_dir) if args.model_dir else (model_dir_from_spec(spec) if spec else None)
     if model_dir is None:
         raise UserError("serve: give an environment file or --model-dir")
@@ -102,6 +107,10 @@ def cmd_serve(args) -> int:
     max_len = args.max_model_len or (spec.context.max_model_len if spec else 2048)
     name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id)) or model_dir.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.engine_cmd or (spec and spec.serving.engine == "vllm"):
+        external = _external_config(args, spec, model_dir, name, api_key)
+        asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
+        return 0
     if cfg.is_head:
         asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
     else:
@@ -133,6 +142,64 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
     finally:
         await supervisor.stop()
         log.info("stopped")
+
+
+def _serve_own_engine(args, spec) -> int:
+    """Bring your own engine: any OpenAI-compatible server, behind herd's health, metrics and key."""
+    host = args.host or (spec.serving.host if spec else "127.0.0.1")
+    port = args.port or (spec.serving.port if spec else 8000)
+    api_key = read_api_key(args.api_key_env or (spec.serving.api_key_env if spec else None),
+                           spec.serving.api_key_file if spec else None)
+    from runtime.spec import ServingSection
+    if not ServingSection(host=host).loopback_only and not api_key:
+        raise UserError(f"--host: {host!r} is not loopback, so an API key is required (--api-key-env VAR)")
+    name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id))
+    if not name:
+        raise UserError("--served-model-name: required with --engine-cmd (the canary names the model)")
+    max_len = args.max_model_len or (spec.context.max_model_len if spec else 2048)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    external = _external_config(args, spec, None, name, api_key)
+    asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
+    return 0
+
+
+def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str | None):
+    import shlex
+
+    from runtime.engine.external import ExternalEngineConfig
+    from runtime.engine.vllm import ENGINE_PORT, vllm_launch
+    url = args.engine_url or f"http://127.0.0.1:{ENGINE_PORT}"
+    if args.engine_cmd:
+        return ExternalEngineConfig(argv=shlex.split(args.engine_cmd), engine_url=url, served_model_name=name,
+                                    max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+    from runtime.plan_spec import request_from_spec
+    from runtime.planner import plan
+    head = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), str(model_dir))[0]
+    env = dict(head.env)
+    if "VLLM_API_KEY" in env:
+        env["VLLM_API_KEY"] = api_key or ""
+    return ExternalEngineConfig(argv=head.argv, engine_url=url, served_model_name=name, env=env,
+                                max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+
+
+async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key) -> None:
+    import uvicorn
+
+    from runtime.engine.external import ExternalEngine
+    from runtime.metrics import Metrics
+    from runtime.server import ServerConfig, create_proxy_app
+    engine = ExternalEngine(external)
+    metrics = Metrics()
+    engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
+    app = create_proxy_app(engine, ServerConfig(name, max_len, api_key), metrics)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    await engine.start()
+    log.info("serving %s on http://%s:%d in front of %s", name, host, port, external.argv[0])
+    try:
+        await server.serve()
+    finally:
+        await engine.stop()
 
 
 async def _serve_worker(cfg: LaunchConfig) -> None:

@@ -10,6 +10,8 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,10 +90,10 @@ def _text_of(content) -> str:
     return content or ""
 
 
-# ------------------------------------------------------------------ app
-def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+# ------------------------------------------------------------------ the front every engine shares
+def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
+    """Errors, API key, health and metrics: the same whatever engine is behind."""
     app = FastAPI(title="herd", docs_url=None, redoc_url=None)
-    metrics = metrics or Metrics()
     app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
@@ -113,12 +115,11 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
             metrics.request(path, response.status_code)
         return response
 
-    # ---------------- health
     def _health_body() -> dict:
         h = backend.health
         return {"status": "ready" if h.ready else "not_ready", "phase": h.phase, "reason": h.reason,
                 "ranks_loaded": h.loaded, "world_size": h.world, "restarts": h.restarts,
-                "last_canary_seconds": h.last_canary_s}
+                "last_canary_seconds": h.last_canary_s, "rank_loads": h.loads}
 
     @app.get("/health/live")
     async def live():
@@ -135,6 +136,17 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                                                 getattr(backend, "batches", 0),
                                                 getattr(backend, "batched_rows", 0)),
                                  media_type="text/plain; version=0.0.4")
+    return app
+
+
+def not_ready_error(reason: str) -> ApiError:
+    return ApiError(503, f"engine not ready: {reason}", "service_unavailable", code="not_ready")
+
+
+# ------------------------------------------------------------------ herd's own engine
+def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+    metrics = metrics or Metrics()
+    app = _front(backend, cfg, metrics)
 
     # ---------------- OpenAI API
     @app.get("/v1/models")
@@ -184,8 +196,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         try:
             first = await events.__anext__()
         except EngineUnavailable as err:
-            raise ApiError(503, f"engine not ready: {err}", "service_unavailable",
-                           code="not_ready") from None
+            raise not_ready_error(str(err)) from None
         except QueueFull as err:
             raise ApiError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
         except StopAsyncIteration:
@@ -331,5 +342,46 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         except Exception as err:  # the model's template rejects the conversation (roles, order)
             raise ApiError(400, f"messages: {err}", param="messages") from None
         return await _respond(body, _request(ids, body, body.max_completion_tokens or body.max_tokens), chat=True)
+
+    return app
+
+
+# ------------------------------------------------------------------ an engine in its own process
+def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+    """herd's front before an external engine (vLLM): same health, metrics and key; /v1 forwarded."""
+    from fastapi.responses import Response
+
+    from runtime.engine.external import EngineLost
+    app = _front(engine, cfg, metrics or Metrics())
+    passed_headers = ("content-type", "accept", "authorization")
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+    async def forward(path: str, request: Request):
+        if not engine.health.ready:
+            raise not_ready_error(engine.health.reason)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in passed_headers}
+        try:
+            status, out_headers, chunks = await engine.forward(request.method, f"/v1/{path}", headers,
+                                                               await request.body())
+        except httpx.TransportError as err:
+            raise ApiError(503, f"engine unreachable ({type(err).__name__})", "service_unavailable",
+                           code="engine_lost") from None
+        media = out_headers.get("content-type", "application/json")
+        if not media.startswith("text/event-stream"):
+            try:
+                data = b"".join([c async for c in chunks])
+            except EngineLost as err:
+                raise ApiError(503, f"generation failed: {err}", "service_unavailable", code="engine_lost") from None
+            return Response(data, status_code=status, media_type=media)
+
+        async def relay():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except EngineLost as err:
+                error = {"message": f"generation failed: {err}", "type": "service_unavailable",
+                         "param": None, "code": "engine_lost"}
+                yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        return StreamingResponse(relay(), status_code=status, media_type=media)
 
     return app

@@ -63,6 +63,7 @@ class Health:
     world: int = 0
     restarts: int = 0
     last_canary_s: float | None = None
+    loads: list = field(default_factory=list)   # per rank: seconds, shard bytes, bytes read from disk
 
     @property
     def ready(self) -> bool:
@@ -290,6 +291,7 @@ class Supervisor:
             self.health.reason = f"loading {msg['loaded']}/{msg['world']} ranks"
         elif kind == "loaded":
             self.health.loaded = msg["world"]
+            self.health.loads = msg.get("loads", [])
             self.health.reason = "all ranks loaded; waiting for the canary"
             asyncio.get_running_loop().create_task(self._canary(self.cfg.startup_canary_timeout_s))
         elif kind == "batch":

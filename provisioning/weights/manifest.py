@@ -19,9 +19,25 @@ def sha256_of(path: Path) -> str:
 
 def write_manifest(directory: Path, source: str) -> dict:
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
-             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+             for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != MANIFEST and not p.name.endswith((".partial", ".partial.chunks"))}
     manifest = {"source": source, "files": files}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(directory / MANIFEST)
+    return manifest
+
+
+def write_manifest_entries(directory: Path, source: str, known: dict[str, str | None]) -> dict:
+    """A manifest for fetched files: the store's sha256 where it published one, computed otherwise."""
+    files = {}
+    for name, sha in sorted(known.items()):
+        path = directory / name
+        files[name] = {"size": path.stat().st_size, "sha256": sha or sha256_of(path)}
+    manifest = {"source": source, "files": files}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(directory / MANIFEST)
     return manifest
 
 

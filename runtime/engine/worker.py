@@ -68,13 +68,21 @@ def main() -> int:
     store = dist.distributed_c10d._get_default_store() if world > 1 else None
     if is_driver and store is not None:
         _report_loading(store, channel, world)
+    read_before = _disk_read_bytes()
     model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, _env("HERD_DTYPE", "float32")), world)
-    log.info("shard loaded in %.1fs", time.monotonic() - started)
+    load = {"rank": rank, "seconds": round(time.monotonic() - started, 2),
+            "disk_read_bytes": _disk_read_bytes() - read_before, "shard_bytes": _shard_bytes(model)}
+    log.info("shard loaded in %.1fs: %d parameter bytes here, %d bytes read from disk", load["seconds"],
+             load["shard_bytes"], load["disk_read_bytes"])
     if store is not None:
         store.add("herd/loaded", 1)
         dist.barrier()
+    loads = [load]
+    if world > 1:
+        loads = [None] * world
+        dist.all_gather_object(loads, load)
     if is_driver:
-        channel.send({"type": "loaded", "world": world})
+        channel.send({"type": "loaded", "world": world, "loads": loads})
 
     max_batch = int(_env("HERD_MAX_BATCH", "8"))
     window = float(_env("HERD_BATCH_WINDOW_S", "0.005"))
@@ -107,6 +115,26 @@ def main() -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _disk_read_bytes() -> int:
+    """Bytes this process caused to be read from storage (page-cache hits do not count)."""
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _shard_bytes(model) -> int:
+    """Parameter bytes held by this rank (its tensor-parallel shard; DTensors count their local part)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _agree_on_driver(rank: int, world: int, wants: bool) -> int:

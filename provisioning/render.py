@@ -1,0 +1,47 @@
+"""`herd up --dry-run`: the plan and the exact per-node launch, without changing anything."""
+from __future__ import annotations
+
+import shlex
+
+from rich.console import Console
+
+from runtime.engine.vllm import VLLM_VERSION, vllm_launch
+from runtime.plan_report import render as render_plan
+from runtime.plan_spec import request_from_spec
+from runtime.planner import plan
+from runtime.serve import model_dir_from_spec
+from runtime.spec import Spec
+
+
+def node_addresses(spec: Spec, nodes: int) -> list[str]:
+    if spec.target == "onprem":
+        return [h.address for h in spec.onprem.hosts[:nodes]]
+    return [f"<node-{i}>" for i in range(nodes)]  # cloud addresses exist once infra has run
+
+
+def render_launch(spec: Spec, env_path: str, console: Console) -> int:
+    result = plan(request_from_spec(spec))
+    render_plan(result, console)
+    if not result.fits:
+        console.print("[red]the plan does not fit: nothing would be launched[/]")
+        return 1
+    addrs = node_addresses(spec, result.nodes)
+    model_dir = str(model_dir_from_spec(spec))
+    console.print(f"\n[bold]launch[/] ({result.nodes} node(s), engine {spec.serving.engine}):")
+    if spec.serving.engine == "vllm":
+        console.print(f"# vLLM {VLLM_VERSION} on every node, behind herd's front on port {spec.serving.port}")
+        for node in vllm_launch(spec, result, model_dir, head_addr=addrs[0], node_addrs=addrs):
+            console.print(f"[dim]# node {node.node_rank} ({node.role}, {addrs[node.node_rank]})[/]")
+            console.print(node.shell(), markup=False, highlight=False, soft_wrap=True)
+        head = ["herd", "serve", env_path, "--model-dir", model_dir]
+        console.print(f"[dim]# node 0 front (health, metrics, API key)[/]")
+        console.print(shlex.join(head), markup=False, highlight=False, soft_wrap=True)
+        return 0
+    for rank in range(result.nodes):
+        argv = ["herd", "serve", env_path, "--model-dir", model_dir, "--tp", str(result.gpus_per_node)]
+        if result.nodes > 1:
+            argv += ["--nnodes", str(result.nodes), "--rdzv-endpoint", f"{addrs[0]}:29400",
+                     "--node-addr", addrs[rank], "--role", "head" if rank == 0 else "worker"]
+        console.print(f"[dim]# node {rank} ({addrs[rank]})[/]")
+        console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
+    return 0

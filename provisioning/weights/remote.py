@@ -1,0 +1,232 @@
+"""Remote weight stores: list a model's files (with checksums when published) and read byte ranges.
+
+s3://bucket/prefix  boto3; endpoint from AWS_ENDPOINT_URL (moto in tests), credentials the usual way.
+gs://bucket/prefix  google-cloud-storage; STORAGE_EMULATOR_HOST selects the emulator.
+hf://org/repo[@rev] the Hub's metadata API (sha256 of LFS files) and its resolve endpoint, with
+                    HF_TOKEN (or HF_TOKEN_PATH's file); HF_ENDPOINT selects another hub.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+from provisioning.weights.manifest import MANIFEST
+from provisioning.weights.transfer import RemoteFile
+from runtime.errors import UserError
+
+# What serving needs from a Hugging Face repo (not the .bin/.pth duplicates or original/ folders).
+HF_WANTED_SUFFIXES = (".safetensors", ".safetensors.index.json", ".model", ".jinja")
+HF_WANTED_NAMES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"}
+
+
+def split_bucket(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise UserError(f"model.source: {uri!r}: expected {parsed.scheme}://BUCKET/PREFIX")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _with_manifest(files: dict[str, int], manifest: dict | None, where: str) -> list[RemoteFile]:
+    files.pop(MANIFEST, None)
+    if manifest is None:
+        return [RemoteFile(name, size, None) for name, size in sorted(files.items())]
+    listed = manifest["files"]
+    missing = sorted(set(listed) - set(files))
+    if missing:
+        raise UserError(f"{where}: the manifest lists {', '.join(missing)} but the store has no such file")
+    return [RemoteFile(name, entry["size"], entry["sha256"]) for name, entry in sorted(listed.items())]
+
+
+# ------------------------------------------------------------------ S3
+class S3Store:
+    def __init__(self, uri: str, concurrency: int = 16):
+        import boto3
+        from botocore.config import Config
+        self.uri = uri
+        self.bucket, self.prefix = split_bucket(uri)
+        # A session of its own: boto3's default session caches credentials for the whole process.
+        self.client = boto3.session.Session().client(
+            "s3", config=Config(max_pool_connections=max(10, concurrency * 2),
+                                retries={"max_attempts": 8, "mode": "adaptive"}))
+
+    def _call(self, fn, **kwargs):
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except (NoCredentialsError, PartialCredentialsError):
+            raise UserError(f"{self.uri}: no AWS credentials: set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or use an instance role") from None
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                raise UserError(f"{self.uri}: bucket {self.bucket!r} does not exist") from None
+            if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise UserError(f"{self.uri}: access denied ({code}): the credentials need s3:ListBucket "
+                                f"and s3:GetObject on {self.bucket}") from None
+            if code in ("NoSuchKey", "404"):
+                raise UserError(f"{self.uri}: {kwargs.get('Key', '')} does not exist") from None
+            raise
+
+    def list(self) -> list[RemoteFile]:
+        files: dict[str, int] = {}
+        token = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = self._call(self.client.list_objects_v2, Prefix=_join(self.prefix, ""), **extra)
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(self.prefix):].lstrip("/")
+                if name and not name.endswith("/"):
+                    files[name] = obj["Size"]
+            if not page.get("IsTruncated"):
+                break
+            token = page["NextContinuationToken"]
+        if not files:
+            raise UserError(f"{self.uri}: no files under this prefix")
+        manifest = None
+        if MANIFEST in files:
+            body = self._call(self.client.get_object, Key=_join(self.prefix, MANIFEST))["Body"].read()
+            manifest = json.loads(body)
+        return _with_manifest(files, manifest, self.uri)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        r = self._call(self.client.get_object, Key=_join(self.prefix, name), Range=f"bytes={start}-{end - 1}")
+        return r["Body"].read()
+
+    def upload(self, path: Path, name: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+        config = TransferConfig(multipart_chunksize=64 * 2**20, max_concurrency=16)
+        try:
+            self.client.upload_file(str(path), self.bucket, _join(self.prefix, name), Config=config)
+        except Exception as err:  # boto3 wraps ClientError in S3UploadFailedError
+            if "NoSuchBucket" in str(err):
+                raise UserError(f"{self.uri}: bucket {self.bucket!r} does not exist") from None
+            raise
+
+
+# ------------------------------------------------------------------ GCS
+class GcsStore:
+    def __init__(self, uri: str, concurrency: int = 16):
+        from google.cloud import storage
+        self.uri = uri
+        self.bucket_name, self.prefix = split_bucket(uri)
+        kwargs = {}
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+            kwargs = {"credentials": AnonymousCredentials(), "project": "herd-emulator"}
+        try:
+            self.client = storage.Client(**kwargs)
+        except Exception as err:  # google.auth.exceptions.DefaultCredentialsError
+            raise UserError(f"{uri}: no Google Cloud credentials: set GOOGLE_APPLICATION_CREDENTIALS or "
+                            f"run `gcloud auth application-default login` ({type(err).__name__})") from None
+        self.bucket = self.client.bucket(self.bucket_name)
+        self._local = threading.local()
+
+    def _call(self, fn, *args, **kwargs):
+        from google.api_core import exceptions
+        try:
+            return fn(*args, **kwargs)
+        except exceptions.NotFound as err:
+            raise UserError(f"{self.uri}: not found ({err.message})") from None
+        except exceptions.Forbidden:
+            raise UserError(f"{self.uri}: access denied: the account needs storage.objects.get and "
+                            f"storage.objects.list on {self.bucket_name}") from None
+
+    def list(self) -> list[RemoteFile]:
+        blobs = self._call(lambda: list(self.client.list_blobs(self.bucket_name, prefix=_join(self.prefix, ""))))
+        files = {b.name[len(self.prefix):].lstrip("/"): b.size for b in blobs if not b.name.endswith("/")}
+        files = {k: v for k, v in files.items() if k}
+        if not files:
+            raise UserError(f"{self.uri}: no files under this prefix")
+        manifest = None
+        if MANIFEST in files:
+            manifest = json.loads(self._call(self.bucket.blob(_join(self.prefix, MANIFEST)).download_as_bytes))
+        return _with_manifest(files, manifest, self.uri)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        blob = self.bucket.blob(_join(self.prefix, name))
+        return self._call(blob.download_as_bytes, start=start, end=end - 1, checksum=None)
+
+    def upload(self, path: Path, name: str) -> None:
+        blob = self.bucket.blob(_join(self.prefix, name), chunk_size=32 * 2**20)
+        self._call(blob.upload_from_filename, str(path))
+
+
+# ------------------------------------------------------------------ Hugging Face Hub
+class HfStore:
+    def __init__(self, uri: str, concurrency: int = 16):
+        import httpx
+        parsed = urlparse(uri)
+        repo = (parsed.netloc + parsed.path).strip("/")
+        self.repo, _, revision = repo.partition("@")
+        if self.repo.count("/") != 1:
+            raise UserError(f"model.source: {uri!r}: expected hf://ORG/REPO[@REVISION]")
+        self.revision = revision or "main"
+        self.uri = uri
+        self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        self.token = _hf_token()
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.http = httpx.Client(headers=headers, follow_redirects=True, timeout=120,
+                                 limits=httpx.Limits(max_connections=concurrency * 2))
+
+    def list(self) -> list[RemoteFile]:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+        try:
+            info = HfApi(endpoint=self.endpoint, token=self.token or False).model_info(
+                self.repo, revision=self.revision, files_metadata=True)
+        except GatedRepoError:
+            raise UserError(f"{self.uri}: {self.repo} is gated: accept its licence at "
+                            f"https://huggingface.co/{self.repo} with your account, then set HF_TOKEN "
+                            "to a token of that account") from None
+        except RevisionNotFoundError:
+            raise UserError(f"{self.uri}: revision {self.revision!r} does not exist") from None
+        except RepositoryNotFoundError:
+            hint = "" if self.token else " (private? set HF_TOKEN)"
+            raise UserError(f"{self.uri}: repository {self.repo!r} not found{hint}") from None
+        files = []
+        for s in info.siblings or []:
+            name = s.rfilename
+            if "/" in name or not (name in HF_WANTED_NAMES or name.endswith(HF_WANTED_SUFFIXES)):
+                continue
+            sha = s.lfs.sha256 if s.lfs else None  # small git files carry only a git blob id
+            files.append(RemoteFile(name, s.size if s.size is not None else s.lfs.size, sha))
+        if not any(f.name.endswith(".safetensors") for f in files):
+            raise UserError(f"{self.uri}: the repository has no .safetensors weights")
+        return sorted(files, key=lambda f: f.name)
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        url = f"{self.endpoint}/{self.repo}/resolve/{self.revision}/{name}"
+        r = self.http.get(url, headers={"Range": f"bytes={start}-{end - 1}"})
+        if r.status_code in (401, 403):
+            raise UserError(f"{self.uri}: {name}: HTTP {r.status_code}: set HF_TOKEN to a token with "
+                            "access (gated models need their licence accepted)")
+        r.raise_for_status()
+        return r.content
+
+
+def _hf_token() -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("HF_TOKEN_PATH")
+    if path and Path(path).expanduser().is_file():
+        return Path(path).expanduser().read_text().strip()
+    return None
+
+
+STORES = {"s3": S3Store, "gs": GcsStore, "hf": HfStore}
+
+
+def open_store(uri: str, concurrency: int = 16):
+    scheme = urlparse(uri).scheme
+    if scheme not in STORES:
+        raise UserError(f"source: {uri!r}: unknown scheme {scheme!r} (allowed: s3://, gs://, hf://)")
+    return STORES[scheme](uri, concurrency)

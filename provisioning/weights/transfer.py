@@ -1,0 +1,167 @@
+"""Resumable, verified, parallel file transfer shared by every remote source.
+
+A file arrives as `NAME.partial`, in fixed-size chunks fetched concurrently with ranged reads and
+written at their offsets; each finished chunk is recorded in `NAME.partial.chunks` (whose first line
+is the chunk size, so a resume with another setting still maps indices to the same bytes), so a killed
+fetch resumes where it stopped. When every chunk is there the file is hashed, compared with the manifest,
+and only then renamed over NAME. A verified file is never replaced by an unverified one.
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from provisioning.weights.manifest import CHUNK, sha256_of
+
+# read_range(name, start, end_exclusive) -> bytes
+ReadRange = Callable[[str, int, int], bytes]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None   # None: the source published no checksum (sizes are still checked)
+
+
+class ChecksumMismatch(Exception):
+    pass
+
+
+class Transfer:
+    """Moves a set of files into one directory; reports bytes to a progress callback."""
+
+    def __init__(self, read_range: ReadRange, dest: Path, *, chunk_bytes: int = 16 * 2**20,
+                 concurrency: int = 8, on_bytes: Callable[[int], None] = lambda n: None):
+        self.read_range, self.dest = read_range, dest
+        self.chunk_bytes, self.concurrency, self.on_bytes = chunk_bytes, concurrency, on_bytes
+        self.moved = 0
+        self._lock = threading.Lock()
+        self._hashers: dict[str, _InOrderHash] = {}
+
+    def needed(self, files: list[RemoteFile]) -> list[RemoteFile]:
+        """Files not already present and verified (a present file of the wrong size is refetched)."""
+        return [f for f in files if not self._verified(f)]
+
+    def _verified(self, f: RemoteFile) -> bool:
+        path = self.dest / f.name
+        if not path.is_file() or path.stat().st_size != f.size:
+            return False
+        return f.sha256 is None or sha256_of(path) == f.sha256
+
+    def remaining_bytes(self, f: RemoteFile) -> int:
+        chunk, done = self._resume_state(f)
+        return sum(min(chunk, f.size - i * chunk) for i in range(self._chunk_count(f, chunk)) if i not in done)
+
+    def fetch(self, files: list[RemoteFile]) -> int:
+        """Fetch every file not yet verified; returns bytes moved."""
+        self.dest.mkdir(parents=True, exist_ok=True)
+        with futures.ThreadPoolExecutor(self.concurrency) as pool:
+            for f in files:
+                self._fetch_one(f, pool)
+        return self.moved
+
+    # ---------------------------------------------------------------- one file
+    @staticmethod
+    def _chunk_count(f: RemoteFile, chunk: int) -> int:
+        return max(1, -(-f.size // chunk))
+
+    def _paths(self, f: RemoteFile) -> tuple[Path, Path, Path]:
+        final = self.dest / f.name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return final, final.with_name(final.name + ".partial"), final.with_name(final.name + ".partial.chunks")
+
+    def _resume_state(self, f: RemoteFile) -> tuple[int, set[int]]:
+        """(chunk size, chunks already on disk) of an interrupted transfer; a fresh start otherwise."""
+        _, partial, log = self._paths(f)
+        if not partial.exists() or not log.exists():
+            return self.chunk_bytes, set()
+        lines = log.read_text().splitlines()
+        if not lines or not lines[0].startswith("chunk="):
+            return self.chunk_bytes, set()
+        chunk = int(lines[0].removeprefix("chunk="))
+        # A line is written only after its chunk is on disk; a torn last line is ignored.
+        done = {int(line[:-1]) for line in lines[1:] if line.endswith(";") and line[:-1].isdigit()}
+        return chunk, done
+
+    def _fetch_one(self, f: RemoteFile, pool: futures.ThreadPoolExecutor) -> None:
+        final, partial, log = self._paths(f)
+        chunk, done = self._resume_state(f)
+        if not done:
+            partial.unlink(missing_ok=True)
+            log.write_text(f"chunk={chunk}\n")
+        # A fresh file is hashed as its chunks arrive (in order); a resumed one is hashed at the end.
+        hasher = _InOrderHash() if not done else None
+        self._hashers[f.name] = hasher
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, f.size)
+            log_fd = os.open(log, os.O_WRONLY | os.O_APPEND, 0o644)
+            try:
+                todo = [i for i in range(self._chunk_count(f, chunk)) if i not in done]
+                jobs = [pool.submit(self._chunk, f, i, chunk, fd, log_fd) for i in todo]
+                for job in futures.as_completed(jobs):
+                    job.result()
+            finally:
+                os.close(log_fd)
+            # No fsync: what a crash could leave half-written is caught by the sha256 check every run
+            # makes of present files, and fetched again.
+        finally:
+            os.close(fd)
+        got = hasher.hexdigest() if hasher is not None else sha256_of(partial)
+        if f.sha256 is not None and got != f.sha256:
+            # Start this file over next time; the previous good copy (if any) is untouched.
+            partial.unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"{f.name}: sha256 {got[:12]}... does not match the manifest's "
+                                   f"{f.sha256[:12]}...; the download was discarded")
+        os.replace(partial, final)
+        log.unlink(missing_ok=True)
+
+    def _chunk(self, f: RemoteFile, index: int, chunk: int, fd: int, log_fd: int) -> None:
+        start = index * chunk
+        end = min(f.size, start + chunk)
+        data = self.read_range(f.name, start, end) if end > start else b""
+        if len(data) != end - start:
+            raise IOError(f"{f.name}: asked for bytes {start}-{end}, got {len(data)}")
+        os.pwrite(fd, data, start)
+        os.write(log_fd, f"{index};\n".encode())
+        hasher = self._hashers.get(f.name)
+        if hasher is not None:
+            hasher.add(index, data)
+        with self._lock:
+            self.moved += len(data)
+        self.on_bytes(len(data))
+
+
+class _InOrderHash:
+    """sha256 over chunks that finish out of order: each is hashed once all before it are."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._next = 0
+        self._waiting: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def add(self, index: int, data: bytes) -> None:
+        with self._lock:
+            self._waiting[index] = data
+            while self._next in self._waiting:
+                self._digest.update(self._waiting.pop(self._next))
+                self._next += 1
+
+    def hexdigest(self) -> str:
+        assert not self._waiting, "chunks missing from the hash"
+        return self._digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+__all__ = ["CHUNK", "ChecksumMismatch", "ReadRange", "RemoteFile", "Transfer", "sha256_bytes"]

@@ -1,0 +1,133 @@
+"""The `vllm serve` command lines herd composes, checked flag by flag against the pinned version's own
+`vllm serve --help` (stored as a fixture: vLLM cannot run on these CPU machines)."""
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runtime.engine.vllm import VLLM_VERSION, vllm_launch
+from runtime.plan_spec import request_from_spec
+from runtime.planner import plan
+from runtime.spec import parse_spec
+from tests.conftest import ROOT, run_herd
+
+HELP = (Path(__file__).parent / "fixtures" / f"vllm-{VLLM_VERSION}-serve-help.txt").read_text()
+
+
+def documented_flags() -> dict[str, set[str] | None]:
+    """flag -> its allowed values (None: free value; empty set: a switch without a value)."""
+    flags: dict[str, set[str] | None] = {}
+    for group in re.findall(r"\[([^\[\]]*(?:\[[^\]]*\][^\[\]]*)*)\]", HELP):
+        for alternative in group.split(" | "):
+            m = re.match(r"\s*(--[\w-]+)(?:\s+(.*))?$", alternative.strip())
+            if not m:
+                continue
+            flag, value = m.group(1), (m.group(2) or "").strip()
+            if not value:
+                flags[flag] = set()
+            elif value.startswith("{"):
+                flags[flag] = set(value.strip("{}").split(","))
+            elif value.startswith("['"):
+                flags[flag] = set(re.findall(r"'([^']+)'", value))
+            else:
+                flags[flag] = None
+    return flags
+
+
+FLAGS = documented_flags()
+
+
+def check_against_help(argv: list[str]) -> dict[str, str | None]:
+    assert argv[:2] == ["vllm", "serve"] and not argv[2].startswith("--")
+    seen, i = {}, 3
+    while i < len(argv):
+        flag = argv[i]
+        assert flag in FLAGS, f"{flag} is not a `vllm serve` flag in {VLLM_VERSION}"
+        allowed = FLAGS[flag]
+        if allowed == set():
+            seen[flag] = None
+            i += 1
+            continue
+        value = argv[i + 1]
+        assert not value.startswith("--"), f"{flag} needs a value"
+        if allowed:
+            assert value in allowed, f"{flag} {value}: vLLM allows {sorted(allowed)}"
+        seen[flag] = value
+        i += 2
+    return seen
+
+
+def spec_from(base: str, **changes):
+    data = yaml.safe_load((ROOT / "environments" / base).read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    return parse_spec(data, base)
+
+
+def launches(spec):
+    result = plan(request_from_spec(spec), suggest=False)
+    assert result.fits, result.reasons
+    return result, vllm_launch(spec, result, "/models/m", head_addr="10.0.0.1",
+                               node_addrs=["10.0.0.1", "10.0.0.2"][:result.nodes])
+
+
+def test_the_fixture_is_the_real_help_text():
+    assert {"--tensor-parallel-size", "--pipeline-parallel-size", "--nnodes", "--node-rank", "--master-addr",
+            "--headless", "--kv-cache-dtype", "--gpu-memory-utilization"} <= FLAGS.keys()
+    assert "fp8" in FLAGS["--kv-cache-dtype"]
+
+
+def test_405b_fp8_on_one_p5():
+    result, nodes = launches(spec_from("aws-p5-405b-fp8.yaml"))
+    assert len(nodes) == 1 and nodes[0].role == "head"
+    flags = check_against_help(nodes[0].argv)
+    assert flags["--tensor-parallel-size"] == "8" and flags["--pipeline-parallel-size"] == "1"
+    assert "--quantization" not in flags  # Meta's FP8 checkpoint says fbgemm_fp8 in its config
+    assert "--nnodes" not in flags and "--headless" not in flags
+    assert flags["--max-model-len"] == "16384" and flags["--gpu-memory-utilization"] == "0.90"
+    assert flags["--host"] == "127.0.0.1"  # behind herd's front
+    assert nodes[0].env["FI_PROVIDER"] == "efa" and nodes[0].env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+
+
+def test_405b_bf16_on_two_p5_is_tp8_by_pp2_with_a_headless_worker():
+    spec = spec_from("aws-p4de-405b-bf16-2node.yaml", **{"aws.instance_type": "p5.48xlarge"})
+    result, nodes = launches(spec)
+    assert (result.nodes, result.tensor_parallel, result.pipeline_parallel) == (2, 8, 2)
+    head, worker = (check_against_help(n.argv) for n in nodes)
+    for flags, rank in ((head, "0"), (worker, "1")):
+        assert flags["--tensor-parallel-size"] == "8" and flags["--pipeline-parallel-size"] == "2"
+        assert flags["--nnodes"] == "2" and flags["--node-rank"] == rank
+        assert flags["--master-addr"] == "10.0.0.1" and flags["--distributed-executor-backend"] == "mp"
+    assert "--headless" in worker and "--headless" not in head
+    assert nodes[1].env["VLLM_HOST_IP"] == "10.0.0.2"
+    # The API key travels as a variable reference to the head only, never in argv.
+    assert nodes[0].env["VLLM_API_KEY"] == "${HERD_API_KEY}" and "VLLM_API_KEY" not in nodes[1].env
+    assert not any("API_KEY" in a for n in nodes for a in n.argv)
+    assert '"${HERD_API_KEY}"' in nodes[0].shell()
+
+
+def test_70b_bf16_on_a3_highgpu():
+    spec = spec_from("gcp-a3-405b-fp8.yaml", **{"model.id": "llama-3.1-70b-instruct", "model.quantization": "none",
+                                                 "context.max_model_len": 32768})
+    result, nodes = launches(spec)
+    flags = check_against_help(nodes[0].argv)
+    assert result.nodes == 1 and flags["--tensor-parallel-size"] == "8"
+    assert flags["--dtype"] == "bfloat16" and "--quantization" not in flags
+    assert nodes[0].env["NCCL_SOCKET_IFNAME"] == "eth0" and "FI_PROVIDER" not in nodes[0].env
+
+
+def test_dynamic_fp8_and_fp8_kv_cache_flags():
+    spec = spec_from("gcp-a3-405b-fp8.yaml", **{"model.id": "llama-3.1-70b", "model.kv_cache_dtype": "fp8"})
+    _, nodes = launches(spec)
+    flags = check_against_help(nodes[0].argv)
+    assert flags["--quantization"] == "fp8" and flags["--kv-cache-dtype"] == "fp8"
+
+
+def test_plan_names_the_engine_and_dry_run_renders_every_node():
+    out = run_herd("plan", "environments/aws-p4de-405b-bf16-2node.yaml", "--json")
+    assert '"engine": "vllm"' in out.stdout
+    dry = run_herd("up", "environments/aws-p4de-405b-bf16-2node.yaml", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("vllm serve") == 2 and "--headless" in dry.stdout and "--node-rank 1" in dry.stdout
