@@ -43,7 +43,14 @@ def start(cmd, url, cwd=None):
     raise RuntimeError(f"{cmd[0]} did not start")
 
 
+def settle() -> None:
+    """Flush dirty pages first: otherwise whoever writes second pays for the first one's writeback."""
+    os.sync()
+    time.sleep(1)
+
+
 def timed(fn) -> float:
+    settle()
     started = time.monotonic()
     fn()
     return time.monotonic() - started
@@ -85,6 +92,7 @@ def main() -> int:
         raw_dir.mkdir()
         raw = timed(lambda: [s3.download_file("bench", f"m/{n}", str(raw_dir / n)) for n in names])
         report = FetchReport("s3://bench/m", "")
+        settle()
         fetch("s3://bench/m", work / "herd-s3", quiet=True, report=report)
         emit({"source": "s3 (moto server)", "raw_client": "boto3 download_file", "raw_MBps": round(total / raw / 1e6, 1),
               "herd_MBps": round(report.bytes_per_s / 1e6, 1), "ratio": round(report.bytes_per_s * raw / total, 2)})
@@ -103,6 +111,7 @@ def main() -> int:
         raw_dir.mkdir()
         raw = timed(lambda: [bucket.blob(f"m/{n}").download_to_filename(str(raw_dir / n)) for n in names])
         report = FetchReport("gs://bench/m", "")
+        settle()
         fetch("gs://bench/m", work / "herd-gcs", quiet=True, report=report)
         emit({"source": "gs (gcp-storage-emulator)", "raw_client": "google-cloud-storage download_to_filename",
               "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),
@@ -124,6 +133,7 @@ def main() -> int:
                             f.write(chunk)
         raw = timed(plain_hub)
         report = FetchReport("hf://org/model", "")
+        settle()
         fetch("hf://org/model", work / "herd-hf", quiet=True, report=report)
         emit({"source": "hf (loopback hub)", "raw_client": "httpx streaming GET",
               "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),

@@ -12,6 +12,9 @@ def _target_handler(spec, action: str):
     if spec.target == "local":
         from provisioning import local
         return getattr(local, f"{action}_local")
+    if spec.target == "onprem":
+        from provisioning import onprem
+        return getattr(onprem, f"{action}_onprem")
     raise UserError(f"target: {spec.target!r}: `herd {action}` supports the local target in this "
                     "version (plan it with `herd plan`)")
 
@@ -21,6 +24,9 @@ def add_lifecycle(sub) -> None:
     up.add_argument("environment", help="environments/NAME.yaml")
     up.add_argument("--no-smoke", action="store_true", help="skip the smoke test after ready")
     up.add_argument("--dry-run", action="store_true", help="print the plan and every node's launch; change nothing")
+    up.add_argument("--trust-new-hosts", action="store_true",
+                    help="on-prem: accept and record host keys not yet in known_hosts (changed keys are "
+                         "still refused)")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop a deployment")
     down.add_argument("environment")
@@ -36,7 +42,11 @@ def cmd_up(args) -> int:
     if args.dry_run:
         from provisioning.render import render_launch
         return render_launch(spec, args.environment, Console())
-    return _target_handler(spec, "up")(spec, args.environment, Console(), smoke=not args.no_smoke)
+    handler = _target_handler(spec, "up")
+    if spec.target == "onprem":
+        return handler(spec, args.environment, Console(), smoke=not args.no_smoke,
+                       trust_new_hosts=args.trust_new_hosts)
+    return handler(spec, args.environment, Console(), smoke=not args.no_smoke)
 
 
 def cmd_down(args) -> int:

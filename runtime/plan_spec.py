@@ -34,7 +34,7 @@ def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
         cpu_only = section.gpus_per_host == 0
         return Hardware(
             accelerator=catalog.accelerator("cpu" if cpu_only else section.accelerator),
-            devices_per_node=section.gpus_per_host or _ranks(spec, 1),
+            devices_per_node=section.gpus_per_host or section.cpu_ranks_per_host,
             host_ram_bytes=int(section.host_ram_gib * gib) if section.host_ram_gib else None,
             disk_bytes=int(section.disk_gib * gib) if section.disk_gib else None,
             max_nodes=len(section.hosts))

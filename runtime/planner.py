@@ -271,8 +271,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     if not arch.valid_tensor_parallel(tp):
         reasons.append(f"tensor parallel {tp} does not divide {arch.num_attention_heads} attention / "
                        f"{arch.num_key_value_heads} KV heads")
-    if tp > hw.devices_per_node:
+    if tp > hw.devices_per_node and on_gpu:
         reasons.append(f"tensor parallel {tp} exceeds the {hw.devices_per_node} devices of one node")
+    elif tp > hw.devices_per_node:
+        notes.append(f"tensor parallel {tp} spans {nodes} CPU hosts over TCP (gloo): correct, not fast")
     if pp > arch.num_hidden_layers:
         reasons.append(f"pipeline parallel {pp} exceeds the model's {arch.num_hidden_layers} layers")
     if nodes > hw.max_nodes:

@@ -37,6 +37,13 @@ def read_api_key(env_var: str | None, file: str | None) -> str | None:
     return None
 
 
+def _api_key(args, spec) -> str | None:
+    """Flags first (a node's installer points at a file), then the spec."""
+    if args.api_key_env or args.api_key_file:
+        return read_api_key(args.api_key_env, args.api_key_file)
+    return read_api_key(spec.serving.api_key_env if spec else None, spec.serving.api_key_file if spec else None)
+
+
 def model_dir_from_spec(spec: Spec) -> Path:
     source = spec.model.source or ""
     if source.startswith("file:") or source.startswith("/"):
@@ -61,6 +68,7 @@ def add_serve(sub) -> None:
     p.add_argument("--concurrency", type=positive_int)
     p.add_argument("--served-model-name")
     p.add_argument("--api-key-env", help="environment variable holding the API key")
+    p.add_argument("--api-key-file", help="file holding the API key (mode 0600)")
     p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between idle canaries")
@@ -87,8 +95,7 @@ def cmd_serve(args) -> int:
     nnodes = args.nnodes or (spec.parallelism.nodes if spec and spec.parallelism.nodes != "auto" else 1)
     host = args.host or (spec.serving.host if spec else "127.0.0.1")
     port = args.port or (spec.serving.port if spec else 8000)
-    api_key = read_api_key(args.api_key_env or (spec.serving.api_key_env if spec else None),
-                           spec.serving.api_key_file if spec else None)
+    api_key = _api_key(args, spec)
     from runtime.spec import ServingSection
     if not ServingSection(host=host).loopback_only and not api_key:
         raise UserError(f"--host: {host!r} is not loopback, so an API key is required "
@@ -148,8 +155,7 @@ def _serve_own_engine(args, spec) -> int:
     """Bring your own engine: any OpenAI-compatible server, behind herd's health, metrics and key."""
     host = args.host or (spec.serving.host if spec else "127.0.0.1")
     port = args.port or (spec.serving.port if spec else 8000)
-    api_key = read_api_key(args.api_key_env or (spec.serving.api_key_env if spec else None),
-                           spec.serving.api_key_file if spec else None)
+    api_key = _api_key(args, spec)
     from runtime.spec import ServingSection
     if not ServingSection(host=host).loopback_only and not api_key:
         raise UserError(f"--host: {host!r} is not loopback, so an API key is required (--api-key-env VAR)")

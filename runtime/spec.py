@@ -125,7 +125,8 @@ class OnpremSection(Strict):
     ssh_key: str = "~/.ssh/id_ed25519"
     known_hosts: str = "~/.ssh/known_hosts"
     accelerator: str = "h100-80gb"
-    gpus_per_host: Annotated[int, Field(ge=0, le=16)] = 8
+    gpus_per_host: Annotated[int, Field(ge=0, le=16)] = 8   # 0: CPU-only hosts (GPU steps skipped)
+    cpu_ranks_per_host: Annotated[int, Field(ge=1, le=64)] = 1
     host_ram_gib: Annotated[float, Field(gt=0)] | None = None
     disk_gib: Annotated[float, Field(gt=0)] | None = None
     install_dir: str = "/opt/herd"

@@ -294,6 +294,9 @@ class Supervisor:
             self.health.loads = msg.get("loads", [])
             self.health.reason = "all ranks loaded; waiting for the canary"
             asyncio.get_running_loop().create_task(self._canary(self.cfg.startup_canary_timeout_s))
+        elif kind == "rank_lost":
+            self._lost(f"rank {msg['rank']} stopped answering (no heartbeat for {msg['seconds']}s)")
+            asyncio.get_running_loop().create_task(self._kill_group())
         elif kind == "batch":
             self.batches += 1
             self.batched_rows += msg["size"]

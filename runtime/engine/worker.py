@@ -10,6 +10,7 @@ import datetime
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def main() -> int:
              load["shard_bytes"], load["disk_read_bytes"])
     if store is not None:
         store.add("herd/loaded", 1)
+        threading.Thread(target=_heartbeat, args=(store, rank), daemon=True, name="herd-heartbeat").start()
         dist.barrier()
+        if is_driver:
+            threading.Thread(target=_watch_heartbeats, args=(store, world, channel), daemon=True,
+                             name="herd-heartbeat-watch").start()
     loads = [load]
     if world > 1:
         loads = [None] * world
@@ -115,6 +120,39 @@ def main() -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+HEARTBEAT_S, HEARTBEAT_LOST_S = 0.5, 2.5
+
+
+def _heartbeat(store, rank: int) -> None:
+    """Every rank, every 0.5 s: a counter in the rendezvous store. An idle group runs no collective,
+    so without this a rank dying on another host would go unnoticed until the next request."""
+    while True:
+        try:
+            store.add(f"herd/heartbeat/{rank}", 1)
+        except Exception:  # the store (head) is gone: the group is ending anyway
+            return
+        time.sleep(HEARTBEAT_S)
+
+
+def _watch_heartbeats(store, world: int, channel) -> None:
+    """On the driver: tell the supervisor when any rank's counter stops moving."""
+    seen = {rank: (-1, time.monotonic()) for rank in range(world)}
+    while True:
+        time.sleep(HEARTBEAT_S)
+        now = time.monotonic()
+        for rank in range(world):
+            try:
+                count = store.add(f"herd/heartbeat/{rank}", 0)
+            except Exception:
+                return
+            if count != seen[rank][0]:
+                seen[rank] = (count, now)
+            elif now - seen[rank][1] > HEARTBEAT_LOST_S:
+                channel.send({"type": "rank_lost", "rank": rank,
+                              "seconds": round(now - seen[rank][1], 1)})
+                return
 
 
 def _disk_read_bytes() -> int:

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# netns_hosts.sh up N | down : N test "hosts" on this machine, each a network namespace with its own
+# hostname, /etc/hosts, copy-on-write /opt /root /home, and a real OpenSSH sshd (key-only, root).
+# Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves the machine.
+set -euo pipefail
+ACTION=${1:?up N | down}
+N=${2:-3}
+DIR=${HERD_HOSTS_DIR:-/tmp/herd-test-hosts}
+NS=herdt-h BR=herdtbr0 VETH=herdt-v NET=10.250.0
+
+down() {
+  for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS}[0-9]+$" || true); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR"
+  rm -rf "$DIR"
+}
+
+if [ "$ACTION" = down ]; then down; exit 0; fi
+[ "$(id -u)" = 0 ] || { echo "netns_hosts.sh: needs root" >&2; exit 1; }
+for tool in ip sshd ssh-keygen unshare; do
+  command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "netns_hosts.sh: $tool missing (apt-get install iproute2 openssh-server)" >&2; exit 1; }
+done
+down
+if ip -4 route show | grep -q "^${NET}\.0/24"; then
+  echo "netns_hosts.sh: ${NET}.0/24 is already routed here (other test hosts?); remove them first" >&2
+  exit 1
+fi
+mkdir -p "$DIR" /run/sshd
+chmod 700 "$DIR"
+ssh-keygen -q -t ed25519 -N '' -C herd-test-client -f "$DIR/id_ed25519"
+ip link add "$BR" type bridge
+ip addr add "$NET.1/24" dev "$BR"
+ip link set "$BR" up
+{ echo "127.0.0.1 localhost"; for i in $(seq 1 "$N"); do echo "$NET.$((10 + i)) h$i"; done; } > "$DIR/etc_hosts"
+echo "# no resolver" > "$DIR/resolv.conf"
+PYBIN=$(dirname "$(python3 -c 'import os,sys; print(os.path.realpath(sys.executable))')")
+for i in $(seq 1 "$N"); do
+  d="$DIR/h$i" ip4="$NET.$((10 + i))"
+  mkdir -p "$d"/fs/{opt,root,home}.{upper,work}
+  ssh-keygen -q -t ed25519 -N '' -C "h$i" -f "$d/ssh_host_ed25519_key"
+  cp "$DIR/id_ed25519.pub" "$d/authorized_keys"
+  echo "export PATH=$PYBIN:\$PATH" > "$d/fs/root.upper/.bashrc"
+  cat > "$d/sshd_config" <<CFG
+ListenAddress $ip4:22
+HostKey $d/ssh_host_ed25519_key
+PidFile $d/sshd.pid
+AuthorizedKeysFile $d/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+UseDNS no
+MaxStartups 100
+MaxSessions 100
+Subsystem sftp internal-sftp
+CFG
+  ip netns add "$NS$i"
+  ip link add "$VETH$i" type veth peer name "${VETH}${i}p"
+  ip link set "${VETH}${i}p" netns "$NS$i"
+  ip link set "$VETH$i" master "$BR" up
+  ip -n "$NS$i" link set "${VETH}${i}p" name eth0
+  ip -n "$NS$i" addr add "$ip4/24" dev eth0
+  ip -n "$NS$i" link set lo up
+  ip -n "$NS$i" link set eth0 up
+  ip netns exec "$NS$i" unshare --mount --uts --propagation private -- /bin/bash -ec "
+    hostname h$i
+    mount --bind '$DIR/etc_hosts' /etc/hosts
+    mount --bind '$DIR/resolv.conf' /etc/resolv.conf
+    for p in opt root home; do
+      mount -t overlay overlay -o lowerdir=/\$p,upperdir='$d'/fs/\$p.upper,workdir='$d'/fs/\$p.work /\$p
+    done
+    exec /usr/sbin/sshd -f '$d/sshd_config' -E '$d/sshd.log'"
+done
+for i in $(seq 1 "$N"); do
+  for _ in $(seq 1 100); do
+    ip netns exec "$NS$i" ss -Hltn "sport = :22" | grep -q LISTEN && break
+    sleep 0.05
+  done
+done
+echo "$DIR"

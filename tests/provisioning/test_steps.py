@@ -1,0 +1,96 @@
+"""The provisioning steps: shellcheck-clean, idempotent scripts; GPU steps checked in dry run against
+a host description (this machine has no GPU), CPU-only hosts skip them explicitly."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from provisioning.steps import GPU_STEPS, STEPS_DIR, HostProfile, plan_host, step_names
+from runtime.plan_spec import request_from_spec
+from runtime.planner import plan
+from runtime.spec import load_spec, parse_spec
+from tests.conftest import ROOT
+
+UBUNTU = 'ID=ubuntu\nVERSION_ID="24.04"\nPRETTY_NAME="Ubuntu 24.04 LTS"\n'
+
+
+def test_every_script_passes_shellcheck():
+    assert shutil.which("shellcheck"), "shellcheck is installed by .ci/run"
+    scripts = [str(p) for p in STEPS_DIR.glob("*.sh")] + [str(ROOT / "tests/provisioning/netns_hosts.sh")]
+    done = subprocess.run(["shellcheck", "-x", "-P", str(STEPS_DIR), *scripts], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def run_step(step, env, tmp_path, dry_run=True):
+    os_release = tmp_path / "os-release"
+    os_release.write_text(UBUNTU)
+    full = {**os.environ, **env, "HERD_HOME": str(tmp_path / "home"), "HERD_OS_RELEASE": str(os_release)}
+    cmd = ["bash", str(STEPS_DIR / f"{step}.sh")] + (["--dry-run"] if dry_run else [])
+    return subprocess.run(cmd, env=full, capture_output=True, text=True)
+
+
+def gpu_host_steps(spec_file="aws-p5-405b-fp8.yaml", cloud="aws"):
+    spec = load_spec(ROOT / "environments" / spec_file)
+    result = plan(request_from_spec(spec))
+    profile = HostProfile("node-0", "10.0.0.1", 0, gpu=True, gpus=8, cloud=cloud, nvswitch=True)
+    return plan_host(spec, result, profile, "10.0.0.1", "/opt/herd/models/m", spec.model.source, "/opt/herd/env.yaml")
+
+
+def test_gpu_steps_in_dry_run_print_the_exact_commands(tmp_path):
+    steps = gpu_host_steps()
+    assert steps.skipped == {} and steps.steps == step_names()
+    out = {s: run_step(s, steps.env, tmp_path) for s in GPU_STEPS}
+    for step, done in out.items():
+        assert done.returncode == 0, (step, done.stdout, done.stderr)
+    driver = out["10-nvidia-driver"].stdout
+    assert "would run: apt-get install -y -q --no-install-recommends nvidia-driver-570-server-open dkms linux-headers-" in \
+        driver.replace("env DEBIAN_FRONTEND=noninteractive ", "")
+    assert "would run: modprobe nvidia" in driver
+    assert "apt-get install -y -q nvidia-fabricmanager-570" in out["20-fabric-manager"].stdout
+    assert "systemctl enable --now nvidia-fabricmanager" in out["20-fabric-manager"].stdout
+    assert "would run: nvidia-smi -pm 1" in out["25-persistence"].stdout
+    efa = out["30-efa"].stdout
+    assert "https://efa-installer.amazonaws.com/aws-efa-installer-1.38.0.tar.gz" in efa and "efa_installer.sh -y" in efa
+    assert "FI_PROVIDER=efa" in out["35-nccl-env"].stdout and "FI_EFA_USE_DEVICE_RDMA=1" in out["35-nccl-env"].stdout
+    health = out["80-gpu-health"].stdout
+    assert "nvidia-smi --query-gpu=index,name,ecc.errors.uncorrected.volatile.total" in health
+    assert "torch.distributed.run --nproc-per-node=8 -m runtime.collective" in health
+
+
+def test_vllm_is_installed_pinned_on_gpu_hosts_only(tmp_path):
+    steps = gpu_host_steps()
+    gpu = run_step("50-venv", steps.env, tmp_path)
+    assert "vllm==0.33.0" in gpu.stdout and "herd==" in gpu.stdout
+    cpu = run_step("50-venv", {**steps.env, "HERD_GPU": "0"}, tmp_path)
+    assert "vllm==" not in cpu.stdout and "herd==" in cpu.stdout
+
+
+def test_driver_step_refuses_an_unsupported_os(tmp_path):
+    steps = gpu_host_steps()
+    rhel = tmp_path / "rhel"
+    rhel.write_text('ID=rhel\nVERSION_ID="9.4"\n')
+    done = subprocess.run(["bash", str(STEPS_DIR / "10-nvidia-driver.sh"), "--dry-run"], capture_output=True, text=True,
+                          env={**os.environ, **steps.env, "HERD_OS_RELEASE": str(rhel), "HERD_HOME": str(tmp_path)})
+    assert done.returncode == 1 and "supports Ubuntu 22.04/24.04, found rhel-9.4" in done.stderr
+
+
+def test_cpu_only_hosts_skip_gpu_steps_explicitly(tmp_path):
+    steps = gpu_host_steps()
+    cpu_env = {**steps.env, "HERD_GPU": "0"}
+    for step in GPU_STEPS:
+        done = run_step(step, cpu_env, tmp_path)
+        assert done.returncode == 0 and "skip: cpu-only host" in done.stdout, (step, done.stdout)
+
+
+def test_preflight_refuses_a_disk_too_small_for_the_weights(tmp_path):
+    done = run_step("00-preflight", {"HERD_GPU": "0", "HERD_MIN_DISK_GB": "999999"}, tmp_path, dry_run=False)
+    assert done.returncode == 1 and "< 999999GB the weights need" in done.stderr
+
+
+def test_a_changed_environment_changes_the_step_stamp():
+    a = gpu_host_steps()
+    b = gpu_host_steps("aws-p4de-405b-bf16-2node.yaml")
+    assert a.stamp("00-preflight") == gpu_host_steps().stamp("00-preflight")
+    assert a.stamp("70-service") != b.stamp("70-service")  # different serve arguments
