@@ -4,8 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?= environments/local.yaml
 
-.PHONY: setup up down status test bench clean
+.PHONY: setup system up down status test bench clean
 setup: $(VENV)/.installed
+
+# Debian packages the test suite uses: real sshd hosts in network namespaces, shellcheck for the
+# provisioning steps. Installed only when missing (needs root, as on CI).
+SYSTEM_TOOLS := /usr/sbin/sshd /usr/bin/ssh-keyscan /usr/sbin/ip /usr/bin/shellcheck
+system:
+	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    openssh-server openssh-client iproute2 shellcheck >/dev/null; fi
 
 # One venv with the runtime, the on-prem installer and the test tools. torch is pinned in
 # pyproject.toml (an unpinned torch would pull a multi-GB CUDA build).
@@ -24,11 +33,12 @@ down: setup
 status: setup
 	$(BIN)/herd status $(ENV)
 
-test: setup
+test: setup system
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/serving.py --out bench/results/serving-$$(hostname).txt
+	$(BIN)/python bench/weights.py --out bench/results/weights-$$(hostname).txt
 
 clean:
 	rm -rf $(VENV) .herd
