@@ -139,7 +139,7 @@ def main() -> int:
         lines.append(row)
         print(json.dumps(row), flush=True)
 
-    emit(lines[0])
+    print(json.dumps(lines[0]), flush=True)
     baseline = in_process_generate(model_dir, args.repeats)
     emit({"case": "in-process generate (TP 1)", "median_s": round(baseline, 3)})
 

@@ -40,6 +40,5 @@ def test_each_rank_holds_exactly_the_planned_share(tiny_model, serve, tp):
     assert sum(l["shard_bytes"] for l in loads) == arch.total_params * 4 + (tp - 1) * norms
     # Disk reads are reported, not bounded: ranks on one host share the page cache, and the count
     # includes modules imported while loading. The share itself is exact above.
-    assert all(load["disk_read_bytes"] >= 0 for load in loads)
     print(f"TP {tp}: planned {planned} B/rank; per rank read from disk:",
           [l["disk_read_bytes"] for l in loads], f"of a {file_bytes} B checkpoint")
