@@ -30,6 +30,8 @@ class LaunchConfig:
     canary_timeout_s: float = 5.0
     startup_canary_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0
+    decode: str = "continuous"            # continuous | static (preallocated KV cache, CUDA graphs on GPU)
+    max_model_len: int = 2048
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -62,6 +64,7 @@ def worker_env(cfg: LaunchConfig, control: str | None, token: str | None, pad_id
            "HERD_STATE_DIR": str(cfg.state_dir), "HERD_HEAD": "1" if cfg.is_head else "0",
            "HERD_MAX_BATCH": str(cfg.max_batch), "HERD_BATCH_WINDOW_S": str(cfg.batch_window_s),
            "HERD_PAD_ID": str(pad_id), "HERD_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "HERD_DECODE": cfg.decode, "HERD_MAX_MODEL_LEN": str(cfg.max_model_len),
            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     if control:
         env["HERD_CONTROL"], env["HERD_CONTROL_TOKEN"] = control, token or ""

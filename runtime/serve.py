@@ -72,6 +72,8 @@ def add_serve(sub) -> None:
     p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
     p.add_argument("--max-restarts", type=int, default=3)
     p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between idle canaries")
+    p.add_argument("--decode", choices=["continuous", "static"],
+                   help="continuous batching, or a static KV cache whose decode step is a CUDA graph")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long the driver waits for more requests to join a batch")
     p.add_argument("--max-queue", type=positive_int, help="requests waiting or running before 429 "
@@ -110,8 +112,10 @@ def cmd_serve(args) -> int:
         is_head=args.role == "head", max_batch=concurrency, threads_per_rank=threads,
         state_dir=Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd")),
         max_restarts=args.max_restarts, canary_interval_s=args.canary_interval,
-        batch_window_s=args.batch_window_ms / 1000)
-    max_len = args.max_model_len or (spec.context.max_model_len if spec else 2048)
+        batch_window_s=args.batch_window_ms / 1000,
+        decode=args.decode or (spec.serving.decode if spec else "continuous"),
+        max_model_len=args.max_model_len or (spec.context.max_model_len if spec else 2048))
+    max_len = cfg.max_model_len
     name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id)) or model_dir.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.engine_cmd or (spec and spec.serving.engine == "vllm"):

@@ -51,6 +51,8 @@ class ParallelismSection(Strict):
 
 class ServingSection(Strict):
     engine: Engine = "transformers"
+    # transformers engine: continuous batching, or a static KV cache with CUDA-graph decode (GPUs).
+    decode: Literal["continuous", "static"] = "continuous"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     api_key_env: str | None = Field(None, description="environment variable holding the API key")

@@ -68,6 +68,7 @@ def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 class RunningBatch:
     """Rows being decoded together, their KV cache, attention mask, positions and last logits."""
+    joins_while_running = True
 
     def __init__(self, model, pad_id: int = 0):
         self.model, self.pad_id = model, pad_id
@@ -168,9 +169,11 @@ class DriverState:
 
 @torch.inference_mode()
 def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObject, max_batch: int,
-               take: Take | None = None, on_step: OnStep | None = None, pad_id: int = 0) -> DriverState | None:
-    """Decode until the driver's `take` says shut down. Every rank runs this with the same model shard."""
-    batch = RunningBatch(model, pad_id)
+               take: Take | None = None, on_step: OnStep | None = None, pad_id: int = 0,
+               batch=None) -> DriverState | None:
+    """Decode until the driver's `take` says shut down. Every rank runs this with the same model shard.
+    `batch` is the batching strategy: continuous (RunningBatch, the default) or static (StaticBatch)."""
+    batch = batch if batch is not None else RunningBatch(model, pad_id)
     driver = DriverState() if is_driver else None
     while True:
         n = len(batch)
@@ -180,8 +183,10 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
             if n:
                 tokens, states, events = driver.choose(batch)
                 payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
-            joins = take(max_batch - n + sum(1 for s in payload[n:2 * n].tolist() if s != RUNNING),
-                         n == 0)
+            finishing = sum(1 for s in payload[n:2 * n].tolist() if s != RUNNING)
+            room = max_batch - n + finishing if batch.joins_while_running else (
+                max_batch if n == finishing else 0)
+            joins = take(room, n == 0)
             payload[2 * n] = SHUTDOWN if joins is None else JOINS if joins else NO_JOINS
         share(payload)
         tokens, states, flag = payload[:n].tolist(), payload[n:2 * n].tolist(), int(payload[2 * n])
@@ -206,7 +211,7 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
 
 
 def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_id: int = 0,
-                 arrivals: dict[int, list[Row]] | None = None) -> dict[str, list[int]]:
+                 arrivals: dict[int, list[Row]] | None = None, batch=None) -> dict[str, list[int]]:
     """One process: `rows` start together, `arrivals` join after the given step. Returns the tokens
     generated per row id. The engine's simplest use (tests, benchmarks)."""
     arrivals = dict(arrivals or {})
@@ -219,8 +224,9 @@ def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_i
         step += 1
         if pending:
             return pending.pop()
-        if step - 1 in arrivals:
-            return arrivals.pop(step - 1)
+        due = sorted(k for k in arrivals if k <= step - 1)
+        if due and limit > 0:  # a static batch offers no room until it is empty
+            return [row for k in due for row in arrivals.pop(k)]
         return None if block and not arrivals else []
 
     def collect(events):
@@ -230,5 +236,5 @@ def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_i
         return on_step(events) if on_step else set()
 
     run_engine(model, is_driver=True, share=lambda t: None, share_object=lambda o: o,
-               max_batch=len(produced), take=take, on_step=collect, pad_id=pad_id)
+               max_batch=len(produced), take=take, on_step=collect, pad_id=pad_id, batch=batch)
     return produced

@@ -115,8 +115,12 @@ def main() -> int:
                 channel.send({"type": "batch", "size": len(rows)})
             return rows
         on_step = _streamer(channel)
+    batch = None
+    if os.environ.get("HERD_DECODE") == "static":
+        from runtime.engine.static_batch import StaticBatch
+        batch = StaticBatch(model, pad_id, max_len=int(_env("HERD_MAX_MODEL_LEN", "2048")))
     run_engine(model, is_driver=is_driver, share=share, share_object=share_object, max_batch=max_batch,
-               take=take, on_step=on_step, pad_id=pad_id)
+               take=take, on_step=on_step, pad_id=pad_id, batch=batch)
     if world > 1:
         dist.destroy_process_group()
     return 0

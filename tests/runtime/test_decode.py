@@ -69,3 +69,17 @@ def test_sampling_is_reproducible_with_a_seed_and_top_p_narrows():
     narrow = {choose(logits, 1.0, 0.5, make_generator(s)) for s in range(50)}
     assert narrow == {0}  # token 0 alone holds more than half the mass
     assert choose(logits, 0.0, 1.0, make_generator(1)) == 0
+
+
+def test_static_cache_decode_equals_generate_and_batches_run_to_their_end(model):
+    from runtime.engine.static_batch import StaticBatch
+    refs = {"a": reference(model, P1, 12), "b": reference(model, P2, 9), "c": reference(model, P3, 6)}
+    static = StaticBatch(model, max_len=64, compile_decode=False)
+    out = decode_batch(model, [Row("a", P1, 12), Row("b", P2, 9)], arrivals={2: [Row("c", P3, 6)]}, batch=static)
+    assert out == refs  # "c" waited for the first static batch to end, then ran alone
+
+
+def test_static_cache_refuses_a_request_longer_than_the_cache(model):
+    from runtime.engine.static_batch import StaticBatch
+    with pytest.raises(ValueError, match="static cache"):
+        StaticBatch(model, max_len=8, compile_decode=False).join([Row("a", P1, 10)])

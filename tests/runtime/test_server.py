@@ -189,3 +189,12 @@ def test_logprobs_for_distillation_match_the_model(server, tiny_model):
     content = chat["choices"][0]["logprobs"]["content"]
     assert len(content) == 4 and all(len(c["top_logprobs"]) == 2 for c in content)
     assert all(c["logprob"] <= 0 for c in content)
+
+
+def test_static_cache_decode_over_tp2_gives_the_same_tokens(tiny_model, serve, reference):
+    srv = serve("--model-dir", str(tiny_model), "--tp", "2", "--served-model-name", "tiny", "--decode", "static",
+                "--max-model-len", "128", "--batch-window-ms", "300", name="static")
+    srv.wait_ready()
+    with futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda p: complete(srv.url, p, 16, ignore_eos=True), PROMPTS[:2]))
+    assert [a.json()["choices"][0]["token_ids"] for a in answers] == [reference(p, 16, eos=False) for p in PROMPTS[:2]]
