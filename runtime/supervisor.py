@@ -23,6 +23,7 @@ from pathlib import Path
 
 from runtime.engine.control import encode
 from runtime.launch import LaunchConfig, torchrun_command, worker_env
+from runtime.processes import stop_group
 
 log = logging.getLogger("herd.supervisor")
 
@@ -151,19 +152,7 @@ class Supervisor:
             start_new_session=True, preexec_fn=die_with_parent)
 
     async def _kill_group(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        await stop_group(self._proc, grace_s=10)
         # torchrun terminates its workers on SIGTERM; any it left (it was killed) go now.
         if leftovers := kill_ranks(self.cfg.state_dir):
             log.warning("killed %d rank(s) torchrun left behind", len(leftovers))

@@ -8,15 +8,14 @@ requests in flight fail with 503 instead of hanging.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
 import httpx
 
+from runtime.processes import stop_group
 from runtime.supervisor import Health, die_with_parent
 
 log = logging.getLogger("herd.external")
@@ -65,17 +64,7 @@ class ExternalEngine:
         await self._client.aclose()
 
     async def _kill(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        await stop_group(self._proc, grace_s=30)  # vLLM frees GPU memory on a clean stop
 
     async def _run(self) -> None:
         while not self._stopping:
