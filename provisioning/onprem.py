@@ -258,6 +258,15 @@ class Installer:
 
     def _install_host(self, host: Host, profile: HostProfile, bundle: Path, model_dir: Path,
                       remote_model: str) -> HostResult:
+        import paramiko
+        try:
+            return self._install_host_steps(host, profile, bundle, model_dir, remote_model)
+        except (paramiko.SSHException, OSError, EOFError) as err:
+            raise HostError(f"{host.name}: connection lost during the install ({type(err).__name__}: "
+                            f"{err}); its finished steps are recorded") from None
+
+    def _install_host_steps(self, host: Host, profile: HostProfile, bundle: Path, model_dir: Path,
+                            remote_model: str) -> HostResult:
         result = HostResult(host.name)
         stats = {"uploaded": 0, "skipped": 0}
         host.upload_dir(STEPS_DIR, f"{self.home}/steps", stats)

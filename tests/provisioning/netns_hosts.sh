@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# netns_hosts.sh up N | down : N test "hosts" on this machine, each a network namespace with its own
-# hostname, /etc/hosts, copy-on-write /opt /root /home, and a real OpenSSH sshd (key-only, root).
-# Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves the machine.
+# netns_hosts.sh up N | down | restart I : N test "hosts" on this machine, each a network namespace
+# with its own hostname, /etc/hosts, copy-on-write /opt /root /home, and a real OpenSSH sshd
+# (key-only, root). Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves
+# the machine. `restart I` brings host I's sshd back after everything in it was killed; its disks
+# (the overlay upper dirs) persist, like a rebooted machine's.
 set -euo pipefail
-ACTION=${1:?up N | down}
+ACTION=${1:?up N | down | restart I}
 N=${2:-3}
 DIR=${HERD_HOSTS_DIR:-/tmp/herd-test-hosts}
 NS=herdt-h BR=herdtbr0 VETH=herdt-v NET=10.250.0
@@ -17,7 +19,32 @@ down() {
   rm -rf "$DIR"
 }
 
-if [ "$ACTION" = down ]; then down; exit 0; fi
+start_sshd() {
+  local i=$1
+  local d="$DIR/h$i"
+  ip netns exec "$NS$i" unshare --mount --uts --propagation private -- /bin/bash -ec "
+    hostname h$i
+    mount --bind '$DIR/etc_hosts' /etc/hosts
+    mount --bind '$DIR/resolv.conf' /etc/resolv.conf
+    for p in opt root home; do
+      mount -t overlay overlay -o lowerdir=/\$p,upperdir='$d'/fs/\$p.upper,workdir='$d'/fs/\$p.work /\$p
+    done
+    exec /usr/sbin/sshd -f '$d/sshd_config' -E '$d/sshd.log'"
+  for _ in $(seq 1 100); do
+    ip netns exec "$NS$i" ss -Hltn "sport = :22" | grep -q LISTEN && return 0
+    sleep 0.05
+  done
+  echo "netns_hosts.sh: sshd of h$i did not come up" >&2
+  return 1
+}
+
+case "$ACTION" in
+  down) down; exit 0 ;;
+  restart) start_sshd "$N"; exit 0 ;;
+  up) ;;
+  *) echo "netns_hosts.sh: unknown action $ACTION" >&2; exit 2 ;;
+esac
+
 [ "$(id -u)" = 0 ] || { echo "netns_hosts.sh: needs root" >&2; exit 1; }
 for tool in ip sshd ssh-keygen unshare; do
   command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "netns_hosts.sh: $tool missing (apt-get install iproute2 openssh-server)" >&2; exit 1; }
@@ -65,19 +92,6 @@ CFG
   ip -n "$NS$i" addr add "$ip4/24" dev eth0
   ip -n "$NS$i" link set lo up
   ip -n "$NS$i" link set eth0 up
-  ip netns exec "$NS$i" unshare --mount --uts --propagation private -- /bin/bash -ec "
-    hostname h$i
-    mount --bind '$DIR/etc_hosts' /etc/hosts
-    mount --bind '$DIR/resolv.conf' /etc/resolv.conf
-    for p in opt root home; do
-      mount -t overlay overlay -o lowerdir=/\$p,upperdir='$d'/fs/\$p.upper,workdir='$d'/fs/\$p.work /\$p
-    done
-    exec /usr/sbin/sshd -f '$d/sshd_config' -E '$d/sshd.log'"
-done
-for i in $(seq 1 "$N"); do
-  for _ in $(seq 1 100); do
-    ip netns exec "$NS$i" ss -Hltn "sport = :22" | grep -q LISTEN && break
-    sleep 0.05
-  done
+  start_sshd "$i"
 done
 echo "$DIR"

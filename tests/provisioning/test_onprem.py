@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_herd
+from tests.conftest import HERD, ROOT, run_herd
 from tests.runtime.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -61,6 +61,30 @@ def write_env(tmp_path, hosts_dir, known_hosts, addrs=ADDRS, key=None, port=None
     return path
 
 
+from provisioning.steps import GPU_STEPS, step_names  # noqa: E402
+
+STEP_NAMES = [s for s in step_names() if s not in GPU_STEPS]   # what a CPU-only host runs
+
+
+def stamps(hosts_dir, i) -> set[str]:
+    """Steps host i has finished, read from its disk (the overlay's upper dir)."""
+    done = hosts_dir / f"h{i}" / "fs" / "opt.upper" / "herd" / "state" / "steps"
+    return {p.stem for p in done.glob("*.done")} if done.is_dir() else set()
+
+
+def install_while_h3_dies(hosts_dir, env_file, secret_env) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    job = subprocess.Popen([*HERD, "up", str(env_file)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, **secret_env})
+    deadline = time.monotonic() + 900
+    while not stamps(hosts_dir, 3) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in subprocess.run(["ip", "netns", "pids", "herdt-h3"], capture_output=True, text=True).stdout.split():
+        subprocess.run(["kill", "-9", pid])
+    out, err = job.communicate(timeout=900)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err), time.monotonic() - started
+
+
 def phase_seconds(output: str) -> float:
     return float(re.search(r"install phase took ([\d.]+)s", output).group(1))
 
@@ -74,10 +98,24 @@ def test_install_serve_rerun_repair_kill_and_down(hosts, tmp_path):
     key = secrets.token_hex(16)
     secret_env = {"HERD_TEST_API_KEY": key}
     try:
+        # h3 dies mid-install (every process in it killed, sshd included) once its first step is done.
+        interrupted, t_interrupted = install_while_h3_dies(hosts, env_file, secret_env)
+        assert interrupted.returncode == 2, interrupted.stdout[-3000:] + interrupted.stderr[-2000:]
+        assert ADDRS[2] in interrupted.stderr and "rerun `herd up` to resume" in interrupted.stderr
+        for i in (1, 2):  # the others finished every step and stay consistent
+            assert stamps(hosts, i) == set(STEP_NAMES), stamps(hosts, i)
+        assert 0 < len(stamps(hosts, 3)) < len(STEP_NAMES)
+        restart = subprocess.run(["bash", str(HOSTS_SCRIPT), "restart", "3"], capture_output=True, text=True,
+                                 env={**os.environ, "HERD_HOSTS_DIR": str(hosts)})
+        assert restart.returncode == 0, restart.stderr
+
         first = run_herd("up", str(env_file), env=secret_env, timeout=1800)
         assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
         assert "smoke passed" in first.stdout and key not in first.stdout + first.stderr
-        assert first.stdout.count("cpu-only host") >= 3 * 6  # every GPU step skipped, explicitly
+        resumed = {line.split(":")[0]: line for line in first.stdout.splitlines() if "steps run" in line}
+        assert "0 steps run" in resumed[ADDRS[0]] and "0 steps run" in resumed[ADDRS[1]]
+        assert "0 steps run" not in resumed[ADDRS[2]]  # h3 resumed where it stopped
+        assert interrupted.stdout.count("cpu-only host") >= 2 * 6  # GPU steps skipped, explicitly
         health = httpx.get(f"{url}/health/ready").json()
         assert health["world_size"] == 3 and health["status"] == "ready"
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key is required off loopback
@@ -94,8 +132,10 @@ def test_install_serve_rerun_repair_kill_and_down(hosts, tmp_path):
         assert second.returncode == 0, second.stdout[-3000:]
         assert "nothing to start" in second.stdout
         assert second.stdout.count("0.0 MB uploaded") == 3 and second.stdout.count("0 steps run") == 3
-        t1, t2 = phase_seconds(first.stdout), phase_seconds(second.stdout)
-        print(f"install phase: first run {t1:.1f}s, rerun {t2:.1f}s ({t2 / t1:.1%})")
+        # The first install = the interrupted run + the resumed one.
+        t1, t2 = t_interrupted + phase_seconds(first.stdout), phase_seconds(second.stdout)
+        print(f"install: first {t1:.1f}s (interrupted + resumed), rerun of the finished install {t2:.1f}s "
+              f"({t2 / t1:.1%})")
         assert t2 < 0.1 * t1
 
         # A damaged host: a corrupt weights file on h3 is uploaded again and its step rerun.
