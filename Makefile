@@ -39,6 +39,7 @@ test: setup system
 bench: setup
 	$(BIN)/python bench/serving.py --out bench/results/serving-$$(hostname).txt
 	$(BIN)/python bench/weights.py --out bench/results/weights-$$(hostname).txt
+	$(BIN)/python bench/generate.py --out bench/results/generate-$$(hostname).txt
 
 clean:
 	rm -rf $(VENV) .herd

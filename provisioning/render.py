@@ -33,9 +33,13 @@ def render_launch(spec: Spec, env_path: str, console: Console) -> int:
         for node in vllm_launch(spec, result, model_dir, head_addr=addrs[0], node_addrs=addrs):
             console.print(f"[dim]# node {node.node_rank} ({node.role}, {addrs[node.node_rank]})[/]")
             console.print(node.shell(), markup=False, highlight=False, soft_wrap=True)
-        head = ["herd", "serve", env_path, "--model-dir", model_dir]
-        console.print(f"[dim]# node 0 front (health, metrics, API key)[/]")
-        console.print(shlex.join(head), markup=False, highlight=False, soft_wrap=True)
+        console.print("[dim]# started and supervised on each node by:[/]")
+        for rank in range(result.nodes):
+            argv = ["herd", "serve", env_path, "--model-dir", model_dir, "--node-rank", str(rank),
+                    "--role", "head" if rank == 0 else "worker"]
+            if result.nodes > 1:
+                argv += ["--rdzv-endpoint", f"{addrs[0]}:29400", "--node-addr", addrs[rank]]
+            console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
         return 0
     for rank in range(result.nodes):
         argv = ["herd", "serve", env_path, "--model-dir", model_dir, "--tp", str(result.gpus_per_node)]

@@ -61,6 +61,7 @@ def add_serve(sub) -> None:
     p.add_argument("--rdzv-endpoint", help="HEAD_ADDR:PORT of the c10d rendezvous (multi-node)")
     p.add_argument("--node-addr", help="this node's address as the others reach it")
     p.add_argument("--role", choices=["head", "worker"], default="head")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank (vLLM multi-node)")
     p.add_argument("--host")
     p.add_argument("--port", type=positive_int)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -120,7 +121,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.engine_cmd or (spec and spec.serving.engine == "vllm"):
         external = _external_config(args, spec, model_dir, name, api_key)
-        asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
+        if args.role == "worker":  # a headless vLLM node: supervised, no front
+            asyncio.run(_supervise_only(external))
+        else:
+            asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
         return 0
     if cfg.is_head:
         asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
@@ -184,12 +188,32 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
                                     max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
     from runtime.plan_spec import request_from_spec
     from runtime.planner import plan
-    head = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), str(model_dir))[0]
-    env = dict(head.env)
+    head_addr = args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else "127.0.0.1"
+    launches = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), str(model_dir), head_addr=head_addr)
+    if not 0 <= args.node_rank < len(launches):
+        raise UserError(f"--node-rank: {args.node_rank} is outside 0..{len(launches) - 1} (the plan has "
+                        f"{len(launches)} node(s))")
+    node = launches[args.node_rank]
+    env = dict(node.env)
+    if args.node_addr:
+        env["VLLM_HOST_IP"] = args.node_addr
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = api_key or ""
-    return ExternalEngineConfig(argv=head.argv, engine_url=url, served_model_name=name, env=env,
+    return ExternalEngineConfig(argv=node.argv, engine_url=url, served_model_name=name, env=env,
                                 max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+
+
+async def _supervise_only(external) -> None:
+    """A worker node's engine: restarted when it exits (bounded, with backoff), stopped on SIGTERM."""
+    from runtime.engine.external import ExternalEngine
+    engine = ExternalEngine(external)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start(front=False)
+    await stop.wait()
+    await engine.stop()
 
 
 async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key) -> None:

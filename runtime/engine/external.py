@@ -51,8 +51,11 @@ class ExternalEngine:
     def queue_depth(self) -> int:
         return self.in_flight
 
-    async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._watch())]
+    async def start(self, front: bool = True) -> None:
+        """front=False: a headless worker node, supervised but not probed (it serves no API)."""
+        self._tasks = [asyncio.create_task(self._run())]
+        if front:
+            self._tasks.append(asyncio.create_task(self._watch()))
 
     async def stop(self) -> None:
         self._stopping = True

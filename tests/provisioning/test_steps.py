@@ -94,3 +94,14 @@ def test_a_changed_environment_changes_the_step_stamp():
     b = gpu_host_steps("aws-p4de-405b-bf16-2node.yaml")
     assert a.stamp("00-preflight") == gpu_host_steps().stamp("00-preflight")
     assert a.stamp("70-service") != b.stamp("70-service")  # different serve arguments
+
+
+def test_a_step_that_needs_root_says_so_without_sudo(tmp_path):
+    """As an unprivileged user with no sudo, a step that must act as root fails with the command named."""
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        pytest.skip("needs root to switch to an unprivileged user")
+    env = {"PATH": os.environ["PATH"], "HERD_HOME": str(tmp_path), "HERD_SHM_GB": "999999"}
+    done = subprocess.run(["runuser", "-u", "nobody", "--", "bash", str(STEPS_DIR / "40-shm.sh")], env=env,
+                          capture_output=True, text=True, cwd="/")
+    assert done.returncode == 1
+    assert "needs root or passwordless sudo for: mount -o remount,size=999999G /dev/shm" in done.stderr

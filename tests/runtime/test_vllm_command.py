@@ -131,3 +131,24 @@ def test_plan_names_the_engine_and_dry_run_renders_every_node():
     dry = run_herd("up", "environments/aws-p4de-405b-bf16-2node.yaml", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count("vllm serve") == 2 and "--headless" in dry.stdout and "--node-rank 1" in dry.stdout
+
+
+def test_each_node_supervises_its_own_vllm_command(tmp_path):
+    """`herd serve --role worker --node-rank 1` on a vLLM spec runs node 1's headless command."""
+    from types import SimpleNamespace
+
+    from runtime.serve import _external_config
+    spec = spec_from("aws-p4de-405b-bf16-2node.yaml", **{"aws.instance_type": "p5.48xlarge"})
+    args = SimpleNamespace(engine_url=None, engine_cmd=None, rdzv_endpoint="10.0.0.1:29400", node_addr="10.0.0.2",
+                           node_rank=1, max_restarts=3, canary_interval=10.0)
+    worker = _external_config(args, spec, "/models/m", "m", api_key="secret")
+    flags = check_against_help(worker.argv)
+    assert flags["--node-rank"] == "1" and "--headless" in flags and flags["--master-addr"] == "10.0.0.1"
+    assert worker.env["VLLM_HOST_IP"] == "10.0.0.2" and "VLLM_API_KEY" not in worker.env
+    head = _external_config(SimpleNamespace(**{**vars(args), "node_rank": 0, "node_addr": "10.0.0.1"}),
+                            spec, "/models/m", "m", api_key="secret")
+    assert "--headless" not in head.argv and head.env["VLLM_API_KEY"] == "secret"
+    (tmp_path / "config.json").write_text("{}")
+    bad = run_herd("serve", "environments/aws-p4de-405b-bf16-2node.yaml", "--model-dir", str(tmp_path),
+                   "--node-rank", "5", env={"HERD_API_KEY": "k"})
+    assert bad.returncode == 2 and "--node-rank: 5 is outside 0..1" in bad.stderr
