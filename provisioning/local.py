@@ -27,7 +27,7 @@ from runtime.plan_spec import request_from_spec
 from runtime.planner import plan
 from runtime.serve import model_dir_from_spec
 from runtime.smoke import render as render_smoke
-from runtime.smoke import run_smoke
+from runtime.smoke import ServerExited, run_smoke, wait_ready
 from runtime.spec import Spec
 from runtime.supervisor import kill_ranks
 
@@ -98,31 +98,18 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
 
 def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
     url = endpoint(spec)
-    started = time.monotonic()
-    reason = "starting"
-    with console.status(f"waiting for {url} to be ready: {reason}") as status, httpx.Client(timeout=5) as client:
-        while True:
-            if _running_pid(state) is None or _reaped(pid):
-                console.print(f"[red]herd serve exited while starting; last log lines:[/]")
-                console.print(_tail(state / LOG_NAME), markup=False, highlight=False)
-                return 1
-            try:
-                r = client.get(f"{url}/health/ready")
-                body = r.json()
-                if r.status_code == 200:
-                    break
-                reason = body.get("reason", reason)
-                if body.get("phase") == "failed":
-                    console.print(f"[red]gave up: {reason}[/]")
-                    return 1
-            except (httpx.TransportError, ValueError):
-                reason = "waiting for the HTTP server"
-            if time.monotonic() - started > ready_timeout:
-                console.print(f"[red]not ready after {ready_timeout:.0f}s: {reason}[/]")
-                return 1
-            status.update(f"waiting for {url} ({time.monotonic() - started:.0f}s): {reason}")
-            time.sleep(0.5)
-    console.print(f"[green]ready[/] after {time.monotonic() - started:.1f}s")
+    try:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            waited = wait_ready(client, ready_timeout, console,
+                                exited=lambda: _running_pid(state) is None or _reaped(pid))
+    except ServerExited:
+        console.print("[red]herd serve exited while starting; last log lines:[/]")
+        console.print(_tail(state / LOG_NAME), markup=False, highlight=False)
+        return 1
+    except (TimeoutError, UserError) as err:
+        console.print(f"[red]{err}[/]")
+        return 1
+    console.print(f"[green]ready[/] after {waited:.1f}s")
     if smoke:
         report = run_smoke(url, None, 60, console)
         render_smoke(report, console)

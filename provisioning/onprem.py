@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from provisioning.steps import STEPS_DIR, HostProfile, HostSteps, herd_version, plan_host, profiles_for
+from provisioning.steps import STEPS_DIR, HostSteps, herd_version, plan_host, profiles_for
 from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
 from runtime.errors import UserError
@@ -206,15 +206,24 @@ class Installer:
     def endpoint(self) -> str:
         return f"http://{self.hosts[0].address}:{self.spec.serving.port}"
 
-    def _connect_all(self) -> list[Host]:
-        with futures.ThreadPoolExecutor(len(self.hosts)) as pool:
-            jobs = [pool.submit(Host, h, self.key, self.known_hosts, self.trust_new, self.console) for h in self.hosts]
+    @staticmethod
+    def _on_every_host(fn, *per_host_args) -> tuple[list, list[str]]:
+        """Run fn on every host at once; (results in host order, one error line per failed host)."""
+        calls = list(zip(*per_host_args))
+        with futures.ThreadPoolExecutor(len(calls)) as pool:
+            jobs = [pool.submit(fn, *args) for args in calls]
             results, errors = [], []
             for job in jobs:
                 try:
                     results.append(job.result())
                 except HostError as err:
                     errors.append(str(err))
+        return results, errors
+
+    def _connect_all(self) -> list[Host]:
+        n = len(self.hosts)
+        results, errors = self._on_every_host(Host, self.hosts, [self.key] * n, [self.known_hosts] * n,
+                                              [self.trust_new] * n, [self.console] * n)
         if errors:
             for host in results:
                 host.close()
@@ -234,21 +243,18 @@ class Installer:
         bundle = wheel_bundle(self.console)
         hosts = self._connect_all()
         remote_model = f"{self.home}/models/{self.spec.model.id}"
-        profiles = profiles_for(self.spec, self.plan)
+        # Each host's steps and serve arguments, decided once for both the install and the start.
+        host_steps = [plan_host(self.spec, self.plan, profile, self.hosts[0].address, remote_model, None,
+                                f"{self.home}/environment.yaml")
+                      for profile in profiles_for(self.spec, self.plan)]
+        n = len(hosts)
         try:
-            with futures.ThreadPoolExecutor(len(hosts)) as pool:
-                jobs = {pool.submit(self._install_host, host, profile, bundle, model_dir, remote_model): host
-                        for host, profile in zip(hosts, profiles)}
-                results, errors = [], []
-                for job in futures.as_completed(jobs):
-                    try:
-                        results.append(job.result())
-                    except HostError as err:
-                        errors.append(str(err))
+            results, errors = self._on_every_host(self._install_host, hosts, host_steps, [bundle] * n,
+                                                  [model_dir] * n, [remote_model] * n)
             if errors:
                 raise UserError("; ".join(sorted(errors)) + " (the other hosts are left consistent; "
                                 "rerun `herd up` to resume)")
-            started = self._start_all(hosts, profiles, remote_model)
+            started = self._start_all(hosts, host_steps)
             for r in results:
                 r.started = r.name in started
             return sorted(results, key=lambda r: r.name)
@@ -256,16 +262,16 @@ class Installer:
             for host in hosts:
                 host.close()
 
-    def _install_host(self, host: Host, profile: HostProfile, bundle: Path, model_dir: Path,
+    def _install_host(self, host: Host, steps: HostSteps, bundle: Path, model_dir: Path,
                       remote_model: str) -> HostResult:
         import paramiko
         try:
-            return self._install_host_steps(host, profile, bundle, model_dir, remote_model)
+            return self._install_host_steps(host, steps, bundle, model_dir, remote_model)
         except (paramiko.SSHException, OSError, EOFError) as err:
             raise HostError(f"{host.name}: connection lost during the install ({type(err).__name__}: "
                             f"{err}); its finished steps are recorded") from None
 
-    def _install_host_steps(self, host: Host, profile: HostProfile, bundle: Path, model_dir: Path,
+    def _install_host_steps(self, host: Host, steps: HostSteps, bundle: Path, model_dir: Path,
                             remote_model: str) -> HostResult:
         result = HostResult(host.name)
         stats = {"uploaded": 0, "skipped": 0}
@@ -276,8 +282,6 @@ class Installer:
         if self.api_key:
             host.write_secret(f"{self.home}/secrets/api-key", self.api_key)
         result.uploaded, result.skipped_bytes = stats["uploaded"], stats["skipped"]
-        steps = plan_host(self.spec, self.plan, profile, self.hosts[0].address, remote_model, None,
-                          f"{self.home}/environment.yaml")
         for step, why in steps.skipped.items():
             host.console.print(f"[cyan]{host.name}[/] | {step}: skip: {why}", highlight=False)
         host.run(f"mkdir -p {self.home}/state/steps", quiet=True)
@@ -305,17 +309,15 @@ class Installer:
                            quiet=True)
         return code == 0
 
-    def _start_all(self, hosts: list[Host], profiles: list[HostProfile], remote_model: str) -> set[str]:
+    def _start_all(self, hosts: list[Host], host_steps: list[HostSteps]) -> set[str]:
         if self._ready_now() and all(self._running(h) for h in hosts):
             self.console.print("runtime already running and ready on every host: nothing to start")
             return set()
         started = set()
-        for host, profile in zip(hosts, profiles):
+        for host, steps in zip(hosts, host_steps):
             if self._running(host):
                 host.run(f"kill $(cat {self.home}/state/serve.pid)", check=False, quiet=True)
                 time.sleep(1)
-            steps = plan_host(self.spec, self.plan, profile, self.hosts[0].address, remote_model, None,
-                              f"{self.home}/environment.yaml")
             host.run(self._serve_command(steps), quiet=True)
             started.add(host.name)
         return started

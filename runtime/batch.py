@@ -304,11 +304,8 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    key = None
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise UserError(f"--api-key-env: {args.api_key_env!r} is not set in the environment")
+    from runtime.serve import key_from_env
+    key = key_from_env(args.api_key_env, "--api-key-env") if args.api_key_env else None
     console = Console(stderr=True)
     s = Settings(endpoint=args.endpoint, model=args.model, concurrency=args.concurrency,
                  max_tokens=args.max_tokens, temperature=args.temperature, logprobs=args.logprobs, api_key=key)

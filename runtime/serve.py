@@ -17,14 +17,18 @@ from runtime.spec import Spec, load_spec
 log = logging.getLogger("herd.serve")
 
 
+def key_from_env(env_var: str, field: str, hint: str = "") -> str:
+    """An API key from an environment variable; `field` names where the variable was given."""
+    value = os.environ.get(env_var, "").strip()
+    if not value:
+        raise UserError(f"{field}: {env_var!r} is not set in the environment{hint}")
+    return value
+
+
 def read_api_key(env_var: str | None, file: str | None) -> str | None:
     """The API key, from the variable or file the spec names. Never logged."""
     if env_var:
-        value = os.environ.get(env_var, "").strip()
-        if not value:
-            raise UserError(f"serving.api_key_env: {env_var!r} is not set in the environment "
-                            "(export it, or use serving.api_key_file)")
-        return value
+        return key_from_env(env_var, "serving.api_key_env", " (export it, or use serving.api_key_file)")
     if file:
         path = Path(file).expanduser()
         try:
@@ -37,11 +41,21 @@ def read_api_key(env_var: str | None, file: str | None) -> str | None:
     return None
 
 
-def _api_key(args, spec) -> str | None:
-    """Flags first (a node's installer points at a file), then the spec."""
+def _front_settings(args, spec) -> tuple[str, int, str | None]:
+    """Where the front listens and its API key (flags first: a node's installer points at a key
+    file), refusing a non-loopback bind without a key."""
+    host = args.host or (spec.serving.host if spec else "127.0.0.1")
+    port = args.port or (spec.serving.port if spec else 8000)
     if args.api_key_env or args.api_key_file:
-        return read_api_key(args.api_key_env, args.api_key_file)
-    return read_api_key(spec.serving.api_key_env if spec else None, spec.serving.api_key_file if spec else None)
+        api_key = read_api_key(args.api_key_env, args.api_key_file)
+    else:
+        api_key = read_api_key(spec.serving.api_key_env if spec else None,
+                               spec.serving.api_key_file if spec else None)
+    from runtime.spec import ServingSection
+    if not ServingSection(host=host).loopback_only and not api_key:
+        raise UserError(f"--host: {host!r} is not loopback, so an API key is required "
+                        "(--api-key-env VAR, or serving.api_key_env / api_key_file in the spec)")
+    return host, port, api_key
 
 
 def model_dir_from_spec(spec: Spec) -> Path:
@@ -96,13 +110,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"--model-dir: {model_dir} has no config.json (fetch the weights first: herd up)")
     tp = args.tp or (spec.parallelism.tensor if spec and spec.parallelism.tensor != "auto" else 1)
     nnodes = args.nnodes or (spec.parallelism.nodes if spec and spec.parallelism.nodes != "auto" else 1)
-    host = args.host or (spec.serving.host if spec else "127.0.0.1")
-    port = args.port or (spec.serving.port if spec else 8000)
-    api_key = _api_key(args, spec)
-    from runtime.spec import ServingSection
-    if not ServingSection(host=host).loopback_only and not api_key:
-        raise UserError(f"--host: {host!r} is not loopback, so an API key is required "
-                        "(--api-key-env VAR, or serving.api_key_env / api_key_file in the spec)")
+    host, port, api_key = _front_settings(args, spec)
     if nnodes > 1 and not args.rdzv_endpoint:
         raise UserError("--rdzv-endpoint: required when --nnodes is above 1 (the head's ADDR:PORT)")
     concurrency = args.concurrency or (spec.context.concurrency if spec else 8)
@@ -161,12 +169,7 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
 
 def _serve_own_engine(args, spec) -> int:
     """Bring your own engine: any OpenAI-compatible server, behind herd's health, metrics and key."""
-    host = args.host or (spec.serving.host if spec else "127.0.0.1")
-    port = args.port or (spec.serving.port if spec else 8000)
-    api_key = _api_key(args, spec)
-    from runtime.spec import ServingSection
-    if not ServingSection(host=host).loopback_only and not api_key:
-        raise UserError(f"--host: {host!r} is not loopback, so an API key is required (--api-key-env VAR)")
+    host, port, api_key = _front_settings(args, spec)
     name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id))
     if not name:
         raise UserError("--served-model-name: required with --engine-cmd (the canary names the model)")

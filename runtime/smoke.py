@@ -7,7 +7,6 @@ Reports time to first token and tokens/s; exits 0 only when every check passed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -47,11 +46,8 @@ def add_smoke(sub) -> None:
 
 
 def cmd_smoke(args) -> int:
-    key = None
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
-        if not key:
-            raise UserError(f"--api-key-env: {args.api_key_env!r} is not set in the environment")
+    from runtime.serve import key_from_env
+    key = key_from_env(args.api_key_env, "--api-key-env") if args.api_key_env else None
     console = Console(stderr=args.json)
     report = run_smoke(args.endpoint, key, args.timeout, console)
     if args.json:
@@ -61,11 +57,19 @@ def cmd_smoke(args) -> int:
     return 0 if report.passed else 1
 
 
-def wait_ready(client: httpx.Client, timeout: float, console: Console) -> float:
+class ServerExited(Exception):
+    """The server process being waited for is gone."""
+
+
+def wait_ready(client: httpx.Client, timeout: float, console: Console, exited=None) -> float:
+    """Poll /health/ready, showing what is being waited for. `exited()`, when given, says whether the
+    server process has died (then waiting is pointless)."""
     started = time.monotonic()
     reason = "connecting"
     with console.status(f"waiting for readiness: {reason}") as status:
         while True:
+            if exited is not None and exited():
+                raise ServerExited("the server exited while starting")
             try:
                 r = client.get("/health/ready", timeout=5)
                 if r.status_code == 200:

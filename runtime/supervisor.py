@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runtime.engine.control import encode
 from runtime.launch import LaunchConfig, torchrun_command, worker_env
-from runtime.processes import stop_group
+from runtime.processes import pid_alive, stop_group
 
 log = logging.getLogger("herd.supervisor")
 
@@ -220,15 +220,7 @@ class Supervisor:
                     next_canary = now + self.cfg.canary_interval_s
 
     def _dead_ranks(self) -> list[int]:
-        dead = []
-        for rank, pid in rank_pids(self.cfg.state_dir).items():
-            try:
-                with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
-                    if f.read().rsplit(") ", 1)[-1].startswith("Z"):
-                        dead.append(rank)
-            except FileNotFoundError:
-                dead.append(rank)
-        return sorted(dead)
+        return sorted(rank for rank, pid in rank_pids(self.cfg.state_dir).items() if not pid_alive(pid))
 
     async def _canary(self, timeout: float) -> bool:
         started = time.monotonic()

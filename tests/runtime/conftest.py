@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runtime.processes import pid_alive
+
 from tests.conftest import ROOT
 
 CORPUS = ["The capital of France is Paris.", "Tensor parallel inference splits every layer.",
@@ -106,12 +108,7 @@ class ServeProcess:
         self.log.close()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return not f.read().rsplit(") ", 1)[1].startswith("Z")
-    except FileNotFoundError:
-        return False
+alive = pid_alive  # the runtime's own liveness check: present and not a zombie
 
 
 @pytest.fixture
