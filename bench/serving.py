@@ -139,6 +139,16 @@ def main() -> int:
         lines.append(row)
         print(json.dumps(row), flush=True)
 
+    def sequential_vs_concurrent(url: str, model: str, label: str) -> dict:
+        """The same 8 chats one after another, then all at once; returns the concurrent figures."""
+        chat(url, model, "warm up")
+        sequential = load(url, model, concurrent=False)
+        emit({"case": f"{label}, 8 sequential", **sequential})
+        concurrent = load(url, model, concurrent=True)
+        emit({"case": f"{label}, 8 concurrent", **concurrent,
+              "vs_sequential": round(concurrent["tok_per_s"] / sequential["tok_per_s"], 2)})
+        return concurrent
+
     print(json.dumps(lines[0]), flush=True)
     baseline = in_process_generate(model_dir, args.repeats)
     emit({"case": "in-process generate (TP 1)", "median_s": round(baseline, 3)})
@@ -150,11 +160,7 @@ def main() -> int:
         http = statistics.median(rtts)
         emit({"case": "herd HTTP round trip (TP 1)", "median_s": round(http, 3),
               "overhead_vs_in_process": f"{(http / baseline - 1) * 100:+.1f}%"})
-        seq1 = load(herd.url, "smollm2", concurrent=False)
-        emit({"case": "herd TP 1, 8 sequential", **seq1})
-        con1 = load(herd.url, "smollm2", concurrent=True)
-        emit({"case": "herd TP 1, 8 concurrent", **con1,
-              "vs_sequential": round(con1["tok_per_s"] / seq1["tok_per_s"], 2)})
+        con1 = sequential_vs_concurrent(herd.url, "smollm2", "herd TP 1")
     finally:
         herd.stop()
 
@@ -163,23 +169,13 @@ def main() -> int:
                    "--dtype", "float32", "--port", str(port), str(model_dir)], f"http://127.0.0.1:{port}", "/v1/models",
                   logs / "transformers-serve.log", env={"HF_HUB_OFFLINE": "1"})
     try:
-        chat(peer.url, str(model_dir), "warm up")
-        seq_p = load(peer.url, str(model_dir), concurrent=False)
-        emit({"case": "transformers serve --continuous-batching, 8 sequential", **seq_p})
-        con_p = load(peer.url, str(model_dir), concurrent=True)
-        emit({"case": "transformers serve --continuous-batching, 8 concurrent", **con_p,
-              "vs_sequential": round(con_p["tok_per_s"] / seq_p["tok_per_s"], 2)})
+        con_p = sequential_vs_concurrent(peer.url, str(model_dir), "transformers serve --continuous-batching")
     finally:
         peer.stop()
 
     herd3 = herd_server(model_dir, 3, logs)
     try:
-        chat(herd3.url, "smollm2", "warm up")
-        seq3 = load(herd3.url, "smollm2", concurrent=False)
-        emit({"case": "herd TP 3, 8 sequential", **seq3})
-        con3 = load(herd3.url, "smollm2", concurrent=True)
-        emit({"case": "herd TP 3, 8 concurrent", **con3,
-              "vs_sequential": round(con3["tok_per_s"] / seq3["tok_per_s"], 2)})
+        con3 = sequential_vs_concurrent(herd3.url, "smollm2", "herd TP 3")
     finally:
         herd3.stop()
 

@@ -74,6 +74,20 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    names = [p.name for p in model.iterdir()]
+
+    def compare(source: str, uri: str, raw_client: str, raw_download) -> None:
+        """A plain client's download of the same files (raw_download(file name, target path)), then
+        herd's fetch, each after flushing the page cache's dirty pages."""
+        raw_dir = work / f"raw-{uri.split(':')[0]}"
+        raw_dir.mkdir()
+        raw = timed(lambda: [raw_download(n, raw_dir / n) for n in names])
+        report = FetchReport(uri, "")
+        settle()
+        fetch(uri, work / f"herd-{uri.split(':')[0]}", quiet=True, report=report)
+        emit({"source": source, "raw_client": raw_client, "raw_MBps": round(total / raw / 1e6, 1),
+              "herd_MBps": round(report.bytes_per_s / 1e6, 1), "ratio": round(report.bytes_per_s * raw / total, 2)})
+
     print(json.dumps(rows[0]), flush=True)
     procs = []
     try:
@@ -87,15 +101,8 @@ def main() -> int:
         s3 = boto3.session.Session().client("s3")
         s3.create_bucket(Bucket="bench")
         publish(model, "s3://bench/m", quiet)
-        names = [p.name for p in model.iterdir()]
-        raw_dir = work / "raw-s3"
-        raw_dir.mkdir()
-        raw = timed(lambda: [s3.download_file("bench", f"m/{n}", str(raw_dir / n)) for n in names])
-        report = FetchReport("s3://bench/m", "")
-        settle()
-        fetch("s3://bench/m", work / "herd-s3", quiet=True, report=report)
-        emit({"source": "s3 (moto server)", "raw_client": "boto3 download_file", "raw_MBps": round(total / raw / 1e6, 1),
-              "herd_MBps": round(report.bytes_per_s / 1e6, 1), "ratio": round(report.bytes_per_s * raw / total, 2)})
+        compare("s3 (moto server)", "s3://bench/m", "boto3 download_file",
+                lambda n, path: s3.download_file("bench", f"m/{n}", str(path)))
 
         # GCS on the emulator
         port = free_port()
@@ -107,37 +114,21 @@ def main() -> int:
         gcs = storage.Client(credentials=AnonymousCredentials(), project="bench")
         bucket = gcs.create_bucket("bench")
         publish(model, "gs://bench/m", quiet)
-        raw_dir = work / "raw-gcs"
-        raw_dir.mkdir()
-        raw = timed(lambda: [bucket.blob(f"m/{n}").download_to_filename(str(raw_dir / n)) for n in names])
-        report = FetchReport("gs://bench/m", "")
-        settle()
-        fetch("gs://bench/m", work / "herd-gcs", quiet=True, report=report)
-        emit({"source": "gs (gcp-storage-emulator)", "raw_client": "google-cloud-storage download_to_filename",
-              "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),
-              "ratio": round(report.bytes_per_s * raw / total, 2)})
+        compare("gs (gcp-storage-emulator)", "gs://bench/m", "google-cloud-storage download_to_filename",
+                lambda n, path: bucket.blob(f"m/{n}").download_to_filename(str(path)))
 
         # A hub on loopback
         hub = FakeHub()
         hub.repos["org/model"] = model
         os.environ["HF_ENDPOINT"] = hub.url
-        raw_dir = work / "raw-hf"
-        raw_dir.mkdir()
+        plain = httpx.Client(timeout=120)
 
-        def plain_hub():
-            with httpx.Client(timeout=120) as client:
-                for n in names:
-                    with client.stream("GET", f"{hub.url}/org/model/resolve/main/{n}") as r, \
-                            open(raw_dir / n, "wb") as f:
-                        for chunk in r.iter_bytes(2**20):
-                            f.write(chunk)
-        raw = timed(plain_hub)
-        report = FetchReport("hf://org/model", "")
-        settle()
-        fetch("hf://org/model", work / "herd-hf", quiet=True, report=report)
-        emit({"source": "hf (loopback hub)", "raw_client": "httpx streaming GET",
-              "raw_MBps": round(total / raw / 1e6, 1), "herd_MBps": round(report.bytes_per_s / 1e6, 1),
-              "ratio": round(report.bytes_per_s * raw / total, 2)})
+        def plain_hub(n, path):
+            with plain.stream("GET", f"{hub.url}/org/model/resolve/main/{n}") as r, open(path, "wb") as f:
+                for chunk in r.iter_bytes(2**20):
+                    f.write(chunk)
+        compare("hf (loopback hub)", "hf://org/model", "httpx streaming GET", plain_hub)
+        plain.close()
         hub.close()
     finally:
         for p in procs:
