@@ -1,15 +1,39 @@
-"""`herd`: the one console script. Collects every layer's commands."""
+"""`herd`: the one console script. Collects every layer's commands and adds the clouds'."""
 from __future__ import annotations
 
 import sys
 
-from provisioning.cli import PROVISIONING_COMMANDS
-from runtime.cli import run
+from rich.console import Console
 
-INFRA_COMMANDS = list(PROVISIONING_COMMANDS)
+from provisioning.cli import PROVISIONING_COMMANDS, register_target
+from runtime.cli import run
+from runtime.spec import load_spec
+
+
+def _register_clouds() -> None:
+    from infra import deploy
+    for target in ("aws", "gcp"):
+        register_target(target, deploy.up_cloud, deploy.down_cloud, deploy.status_cloud)
+
+
+def add_preflight(sub) -> None:
+    p = sub.add_parser("preflight", help="check fit, offerings, quotas, images and reservations before `up`")
+    p.add_argument("environment", help="environments/NAME.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_preflight)
+
+
+def cmd_preflight(args) -> int:
+    from infra.preflight.checks import preflight
+    spec = load_spec(args.environment)
+    return preflight(spec, Console(stderr=args.json), as_json=args.json)
+
+
+INFRA_COMMANDS = [*PROVISIONING_COMMANDS, add_preflight]
 
 
 def main(argv=None) -> int:
+    _register_clouds()
     return run(argv, INFRA_COMMANDS)
 
 

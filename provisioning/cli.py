@@ -1,4 +1,4 @@
-"""Provisioning commands: up / down / status (local target today; on-prem and clouds plug in here)."""
+"""Provisioning commands: up / down / status for local and on-prem; the clouds plug in from infra."""
 from __future__ import annotations
 
 from rich.console import Console
@@ -8,7 +8,18 @@ from runtime.errors import UserError
 from runtime.spec import load_spec
 
 
+# Targets a higher layer serves (infra registers aws and gcp): target -> {action: handler}. The
+# registry keeps imports one-way: provisioning never imports infra.
+TARGET_HANDLERS: dict[str, dict] = {}
+
+
+def register_target(target: str, up, down, status) -> None:
+    TARGET_HANDLERS[target] = {"up": up, "down": down, "status": status}
+
+
 def _target_handler(spec, action: str):
+    if spec.target in TARGET_HANDLERS:
+        return TARGET_HANDLERS[spec.target][action]
     if spec.target == "local":
         from provisioning import local
         return getattr(local, f"{action}_local")
@@ -51,11 +62,15 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     spec = load_spec(args.environment)
+    if spec.target in TARGET_HANDLERS:
+        return _target_handler(spec, "down")(spec, args.environment, Console())
     return _target_handler(spec, "down")(spec, Console())
 
 
 def cmd_status(args) -> int:
     spec = load_spec(args.environment)
+    if spec.target in TARGET_HANDLERS:
+        return _target_handler(spec, "status")(spec, args.environment, Console(), as_json=args.json)
     return _target_handler(spec, "status")(spec, Console(), as_json=args.json)
 
 

@@ -14,8 +14,6 @@ import hashlib
 import os
 import shlex
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,18 +22,18 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from provisioning.steps import STEPS_DIR, HostSteps, herd_version, plan_host, profiles_for
+from provisioning.bundle import wheel_bundle
+from provisioning.steps import STEPS_DIR, HostSteps, plan_host, profiles_for
 from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
 from runtime.errors import UserError
-from runtime.paths import cache_root, model_dir_for
+from runtime.paths import model_dir_for
 from runtime.plan_spec import request_from_spec
 from runtime.planner import plan
 from runtime.serve import read_api_key
 from runtime.spec import OnpremHost, Spec
 
 RDZV_PORT = 29400
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class HostError(Exception):
@@ -148,30 +146,6 @@ def _sha(path: Path) -> str:
     if key not in _sha_cache:
         _sha_cache[key] = sha256_of(path)
     return _sha_cache[key]
-
-
-# ------------------------------------------------------------------ what the hosts receive
-def wheel_bundle(console: Console) -> Path:
-    """herd's wheel and every runtime dependency as wheels, built once per herd version here,
-    so hosts install with --no-index (they usually cannot reach a package index)."""
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
-    for path in sorted((ROOT / "runtime").rglob("*")) + sorted((ROOT / "provisioning").rglob("*")) + \
-            sorted((ROOT / "infra").rglob("*.py")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(path.read_bytes())
-    bundle = cache_root() / "bundles" / f"herd-{herd_version()}-{digest.hexdigest()[:12]}"
-    if (bundle / ".complete").exists():
-        return bundle
-    tmp = bundle.with_name(bundle.name + ".tmp")
-    subprocess.run(["rm", "-rf", str(tmp)], check=True)
-    with console.status("bundle: building herd's wheel and collecting its dependencies (once)"):
-        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                               "--wheel-dir", str(tmp), str(ROOT)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise UserError(f"bundle: pip wheel failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    (tmp / ".complete").write_text("ok")
-    tmp.rename(bundle)
-    return bundle
 
 
 @dataclass

@@ -99,6 +99,8 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_MIN_DISK_GB": str(max(1, int(weights_gb * 1.1))),
         "HERD_MIN_RAM_GB": "1",
         "HERD_SHM_GB": "1" if not profile.gpu else "64",
+        # On-prem hosts receive every dependency as wheels; cloud nodes reach the package index.
+        "HERD_PIP_OFFLINE": "0" if profile.cloud else "1",
         "HERD_SERVE_ARGS": serve_args(spec, plan, profile, head_addr, env_file, model_dir),
     }
     if profile.gpu:
@@ -127,3 +129,13 @@ def profiles_for(spec: Spec, plan: Plan) -> list[HostProfile]:
     return [HostProfile(name=h.address, address=h.address, node_rank=i, gpu=gpu, gpus=section.gpus_per_host,
                         nvswitch=nvswitch, home=section.install_dir)
             for i, h in enumerate(section.hosts[:plan.nodes])]
+
+
+def cloud_profiles(spec: Spec, plan: Plan, address: str) -> list[HostProfile]:
+    """One profile per cloud node; `address` stands for each node's own address until boot."""
+    instance = catalog.instance(spec.aws.instance_type if spec.target == "aws" else spec.gcp.machine_type)
+    # Every 8-GPU A100/H100/H200 type in the catalog is an HGX board with NVSwitches.
+    nvswitch = instance.gpus == 8
+    return [HostProfile(name=f"node-{rank}", address=address, node_rank=rank, gpu=True, gpus=instance.gpus,
+                        cloud=spec.target, nvswitch=nvswitch)
+            for rank in range(plan.nodes)]

@@ -97,12 +97,23 @@ class AwsSection(Strict):
     allowed_cidrs: list[str] = Field(description="who may reach the API and SSH; 0.0.0.0/0 only if written")
     weights_bucket: str | None = None
     capacity_reservation_id: str | None = None
+    capacity_block: bool = Field(False, description="the reservation is an EC2 Capacity Block for ML")
     spot: bool = False
+    subnet_id: str | None = Field(None, description="an existing subnet (its VPC is used); default: a new VPC")
     ssh_key_name: str | None = None
     root_volume_gb: Annotated[int, Field(ge=50)] | None = None
     ami_name_pattern: str = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *"
+    ami_owners: Annotated[list[str], Field(min_length=1)] = ["amazon"]   # "self" or account ids: your own AMIs
 
     _check_cidrs = field_validator("allowed_cidrs")(classmethod(lambda cls, v: _cidrs(v)))
+
+    @model_validator(mode="after")
+    def _market(self):
+        if self.capacity_block and not self.capacity_reservation_id:
+            raise ValueError("aws.capacity_block needs aws.capacity_reservation_id (the block's cr-... id)")
+        if self.spot and self.capacity_reservation_id:
+            raise ValueError("aws.spot and aws.capacity_reservation_id exclude each other: choose one")
+        return self
 
 
 class GcpSection(Strict):
@@ -112,6 +123,9 @@ class GcpSection(Strict):
     allowed_cidrs: list[str]
     weights_bucket: str | None = None
     spot: bool = False
+    image_project: str = "deeplearning-platform-release"
+    image_family: str = "common-cu128-ubuntu-2204-nvidia-570"
+    boot_disk_gb: Annotated[int, Field(ge=50)] | None = None
 
     _check_cidrs = field_validator("allowed_cidrs")(classmethod(lambda cls, v: _cidrs(v)))
 
@@ -201,9 +215,9 @@ def _one_line(where: str, errors: list[dict]) -> str:
         return f"{where}: {field}: required field is missing"
     messages = dict.fromkeys(e["msg"].removeprefix("Value error, ")
                              for e in errors if _field_path(e["loc"]) == field)
-    if not loc:  # a whole-file rule (which sections go with which target)
+    if not loc or isinstance(value, dict):  # a rule over a whole file or section: the message names fields
         return f"{where}: {' or '.join(messages)}"
-    shown = value if not isinstance(value, dict) else "{...}"
+    shown = value
     return f"{where}: {field}: {shown!r}: {' or '.join(messages)}"
 
 

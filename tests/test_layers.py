@@ -27,3 +27,18 @@ def test_lower_layers_never_import_upper_ones(package):
     offenders = {str(p.relative_to(ROOT)): sorted(imported_roots(p) & FORBIDDEN[package])
                  for p in (ROOT / package).rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_front_door_runs_on_a_node_without_pulumi_or_cloud_sdks():
+    """A GPU node installs herd's base only: `herd` must start, plan and check without them."""
+    import subprocess
+    import sys
+    blocked = ["pulumi", "pulumi_aws", "pulumi_gcp", "pulumi_command", "boto3", "botocore", "google.cloud",
+               "paramiko"]
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "from infra.cli import main\n"
+            "sys.exit(main(['plan', 'environments/aws-p5-405b-fp8.yaml']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "p5.48xlarge" in done.stdout

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# herd's runtime in its own venv: from uploaded wheels (no index needed) or from the package index.
+# herd's runtime in its own venv: from uploaded wheels, with the package index for what they lack
+# (cloud nodes get herd's own wheel) or without any index (HERD_PIP_OFFLINE=1: on-prem hosts get the
+# whole dependency bundle and usually cannot reach an index).
 # On GPU hosts whose spec selects vLLM, the pinned vLLM too.
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -13,10 +15,10 @@ if [ -x "$venv/bin/herd" ] && [ "$("$venv/bin/python" -c 'import importlib.metad
 fi
 PY=${HERD_PYTHON:-python3}
 run "$PY" -m venv "$venv"
+source_args=()
 if [ -d "$wheels" ] && [ -n "$(ls "$wheels" 2>/dev/null)" ]; then
-  source_args=(--no-index --find-links "$wheels")
-else
-  source_args=()
+  source_args=(--find-links "$wheels")
+  [ "${HERD_PIP_OFFLINE:-0}" = 1 ] && source_args=(--no-index "${source_args[@]}")
 fi
 run "$venv/bin/pip" install -q --disable-pip-version-check "${source_args[@]}" "herd==$want"
 if gpu_mode && [ "${HERD_ENGINE:-}" = vllm ]; then

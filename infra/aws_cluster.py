@@ -1,0 +1,224 @@
+"""The AWS cluster: network, security group, placement group, IAM, secrets, launch template, nodes.
+
+Secure by default: ingress to the API port and SSH only from the spec's allowed_cidrs (all traffic
+only among the nodes themselves, which NCCL over EFA needs), IMDSv2 required, encrypted gp3 root
+volumes, a private encrypted artifacts bucket, the API key as an SSM SecureString the nodes' role may
+read (never in user data), read-only access to the weights bucket.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.efa import interface_layout
+from infra.nodes import node_boot
+from provisioning.boot import aws_sources
+from runtime.planner import Plan
+from runtime.spec import Spec
+
+VPC_CIDR = "10.42.0.0/16"
+SUBNET_CIDR = "10.42.0.0/20"
+SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+SSH_USER = "ubuntu"          # the Ubuntu Deep Learning AMIs
+
+
+@dataclass
+class AwsClusterArgs:
+    spec: Spec
+    plan: Plan
+    bundle: Path                                   # the node bundle (steps, herd wheel, environment)
+    api_key: pulumi.Input[str] | None = None       # secret
+    hf_token: pulumi.Input[str] | None = None      # secret
+
+
+def choose_zone(instance_type: str, wanted: list[str], offered: list[str]) -> str:
+    """The first wanted zone that offers the type (any offering zone when none is named)."""
+    candidates = [z for z in wanted if z in offered] if wanted else sorted(offered)
+    if not candidates:
+        raise pulumi.RunError(f"aws.availability_zones: {wanted}: {instance_type} is offered only in "
+                              f"{sorted(offered) or 'no zone of this region'}")
+    return candidates[0]
+
+
+def root_volume_gb(spec: Spec, plan: Plan) -> int:
+    """Weights plus a partial copy while fetching, the venv/engine and the OS: 2.2 x weights + 150 GB."""
+    return spec.aws.root_volume_gb or int(plan.weights_total_bytes * 2.2 / 1e9) + 150
+
+
+class AwsCluster(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]
+    head_address: pulumi.Output[str]
+    node_addresses: pulumi.Output[list]
+
+    def __init__(self, name: str, args: AwsClusterArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("herd:aws:Cluster", name, None, opts)
+        spec, plan, section = args.spec, args.plan, args.spec.aws
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"herd:deployment": spec.name}
+
+        offered = aws.ec2.get_instance_type_offerings(
+            filters=[{"name": "instance-type", "values": [section.instance_type]}],
+            location_type="availability-zone").locations
+        zone = choose_zone(section.instance_type, section.availability_zones, offered)
+        vpc_id, subnet_id, vpc_cidr = self._network(name, spec, zone, tags, child)
+
+        sg = aws.ec2.SecurityGroup(f"{name}-nodes", vpc_id=vpc_id, tags=tags, opts=child,
+                                   description=f"herd {spec.name}: nodes talk freely; API and SSH from named CIDRs")
+        self.security_group = sg
+        # EFA needs all traffic to and from the group itself, in both directions.
+        aws.vpc.SecurityGroupIngressRule(f"{name}-self-in", security_group_id=sg.id, ip_protocol="-1",
+                                         referenced_security_group_id=sg.id, opts=child)
+        aws.vpc.SecurityGroupEgressRule(f"{name}-self-out", security_group_id=sg.id, ip_protocol="-1",
+                                        referenced_security_group_id=sg.id, opts=child)
+        # Out to the internet: package index, the EFA installer, the weights bucket.
+        aws.vpc.SecurityGroupEgressRule(f"{name}-out", security_group_id=sg.id, ip_protocol="-1",
+                                        cidr_ipv4="0.0.0.0/0", opts=child)
+        for i, cidr in enumerate(section.allowed_cidrs):
+            for port, what in ((spec.serving.port, "api"), (22, "ssh")):
+                aws.vpc.SecurityGroupIngressRule(f"{name}-{what}-{i}", security_group_id=sg.id,
+                                                 ip_protocol="tcp", from_port=port, to_port=port,
+                                                 cidr_ipv4=cidr, description=f"{what} from {cidr}", opts=child)
+
+        self.placement_group = aws.ec2.PlacementGroup(f"{name}-pg", strategy="cluster", tags=tags, opts=child)
+
+        bucket, bundle_key = self._artifacts(name, args.bundle, tags, child)
+        secrets = self._secrets(name, spec, args, tags, child)
+        profile = self._role(name, section.weights_bucket, bucket, secrets, tags, child)
+
+        ami = aws.ec2.get_ami(most_recent=True, owners=section.ami_owners,
+                              filters=[{"name": "name", "values": [section.ami_name_pattern]},
+                                       {"name": "architecture", "values": ["x86_64"]},
+                                       {"name": "state", "values": ["available"]}])
+        template = aws.ec2.LaunchTemplate(
+            f"{name}-node", image_id=ami.id, instance_type=section.instance_type,
+            key_name=section.ssh_key_name, update_default_version=True, tags=tags,
+            iam_instance_profile={"arn": profile.arn},
+            metadata_options={"http_endpoint": "enabled", "http_tokens": "required",
+                              "http_put_response_hop_limit": 2, "instance_metadata_tags": "disabled"},
+            block_device_mappings=[{"device_name": "/dev/sda1", "ebs": {
+                "volume_size": root_volume_gb(spec, plan), "volume_type": "gp3", "encrypted": "true",
+                "iops": 16000, "throughput": 1000, "delete_on_termination": "true"}}],
+            network_interfaces=[{"network_card_index": slot.network_card_index,
+                                 "device_index": slot.device_index, "interface_type": slot.interface_type,
+                                 "subnet_id": subnet_id, "security_groups": [sg.id],
+                                 "delete_on_termination": "true"}
+                                for slot in interface_layout(section.instance_type)],
+            placement={"group_name": self.placement_group.name},
+            instance_market_options=self._market(section),
+            capacity_reservation_specification=(
+                {"capacity_reservation_target": {"capacity_reservation_id": section.capacity_reservation_id}}
+                if section.capacity_reservation_id else None),
+            tag_specifications=[{"resource_type": kind, "tags": tags} for kind in ("instance", "volume")],
+            opts=child)
+        self.launch_template = template
+
+        bundle_uri = pulumi.Output.concat("s3://", bucket.bucket, "/", bundle_key)
+        nodes, addresses = [], []
+        for rank in range(plan.nodes):
+            user_data = node_boot(spec, plan, rank, lambda uri: aws_sources(uri, section.region, secrets),
+                                  bundle_uri, nodes[0].private_ip if rank else None)
+            node = aws.ec2.Instance(
+                f"{name}-node-{rank}", launch_template={"id": template.id, "version": template.latest_version},
+                user_data=user_data, user_data_replace_on_change=True,
+                tags={**tags, "Name": f"{spec.name}-node-{rank}", "herd:node-rank": str(rank)},
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[template]))
+            # Several network cards: AWS assigns no public address, so each node gets an Elastic IP.
+            eip = aws.ec2.Eip(f"{name}-ip-{rank}", domain="vpc",
+                              network_interface=node.primary_network_interface_id, tags=tags, opts=child)
+            nodes.append(node)
+            addresses.append(eip.public_ip)
+        self.nodes = nodes
+        self.head_address = addresses[0]
+        self.node_addresses = pulumi.Output.all(*addresses)
+        self.private_addresses = pulumi.Output.all(*[n.private_ip for n in nodes])
+        self.endpoint = pulumi.Output.concat("http://", addresses[0], f":{spec.serving.port}")
+        self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
+
+    # ------------------------------------------------------------------ parts
+    def _network(self, name: str, spec: Spec, zone: str, tags: dict, child):
+        if spec.aws.subnet_id:
+            subnet = aws.ec2.get_subnet(id=spec.aws.subnet_id)
+            if subnet.availability_zone != zone and not spec.aws.availability_zones:
+                raise pulumi.RunError(f"aws.subnet_id: {spec.aws.subnet_id!r} is in {subnet.availability_zone}, "
+                                      f"where {spec.aws.instance_type} is not offered (offered: {zone}, ...)")
+            vpc = aws.ec2.get_vpc(id=subnet.vpc_id)
+            return subnet.vpc_id, subnet.id, vpc.cidr_block
+        vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
+                          enable_dns_support=True, tags=tags, opts=child)
+        gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
+        subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=SUBNET_CIDR, availability_zone=zone,
+                                map_public_ip_on_launch=False, tags=tags, opts=child)
+        routes = aws.ec2.RouteTable(f"{name}-routes", vpc_id=vpc.id, tags=tags, opts=child,
+                                    routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}])
+        aws.ec2.RouteTableAssociation(f"{name}-routes-subnet", subnet_id=subnet.id, route_table_id=routes.id,
+                                      opts=child)
+        self.subnet = subnet
+        return vpc.id, subnet.id, VPC_CIDR
+
+    def _artifacts(self, name: str, bundle: Path, tags: dict, child):
+        """A private, encrypted bucket holding the node bundle (herd is not on a package index)."""
+        bucket = aws.s3.Bucket(f"{name}-artifacts", force_destroy=True, tags=tags, opts=child)
+        aws.s3.BucketPublicAccessBlock(f"{name}-artifacts-private", bucket=bucket.id, block_public_acls=True,
+                                       block_public_policy=True, ignore_public_acls=True,
+                                       restrict_public_buckets=True, opts=child)
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{name}-artifacts-sse", bucket=bucket.id, opts=child,
+            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "aws:kms"},
+                    "bucket_key_enabled": True}])
+        key = f"herd/{bundle.name}"
+        aws.s3.BucketObjectv2(f"{name}-bundle", bucket=bucket.id, key=key, source=pulumi.FileAsset(str(bundle)),
+                              server_side_encryption="aws:kms", opts=child)
+        self.artifacts_bucket = bucket
+        return bucket, key
+
+    def _secrets(self, name: str, spec: Spec, args: AwsClusterArgs, tags: dict, child) -> dict:
+        """secret file name on the node -> SSM parameter name (SecureString, KMS-encrypted)."""
+        out = {}
+        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):
+            if value is None:
+                continue
+            param_name = f"/herd/{spec.name}/{file}"
+            aws.ssm.Parameter(f"{name}-{file}", name=param_name, type="SecureString",
+                              value=pulumi.Output.secret(value), tags=tags, opts=child)
+            out[file] = param_name
+        return out
+
+    def _role(self, name: str, weights_bucket: str | None, artifacts, secrets: dict, tags: dict, child):
+        role = aws.iam.Role(f"{name}-node", tags=tags, opts=child, assume_role_policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+                           "Principal": {"Service": "ec2.amazonaws.com"}}]}))
+        buckets = [artifacts.arn] + ([f"arn:aws:s3:::{weights_bucket}"] if weights_bucket else [])
+        region_account = aws.get_caller_identity().account_id
+        params = [f"arn:aws:ssm:*:{region_account}:parameter{param}" for param in secrets.values()]
+
+        def policy(bucket_arns: list[str]) -> str:
+            statements = [
+                {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"], "Resource": bucket_arns},
+                {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{b}/*" for b in bucket_arns]},
+                # The artifacts bucket is encrypted with the account's S3 KMS key.
+                {"Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": "*",
+                 "Condition": {"StringLike": {"kms:ViaService": ["s3.*.amazonaws.com", "ssm.*.amazonaws.com"]}}},
+            ]
+            if params:
+                statements.append({"Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": params})
+            return json.dumps({"Version": "2012-10-17", "Statement": statements})
+
+        aws.iam.RolePolicy(f"{name}-node-read", role=role.id, policy=pulumi.Output.all(*buckets).apply(policy),
+                           opts=child)
+        aws.iam.RolePolicyAttachment(f"{name}-node-ssm", role=role.name, policy_arn=SSM_CORE, opts=child)
+        self.role = role
+        return aws.iam.InstanceProfile(f"{name}-node", role=role.name, tags=tags, opts=child)
+
+    @staticmethod
+    def _market(section):
+        if section.capacity_block:
+            return {"market_type": "capacity-block"}
+        if section.spot:
+            return {"market_type": "spot", "spot_options": {"instance_interruption_behavior": "terminate",
+                                                            "spot_instance_type": "one-time"}}
+        return None

@@ -1,0 +1,130 @@
+"""The GCP cluster: network, firewall, compact placement, service account, secrets, A2/A3 nodes.
+
+The same policy as on AWS: all traffic among the nodes, the API port and SSH only from the spec's
+allowed_cidrs; GPUs force `on_host_maintenance: TERMINATE`; the API key lives in Secret Manager and
+only the nodes' service account may read it; the artifacts bucket is private (uniform access, public
+access prevention enforced); the weights bucket is read-only to the nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulumi
+import pulumi_gcp as gcp
+
+from infra.gcp_types import gpu_type, region_of
+from infra.nodes import node_boot
+from provisioning.boot import gcp_sources
+from runtime import catalog
+from runtime.planner import Plan
+from runtime.spec import Spec
+
+SUBNET_CIDR = "10.42.0.0/20"
+
+
+@dataclass
+class GcpClusterArgs:
+    spec: Spec
+    plan: Plan
+    bundle: Path
+    api_key: pulumi.Input[str] | None = None
+    hf_token: pulumi.Input[str] | None = None
+
+
+def boot_disk_gb(spec: Spec, plan: Plan) -> int:
+    """Weights, a partial copy while fetching, the venv and engine, the OS (as on AWS)."""
+    return spec.gcp.boot_disk_gb or int(plan.weights_total_bytes * 2.2 / 1e9) + 150
+
+
+class GcpCluster(pulumi.ComponentResource):
+    def __init__(self, name: str, args: GcpClusterArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("herd:gcp:Cluster", name, None, opts)
+        spec, plan, section = args.spec, args.plan, args.spec.gcp
+        child = pulumi.ResourceOptions(parent=self)
+        region = region_of(section.zone)
+        gpus = gpu_type(section.machine_type)
+        tag = f"herd-{spec.name}"
+        labels = {"herd-deployment": spec.name}
+
+        # GPU NICs and NCCL prefer jumbo frames: 8896 is GCP's largest MTU.
+        network = gcp.compute.Network(f"{name}-net", auto_create_subnetworks=False, mtu=8896, opts=child)
+        subnet = gcp.compute.Subnetwork(f"{name}-subnet", network=network.id, region=region,
+                                        ip_cidr_range=SUBNET_CIDR, private_ip_google_access=True, opts=child)
+        self.internal_firewall = gcp.compute.Firewall(
+            f"{name}-internal", network=network.id, direction="INGRESS", source_tags=[tag], target_tags=[tag],
+            allows=[{"protocol": "tcp"}, {"protocol": "udp"}, {"protocol": "icmp"}], opts=child)
+        self.external_firewall = gcp.compute.Firewall(
+            f"{name}-api-ssh", network=network.id, direction="INGRESS", source_ranges=section.allowed_cidrs,
+            target_tags=[tag], allows=[{"protocol": "tcp", "ports": [str(spec.serving.port), "22"]}], opts=child)
+
+        placement = None
+        if plan.nodes > 1:
+            placement = gcp.compute.ResourcePolicy(f"{name}-compact", region=region, opts=child,
+                                                   group_placement_policy={"collocation": "COLLOCATED",
+                                                                           "vm_count": plan.nodes})
+        self.placement_policy = placement
+
+        account = gcp.serviceaccount.Account(f"{name}-nodes", account_id=f"herd-{spec.name}"[:30].rstrip("-"),
+                                             display_name=f"herd {spec.name} nodes", opts=child)
+        member = account.email.apply(lambda email: f"serviceAccount:{email}")
+
+        bucket = gcp.storage.Bucket(f"{name}-artifacts", location=region.upper(), force_destroy=True,
+                                    uniform_bucket_level_access=True, public_access_prevention="enforced",
+                                    labels=labels, opts=child)
+        bundle_key = f"herd/{args.bundle.name}"
+        gcp.storage.BucketObject(f"{name}-bundle", bucket=bucket.name, name=bundle_key,
+                                 source=pulumi.FileAsset(str(args.bundle)), opts=child)
+        for label, bucket_name in (("artifacts", bucket.name), ("weights", section.weights_bucket)):
+            if bucket_name:
+                gcp.storage.BucketIAMMember(f"{name}-{label}-read", bucket=bucket_name,
+                                            role="roles/storage.objectViewer", member=member, opts=child)
+
+        secrets = {}
+        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):
+            if value is None:
+                continue
+            secret_id = f"herd-{spec.name}-{file}"
+            secret = gcp.secretmanager.Secret(f"{name}-{file}", secret_id=secret_id, replication={"auto": {}},
+                                              labels=labels, opts=child)
+            gcp.secretmanager.SecretVersion(f"{name}-{file}-v", secret=secret.id,
+                                            secret_data=pulumi.Output.secret(value), opts=child)
+            gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", secret_id=secret.id, member=member,
+                                              role="roles/secretmanager.secretAccessor", opts=child)
+            secrets[file] = secret_id
+
+        bundle_uri = pulumi.Output.concat("gs://", bucket.name, "/", bundle_key)
+        instance = catalog.instance(section.machine_type)
+        nodes, addresses = [], []
+        for rank in range(plan.nodes):
+            startup = node_boot(spec, plan, rank, lambda uri: gcp_sources(uri, section.project, secrets),
+                                bundle_uri, nodes[0].network_interfaces[0].network_ip if rank else None)
+            node = gcp.compute.Instance(
+                f"{name}-node-{rank}", name=f"{spec.name}-node-{rank}", machine_type=section.machine_type,
+                zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank)},
+                boot_disk={"initialize_params": {
+                    "image": f"projects/{section.image_project}/global/images/family/{section.image_family}",
+                    "size": boot_disk_gb(spec, plan), "type": gpus.boot_disk_type}},
+                guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
+                scheduling=self._scheduling(section.spot),
+                network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC", "access_configs": [{}]}],
+                service_account={"email": account.email, "scopes": ["cloud-platform"]},
+                metadata={"startup-script": startup, "enable-oslogin": "TRUE",
+                          "block-project-ssh-keys": "TRUE"},
+                resource_policies=placement.id if placement else None,
+                allow_stopping_for_update=True, opts=child)
+            nodes.append(node)
+            addresses.append(node.network_interfaces[0].access_configs[0].nat_ip)
+        self.nodes = nodes
+        self.head_address = addresses[0]
+        self.node_addresses = pulumi.Output.all(*addresses)
+        self.endpoint = pulumi.Output.concat("http://", addresses[0], f":{spec.serving.port}")
+        self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
+
+    @staticmethod
+    def _scheduling(spot: bool) -> dict:
+        # GPUs cannot live-migrate: maintenance stops the VM (TERMINATE), and it comes back by itself.
+        if spot:
+            return {"on_host_maintenance": "TERMINATE", "automatic_restart": False, "preemptible": True,
+                    "provisioning_model": "SPOT", "instance_termination_action": "STOP"}
+        return {"on_host_maintenance": "TERMINATE", "automatic_restart": True, "provisioning_model": "STANDARD"}

@@ -1,0 +1,49 @@
+"""The Pulumi program: the stack's environment file -> the target's component -> stack outputs."""
+from __future__ import annotations
+
+import sys
+
+import pulumi
+from rich.console import Console
+
+from infra.stack import read_stack
+
+SSH_USERS = {"aws": "ubuntu"}
+
+
+def main():
+    inputs = read_stack()
+    spec, plan = inputs.spec, inputs.plan
+    console = Console(file=sys.stderr)
+    from provisioning.bundle import node_bundle
+    bundle = node_bundle(inputs.env_path, console)
+    if spec.target == "aws":
+        from infra.aws_cluster import AwsCluster, AwsClusterArgs
+        cluster = AwsCluster(spec.name, AwsClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token))
+        ssh = cluster.node_addresses.apply(lambda ips: [f"ssh ubuntu@{ip}" for ip in ips])
+    elif spec.target == "gcp":
+        from infra.gcp_cluster import GcpCluster, GcpClusterArgs
+        cluster = GcpCluster(spec.name, GcpClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token))
+        ssh = pulumi.Output.from_input([f"gcloud compute ssh {spec.name}-node-{rank} --zone {spec.gcp.zone} "
+                                        f"--project {spec.gcp.project}" for rank in range(plan.nodes)])
+    elif spec.target == "onprem":
+        from infra.onprem_cluster import OnpremCluster, OnpremClusterArgs
+        from provisioning.bundle import wheel_bundle
+        cluster = OnpremCluster(spec.name, OnpremClusterArgs(spec, plan, bundle, wheel_bundle(console),
+                                                             inputs.api_key))
+        ssh = pulumi.Output.from_input([f"ssh -p {h.port} {h.user}@{h.address}"
+                                        for h in spec.onprem.hosts[:plan.nodes]])
+    else:
+        raise pulumi.RunError(f"target: {spec.target!r}: has no infrastructure (allowed in a stack: aws, gcp, "
+                              "onprem); run `herd up` for it")
+    key_flag = f" --api-key-env {spec.serving.api_key_env}" if spec.serving.api_key_env else ""
+    pulumi.export("endpoint", cluster.endpoint)
+    pulumi.export("head_address", cluster.head_address)
+    pulumi.export("node_addresses", cluster.node_addresses)
+    pulumi.export("ssh", ssh)
+    pulumi.export("smoke", cluster.endpoint.apply(lambda url: f"herd smoke --endpoint {url}{key_flag}"))
+    pulumi.export("plan", {"nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node,
+                           "cost_usd_per_hour": plan.cost_usd_per_hour,
+                           "cost_usd_per_million_tokens": plan.cost_usd_per_million_tokens,
+                           "cold_start_s": round(plan.cold_start_s)})
+    return cluster

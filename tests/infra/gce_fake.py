@@ -1,0 +1,103 @@
+"""A loopback stand-in for the Compute Engine REST API (there is no emulator): the four GET endpoints
+preflight uses, answering in the API's JSON shapes and error format, so the real
+google-cloud-compute client (transport, paging, error mapping) runs against it."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROUTES = [
+    ("machine_type", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/machineTypes/([^/?]+)")),
+    ("accelerator_type", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/acceleratorTypes/([^/?]+)")),
+    ("region", re.compile(r"^/compute/v1/projects/([^/]+)/regions/([^/?]+)")),
+    ("image_family", re.compile(r"^/compute/v1/projects/([^/]+)/global/images/family/([^/?]+)")),
+]
+
+
+@dataclass
+class ComputeState:
+    """What the fake project holds."""
+    machine_types: dict[str, set[str]] = field(default_factory=dict)        # zone -> machine types
+    accelerator_types: dict[str, set[str]] = field(default_factory=dict)    # zone -> accelerator types
+    quotas: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # region -> metric -> (limit, usage)
+    image_families: dict[tuple[str, str], str] = field(default_factory=dict)  # (project, family) -> image name
+    forbidden_projects: set[str] = field(default_factory=set)
+    requests: list[str] = field(default_factory=list)
+
+
+class FakeCompute:
+    def __init__(self, state: ComputeState):
+        self.state = state
+        handler = type("Handler", (_Handler,), {"state": state})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    state: ComputeState
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, code: int, message: str, reason: str):
+        self._send(code, {"error": {"code": code, "message": message,
+                                    "errors": [{"message": message, "domain": "global", "reason": reason}]}})
+
+    def do_GET(self):
+        self.state.requests.append(self.path)
+        for kind, pattern in ROUTES:
+            match = pattern.match(self.path)
+            if match:
+                project = match.group(1)
+                if project in self.state.forbidden_projects:
+                    return self._error(403, f"Required 'compute.regions.get' permission for 'projects/{project}'",
+                                       "forbidden")
+                return getattr(self, kind)(*match.groups())
+        self._error(404, f"no route for {self.path}", "notFound")
+
+    def machine_type(self, project, zone, name):
+        if name not in self.state.machine_types.get(zone, set()):
+            return self._error(404, f"The resource 'projects/{project}/zones/{zone}/machineTypes/{name}' was not "
+                                    "found", "notFound")
+        self._send(200, {"kind": "compute#machineType", "name": name, "zone": zone, "guestCpus": 208,
+                         "accelerators": [{"guestAcceleratorType": "nvidia-h100-80gb", "guestAcceleratorCount": 8}]})
+
+    def accelerator_type(self, project, zone, name):
+        if name not in self.state.accelerator_types.get(zone, set()):
+            return self._error(404, f"The resource 'projects/{project}/zones/{zone}/acceleratorTypes/{name}' was "
+                                    "not found", "notFound")
+        self._send(200, {"kind": "compute#acceleratorType", "name": name, "zone": zone, "maximumCardsPerInstance": 8})
+
+    def region(self, project, region):
+        if region not in self.state.quotas:
+            return self._error(404, f"The resource 'projects/{project}/regions/{region}' was not found", "notFound")
+        quotas = [{"metric": m, "limit": limit, "usage": usage}
+                  for m, (limit, usage) in self.state.quotas[region].items()]
+        self._send(200, {"kind": "compute#region", "name": region, "status": "UP", "quotas": quotas})
+
+    def image_family(self, project, family):
+        name = self.state.image_families.get((project, family))
+        if not name:
+            return self._error(404, f"The resource 'projects/{project}/global/images/family/{family}' was not found",
+                               "notFound")
+        self._send(200, {"kind": "compute#image", "name": name, "family": family, "status": "READY"})

@@ -1,0 +1,146 @@
+"""The AWS cluster, as the Pulumi program declares it for each shipped AWS environment (mocks)."""
+from __future__ import annotations
+
+import pulumi
+import pytest
+import yaml
+
+from infra.efa import efa_device_count, interface_layout
+from provisioning.boot import USER_DATA_LIMIT
+from runtime.plan_spec import request_from_spec
+from runtime.planner import plan
+from runtime.spec import load_spec
+from tests.conftest import ROOT
+from tests.infra.conftest import CloudMocks, is_secret, plain_text, write_env
+
+ENVS = ROOT / "environments"
+API_KEY = "sk-herd-test-3f9a1c"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("HERD_API_KEY", API_KEY)
+
+
+@pytest.mark.parametrize("instance_type,efa", [("p4d.24xlarge", 4), ("p4de.24xlarge", 4), ("p5.48xlarge", 32),
+                                               ("p5en.48xlarge", 16)])
+def test_each_type_gets_every_efa_card_behind_one_ena_primary(instance_type, efa):
+    slots = interface_layout(instance_type)
+    assert efa_device_count(slots) == efa
+    assert slots[0].network_card_index == 0 and slots[0].device_index == 0 and slots[0].interface_type == "interface"
+    assert [s.network_card_index for s in slots[1:]] == [0, *range(1, efa)]
+    assert {(s.network_card_index, s.device_index) for s in slots[1:]} == {(0, 1), *((c, 0) for c in range(1, efa))}
+    assert all(s.interface_type == "efa-only" for s in slots[1:])
+
+
+@pytest.mark.parametrize("env", ["aws-p5-405b-fp8", "aws-p4de-405b-bf16-2node"])
+def test_the_launch_template_is_efa_imdsv2_encrypted_and_placed(run_stack, env):
+    mocks, _ = run_stack(ENVS / f"{env}.yaml")
+    spec = load_spec(ENVS / f"{env}.yaml")
+    template = mocks.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    nics = template["networkInterfaces"]
+    expected = interface_layout(spec.aws.instance_type)
+    assert [(n["networkCardIndex"], n["deviceIndex"], n["interfaceType"]) for n in nics] == \
+        [(s.network_card_index, s.device_index, s.interface_type) for s in expected]
+    assert all(n["subnetId"] == f"{env}-subnet-id" for n in nics)
+    assert template["metadataOptions"]["httpTokens"] == "required"
+    (root,) = template["blockDeviceMappings"]
+    weights_gb = plan(request_from_spec(spec)).weights_total_bytes / 1e9
+    assert root["ebs"]["encrypted"] == "true" and root["ebs"]["volumeType"] == "gp3"
+    assert root["ebs"]["volumeSize"] >= 2 * weights_gb
+    group = mocks.one("aws:ec2/placementGroup:PlacementGroup")
+    assert group.inputs["strategy"] == "cluster"
+    assert template["placement"]["groupName"].startswith(group.name)
+    assert template["instanceType"] == spec.aws.instance_type
+    assert template["imageId"] == "ami-0dla0123456789abc"
+    ami_query = next(args for token, args in mocks.calls if token == "aws:ec2/getAmi:getAmi")
+    assert {"name": "name", "values": [spec.aws.ami_name_pattern]} in ami_query["filters"]
+
+
+def test_ingress_is_the_named_cidrs_on_the_api_and_ssh_ports_and_the_nodes_themselves(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "two-cidrs", base, aws={"allowed_cidrs": ["203.0.113.0/24", "198.51.100.7/32"]},
+                    serving={"port": 9000})
+    mocks, _ = run_stack(env)
+    rules = mocks.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+    from_cidrs = sorted((r.inputs["cidrIpv4"], r.inputs["fromPort"], r.inputs["toPort"])
+                        for r in rules if "cidrIpv4" in r.inputs)
+    assert from_cidrs == sorted((c, p, p) for c in ("203.0.113.0/24", "198.51.100.7/32") for p in (22, 9000))
+    self_rules = [r for r in rules if "referencedSecurityGroupId" in r.inputs]
+    assert len(self_rules) == 1 and self_rules[0].inputs["ipProtocol"] == "-1"
+    assert not any(r.inputs.get("cidrIpv4") == "0.0.0.0/0" for r in rules)
+
+
+def test_each_node_boots_with_its_rank_and_the_heads_address(run_stack):
+    mocks, outputs = run_stack(ENVS / "aws-p4de-405b-bf16-2node.yaml")
+    head, worker = mocks.of_type("aws:ec2/instance:Instance")
+    head_ip = "10.42.0.10"       # the mocks' first private address: the head is created first
+    assert "HERD_NODE_RANK=0" in head.inputs["userData"] and "--role head" in head.inputs["userData"]
+    assert "--rdzv-endpoint @NODE_ADDR@:29400" in head.inputs["userData"]
+    assert "HERD_NODE_RANK=1" in worker.inputs["userData"] and "--role worker" in worker.inputs["userData"]
+    assert f"--rdzv-endpoint {head_ip}:29400" in worker.inputs["userData"]
+    for node in (head, worker):
+        assert len(node.inputs["userData"].encode()) < USER_DATA_LIMIT
+        assert node.inputs["userDataReplaceOnChange"] is True
+    eips = mocks.of_type("aws:ec2/eip:Eip")
+    assert [e.inputs["networkInterface"] for e in eips] == ["eni-10", "eni-12"]
+    assert outputs["endpoint"] == f"http://{outputs['node_addresses'][0]}:8000"
+    assert len(outputs["node_addresses"]) == 2
+
+
+def test_the_api_key_is_a_secret_securestring_and_nowhere_in_the_clear(run_stack):
+    mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+    param = mocks.one("aws:ssm/parameter:Parameter")
+    assert param.inputs["type"] == "SecureString" and is_secret(param.inputs["value"])
+    assert param.inputs["value"]["value"] == API_KEY
+    for resource in mocks.resources:
+        assert API_KEY not in plain_text(resource.inputs), resource.name
+    (node,) = mocks.of_type("aws:ec2/instance:Instance")
+    assert f"--name {param.inputs['name']} --with-decryption" in node.inputs["userData"]
+    policy = mocks.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"]
+    statements = yaml.safe_load(policy)["Statement"]
+    assert {"Effect": "Allow", "Action": ["ssm:GetParameter"],
+            "Resource": [f"arn:aws:ssm:*:123456789012:parameter{param.inputs['name']}"]} in statements
+    s3_reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
+    assert s3_reads and "arn:aws:s3:::my-weights-bucket/*" in s3_reads[0]["Resource"]
+    assert not any("s3:PutObject" in s["Action"] or s["Action"] == "*" for s in statements)
+
+
+def test_the_zone_is_one_that_offers_the_type(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml", mocks=CloudMocks(offered_zones=["us-east-1f", "us-east-1c"]))
+    assert mocks.one("aws:ec2/subnet:Subnet").inputs["availabilityZone"] == "us-east-1c"
+    env = write_env(tmp_path, "wrong-zone", base, aws={"availability_zones": ["us-east-1a"]})
+    with pytest.raises(pulumi.RunError, match=r"aws.availability_zones: \['us-east-1a'\]: p5.48xlarge is offered "
+                                              r"only in \['us-east-1c', 'us-east-1f'\]"):
+        run_stack(env, mocks=CloudMocks(offered_zones=["us-east-1f", "us-east-1c"]))
+
+
+def test_spot_and_capacity_blocks_set_the_market(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    mocks, _ = run_stack(write_env(tmp_path, "spot", base, aws={"spot": True}))
+    template = mocks.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    assert template["instanceMarketOptions"]["marketType"] == "spot"
+    assert "capacityReservationSpecification" not in template
+    mocks, _ = run_stack(write_env(tmp_path, "block", base, aws={"capacity_reservation_id": "cr-0abc",
+                                                                 "capacity_block": True}))
+    template = mocks.one("aws:ec2/launchTemplate:LaunchTemplate").inputs
+    assert template["instanceMarketOptions"] == {"marketType": "capacity-block"}
+    assert template["capacityReservationSpecification"] == {
+        "capacityReservationTarget": {"capacityReservationId": "cr-0abc"}}
+
+
+def test_a_missing_api_key_stops_the_program_with_the_command_to_set_it(run_stack, monkeypatch):
+    monkeypatch.delenv("HERD_API_KEY")
+    with pytest.raises(pulumi.RunError, match=r"herd:apiKey: not set: run `pulumi config set --secret herd:apiKey` "
+                                              r"or export HERD_API_KEY"):
+        run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+
+
+def test_an_environment_that_does_not_fit_creates_nothing(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "bf16-one-p5", base, model={"quantization": "none"}, parallelism={"nodes": 1})
+    mocks = CloudMocks()
+    with pytest.raises(pulumi.RunError, match="the plan does not fit, nothing is created"):
+        run_stack(env, mocks=mocks)
+    assert mocks.resources == []

@@ -1,0 +1,95 @@
+"""The GCP cluster, as the Pulumi program declares it (mocks): A3 node, firewall, placement, secrets."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.infra.conftest import is_secret, plain_text, write_env
+
+ENVS = ROOT / "environments"
+API_KEY = "sk-herd-test-77e0b2"
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("HERD_API_KEY", API_KEY)
+
+
+@pytest.fixture
+def two_a2_nodes(tmp_path):
+    """405B BF16 on two a2-ultragpu-8g (16 x A100 80 GB), like the two-p4de AWS environment."""
+    base = yaml.safe_load((ENVS / "gcp-a3-405b-fp8.yaml").read_text())
+    return write_env(tmp_path, "gcp-a2-405b-bf16", base, model={"quantization": "none",
+                                                                 "source": "gs://my-weights-bucket/405b"},
+                     parallelism={"tensor": 8, "pipeline": "auto", "nodes": "auto"},
+                     gcp={"machine_type": "a2-ultragpu-8g"})
+
+
+def test_the_a3_node_has_its_gpus_terminates_on_maintenance_and_boots_the_steps(run_stack):
+    mocks, outputs = run_stack(ENVS / "gcp-a3-405b-fp8.yaml")
+    node = mocks.one("gcp:compute/instance:Instance").inputs
+    assert node["machineType"] == "a3-highgpu-8g" and node["zone"] == "us-central1-a"
+    assert node["guestAccelerators"] == [{"type": "nvidia-h100-80gb", "count": 8}]
+    assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert node["bootDisk"]["initializeParams"]["image"] == \
+        "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570"
+    startup = node["metadata"]["startup-script"]
+    assert "HERD_NODE_RANK=0" in startup and "HERD_CLOUD=gcp" in startup
+    assert "run_step 30-efa" not in startup          # EFA is AWS's
+    assert node["metadata"]["block-project-ssh-keys"] == "TRUE"
+    assert "resourcePolicies" not in node            # one node: nothing to place together
+    assert outputs["endpoint"] == "http://203.0.113.10:8000"
+
+
+def test_firewall_opens_the_api_and_ssh_to_the_named_cidrs_and_everything_among_nodes(run_stack):
+    mocks, _ = run_stack(ENVS / "gcp-a3-405b-fp8.yaml")
+    rules = {r.name: r.inputs for r in mocks.of_type("gcp:compute/firewall:Firewall")}
+    external = rules["gcp-a3-405b-fp8-api-ssh"]
+    assert external["sourceRanges"] == ["203.0.113.0/24"]
+    assert external["allows"] == [{"protocol": "tcp", "ports": ["8000", "22"]}]
+    internal = rules["gcp-a3-405b-fp8-internal"]
+    assert internal["sourceTags"] == internal["targetTags"] == ["herd-gcp-a3-405b-fp8"]
+    assert "sourceRanges" not in internal
+    node = mocks.one("gcp:compute/instance:Instance").inputs
+    assert node["tags"] == ["herd-gcp-a3-405b-fp8"]
+
+
+def test_nodes_read_the_weights_and_the_key_through_their_service_account_only(run_stack):
+    mocks, _ = run_stack(ENVS / "gcp-a3-405b-fp8.yaml")
+    account = "serviceAccount:herd-gcp-a3-405b-fp8@my-project.iam.gserviceaccount.com"
+    readers = {r.inputs["bucket"]: r.inputs for r in mocks.of_type("gcp:storage/bucketIAMMember:BucketIAMMember")}
+    assert readers["my-weights-bucket"] == {"bucket": "my-weights-bucket", "member": account,
+                                            "role": "roles/storage.objectViewer"}
+    version = mocks.one("gcp:secretmanager/secretVersion:SecretVersion").inputs
+    assert is_secret(version["secretData"]) and version["secretData"]["value"] == API_KEY
+    access = mocks.one("gcp:secretmanager/secretIamMember:SecretIamMember").inputs
+    assert access["member"] == account and access["role"] == "roles/secretmanager.secretAccessor"
+    for resource in mocks.resources:
+        assert API_KEY not in plain_text(resource.inputs), resource.name
+    node = mocks.one("gcp:compute/instance:Instance").inputs
+    assert "gcloud secrets versions access latest --project my-project --secret herd-gcp-a3-405b-fp8-api-key" \
+        in node["metadata"]["startup-script"]
+    bucket = mocks.one("gcp:storage/bucket:Bucket").inputs
+    assert bucket["publicAccessPrevention"] == "enforced" and bucket["uniformBucketLevelAccess"] is True
+
+
+def test_two_nodes_are_placed_compactly_and_the_worker_knows_the_head(run_stack, two_a2_nodes):
+    mocks, outputs = run_stack(two_a2_nodes)
+    policy = mocks.one("gcp:compute/resourcePolicy:ResourcePolicy").inputs
+    assert policy["groupPlacementPolicy"] == {"collocation": "COLLOCATED", "vmCount": 2}
+    head, worker = mocks.of_type("gcp:compute/instance:Instance")
+    for node in (head, worker):
+        assert node.inputs["resourcePolicies"] == "gcp-a2-405b-bf16-compact-id"
+        assert node.inputs["guestAccelerators"] == [{"type": "nvidia-a100-80gb", "count": 8}]
+    assert "--rdzv-endpoint 10.42.0.10:29400" in worker.inputs["metadata"]["startup-script"]
+    assert "--role worker" in worker.inputs["metadata"]["startup-script"]
+    assert len(outputs["node_addresses"]) == 2
+
+
+def test_spot_nodes_use_the_spot_model_and_stop_on_preemption(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "gcp-a3-405b-fp8.yaml").read_text())
+    mocks, _ = run_stack(write_env(tmp_path, "spot", base, gcp={"spot": True}))
+    scheduling = mocks.one("gcp:compute/instance:Instance").inputs["scheduling"]
+    assert scheduling["provisioningModel"] == "SPOT" and scheduling["onHostMaintenance"] == "TERMINATE"
+    assert scheduling["instanceTerminationAction"] == "STOP" and scheduling["automaticRestart"] is False

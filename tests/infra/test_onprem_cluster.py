@@ -1,0 +1,63 @@
+"""On-prem hosts in Pulumi state (pulumi-command, mocks): pinned host keys, the key on stdin, the steps."""
+from __future__ import annotations
+
+import paramiko
+import pulumi
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.infra.conftest import is_secret, plain_text, write_env
+
+API_KEY = "sk-herd-test-onprem-51"
+
+
+@pytest.fixture
+def racks(tmp_path, monkeypatch):
+    """The shipped on-prem example, with a real key pair and known_hosts entries for both hosts."""
+    monkeypatch.setenv("HERD_API_KEY", API_KEY)
+    private = tmp_path / "id_rsa"
+    rsa = paramiko.RSAKey.generate(2048)
+    rsa.write_private_key_file(str(private))
+    host_keys = {addr: paramiko.RSAKey.generate(1024) for addr in ("10.0.0.11", "10.0.0.12")}
+    known = tmp_path / "known_hosts"
+    known.write_text("".join(f"{addr} ssh-rsa {k.get_base64()}\n" for addr, k in host_keys.items()))
+    base = yaml.safe_load((ROOT / "environments" / "onprem-example.yaml").read_text())
+    base["serving"] = {**base["serving"], "api_key_env": "HERD_API_KEY"}
+    base["serving"].pop("api_key_file")
+    env = write_env(tmp_path, "racks", base, onprem={"ssh_key": str(private), "known_hosts": str(known)})
+    return env, host_keys, rsa
+
+
+def test_every_host_runs_the_steps_over_ssh_with_its_key_pinned(run_stack, racks):
+    env, host_keys, _ = racks
+    mocks, outputs = run_stack(env)
+    installs = [r for r in mocks.of_type("command:remote:Command") if "-install-" in r.name]
+    assert len(installs) == 1      # 70B BF16 fits one 8 x H100 host: the plan uses one
+    # The connection holds the private key, so Pulumi keeps the whole connection secret in state.
+    assert is_secret(installs[0].inputs["connection"])
+    connection = installs[0].inputs["connection"]["value"]
+    assert connection["host"] == "10.0.0.11" and connection["user"] == "ubuntu"
+    assert connection["hostKey"] == f"ssh-rsa {host_keys['10.0.0.11'].get_base64()}"
+    assert connection["privateKey"] == open(racks[0].parent / "id_rsa").read()
+    script = installs[0].inputs["create"]
+    assert "HERD_NODE_RANK=0" in script and "HERD_PIP_OFFLINE=1" in script and "run_step 50-venv" in script
+    assert "run_step 30-efa" not in script
+    key_writer = next(r for r in mocks.of_type("command:remote:Command") if "-api-key-" in r.name)
+    assert is_secret(key_writer.inputs["stdin"]) and key_writer.inputs["stdin"]["value"] == API_KEY
+    assert "umask 077" in key_writer.inputs["create"]
+    for resource in mocks.resources:
+        assert API_KEY not in plain_text(resource.inputs), resource.name
+    copies = {r.inputs["remotePath"] for r in mocks.of_type("command:remote:CopyToRemote")}
+    assert copies == {"/tmp/herd-node-bundle.tar.gz", "/opt/herd/wheels"}
+    assert outputs["endpoint"] == "http://10.0.0.11:8000"
+
+
+def test_a_host_without_a_recorded_key_is_refused(run_stack, racks, tmp_path):
+    env, _, _ = racks
+    data = yaml.safe_load(env.read_text())
+    (tmp_path / "empty_known_hosts").write_text("")
+    data["onprem"]["known_hosts"] = str(tmp_path / "empty_known_hosts")
+    env.write_text(yaml.safe_dump(data))
+    with pytest.raises(pulumi.RunError, match=r"onprem.hosts: '10.0.0.11': no host key in .*empty_known_hosts"):
+        run_stack(env)
