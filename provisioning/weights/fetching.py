@@ -51,7 +51,7 @@ def fetch_remote(source: str, dest: Path, *, quiet: bool = False, concurrency: i
     with Progress(TextColumn("[bold]weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("fetch", total=report.bytes_total)
-        transfer = Transfer(store.read_range, dest, concurrency=concurrency, chunk_bytes=CHUNK_BYTES,
+        transfer = Transfer(store.read_into, dest, concurrency=concurrency, chunk_bytes=CHUNK_BYTES,
                             on_bytes=lambda n: progress.advance(task, n))
         with console.status("weights: checking what is already here"):
             needed = transfer.needed(files)

@@ -11,7 +11,7 @@ import json
 import os
 import threading
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from provisioning.weights.manifest import MANIFEST
 from provisioning.weights.transfer import RemoteFile
@@ -43,6 +43,26 @@ def _with_manifest(files: dict[str, int], manifest: dict | None, where: str) -> 
     if missing:
         raise UserError(f"{where}: the manifest lists {', '.join(missing)} but the store has no such file")
     return [RemoteFile(name, entry["size"], entry["sha256"]) for name, entry in sorted(listed.items())]
+
+
+def _fill(stream, view: memoryview) -> int:
+    """Read a response body into view until it is full or the body ends; bytes read. A body longer
+    than asked for is an error (a store that ignored the range)."""
+    got = 0
+    readinto = getattr(stream, "readinto", None)
+    while got < len(view):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:   # botocore's StreamingBody has read(amt) only
+            data = stream.read(len(view) - got)
+            n = len(data)
+            view[got:got + n] = data
+        if not n:
+            break
+        got += n
+    if got == len(view) and stream.read(1):
+        raise IOError("the store sent more bytes than the range asked for")
+    return got
 
 
 # ------------------------------------------------------------------ S3
@@ -96,9 +116,9 @@ class S3Store:
             manifest = json.loads(body)
         return _with_manifest(files, manifest, self.uri)
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
+    def read_into(self, name: str, start: int, end: int, view: memoryview) -> int:
         r = self._call(self.client.get_object, Key=_join(self.prefix, name), Range=f"bytes={start}-{end - 1}")
-        return r["Body"].read()
+        return _fill(r["Body"], view)
 
     def upload(self, path: Path, name: str) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -112,6 +132,9 @@ class S3Store:
 
 
 # ------------------------------------------------------------------ GCS
+READ_ONLY_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+
+
 class GcsStore:
     def __init__(self, uri: str, concurrency: int = 16):
         from google.cloud import storage
@@ -150,9 +173,40 @@ class GcsStore:
             manifest = json.loads(self._call(self.bucket.blob(_join(self.prefix, MANIFEST)).download_as_bytes))
         return _with_manifest(files, manifest, self.uri)
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
-        blob = self.bucket.blob(_join(self.prefix, name))
-        return self._call(blob.download_as_bytes, start=start, end=end - 1, checksum=None)
+    def _session(self):
+        """One HTTP session per fetch thread, authorized read-only (anonymous on the emulator)."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            if os.environ.get("STORAGE_EMULATOR_HOST"):
+                import requests
+                session = requests.Session()
+            else:
+                import google.auth
+                from google.auth.transport.requests import AuthorizedSession
+                credentials, _ = google.auth.default(scopes=[READ_ONLY_SCOPE])
+                session = AuthorizedSession(credentials)
+            self._local.session = session
+        return session
+
+    def read_into(self, name: str, start: int, end: int, view: memoryview) -> int:
+        # The JSON API's media download, read straight into the chunk buffer: the client library's
+        # download loop reads 8 KB at a time in Python, which caps a few threads on a small machine
+        # well below the link.
+        base = os.environ.get("STORAGE_EMULATOR_HOST", "https://storage.googleapis.com").rstrip("/")
+        url = (f"{base}/download/storage/v1/b/{self.bucket_name}/o/"
+               f"{quote(_join(self.prefix, name), safe='')}?alt=media")
+        r = self._session().get(url, headers={"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity"},
+                                stream=True, timeout=120)
+        try:
+            if r.status_code == 404:
+                raise UserError(f"{self.uri}: {name}: not found")
+            if r.status_code in (401, 403):
+                raise UserError(f"{self.uri}: access denied: the account needs storage.objects.get on "
+                                f"{self.bucket_name}")
+            r.raise_for_status()
+            return _fill(r.raw, view)
+        finally:
+            r.close()
 
     def upload(self, path: Path, name: str) -> None:
         blob = self.bucket.blob(_join(self.prefix, name), chunk_size=32 * 2**20)
@@ -162,7 +216,7 @@ class GcsStore:
 # ------------------------------------------------------------------ Hugging Face Hub
 class HfStore:
     def __init__(self, uri: str, concurrency: int = 16):
-        import httpx
+        import urllib3
         parsed = urlparse(uri)
         repo = (parsed.netloc + parsed.path).strip("/")
         self.repo, _, revision = repo.partition("@")
@@ -173,8 +227,12 @@ class HfStore:
         self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         self.token = _hf_token()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self.http = httpx.Client(headers=headers, follow_redirects=True, timeout=120,
-                                 limits=httpx.Limits(max_connections=concurrency * 2))
+        # Ranged reads are read in one call (httpx hands a body over in small pieces, which several
+        # threads on a small machine pay for in the GIL). Redirects to the CDN drop the Authorization
+        # header (urllib3 does so across hosts).
+        self.pool = urllib3.PoolManager(
+            maxsize=concurrency * 2, headers=headers, timeout=urllib3.Timeout(connect=30, read=120),
+            retries=urllib3.Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)))
 
     def list(self) -> list[RemoteFile]:
         from huggingface_hub import HfApi
@@ -202,14 +260,19 @@ class HfStore:
             raise UserError(f"{self.uri}: the repository has no .safetensors weights")
         return sorted(files, key=lambda f: f.name)
 
-    def read_range(self, name: str, start: int, end: int) -> bytes:
+    def read_into(self, name: str, start: int, end: int, view: memoryview) -> int:
         url = f"{self.endpoint}/{self.repo}/resolve/{self.revision}/{name}"
-        r = self.http.get(url, headers={"Range": f"bytes={start}-{end - 1}"})
-        if r.status_code in (401, 403):
-            raise UserError(f"{self.uri}: {name}: HTTP {r.status_code}: set HF_TOKEN to a token with "
-                            "access (gated models need their licence accepted)")
-        r.raise_for_status()
-        return r.content
+        r = self.pool.request("GET", url, headers={**self.pool.headers, "Range": f"bytes={start}-{end - 1}"},
+                              preload_content=False)
+        try:
+            if r.status in (401, 403):
+                raise UserError(f"{self.uri}: {name}: HTTP {r.status}: set HF_TOKEN to a token with "
+                                "access (gated models need their licence accepted)")
+            if r.status >= 400:
+                raise IOError(f"{self.uri}: {name}: HTTP {r.status} for bytes {start}-{end - 1}")
+            return _fill(r, view)
+        finally:
+            r.release_conn()
 
 
 def _hf_token() -> str | None:

@@ -3,8 +3,9 @@
 A file arrives as `NAME.partial`, in fixed-size chunks fetched concurrently with ranged reads and
 written at their offsets; each finished chunk is recorded in `NAME.partial.chunks` (whose first line
 is the chunk size, so a resume with another setting still maps indices to the same bytes), so a killed
-fetch resumes where it stopped. When every chunk is there the file is hashed, compared with the manifest,
-and only then renamed over NAME. A verified file is never replaced by an unverified one.
+fetch resumes where it stopped. When every chunk is there the file is hashed (by one verifier thread,
+from the page cache, while the next file downloads), compared with the manifest, and only then renamed
+over NAME. A verified file is never replaced by an unverified one.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from provisioning.weights.manifest import CHUNK, sha256_of
 
-# read_range(name, start, end_exclusive) -> bytes
-ReadRange = Callable[[str, int, int], bytes]
+# read_into(name, start, end_exclusive, buffer) -> bytes written into buffer (end - start when whole)
+ReadInto = Callable[[str, int, int, memoryview], int]
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,13 @@ class ChecksumMismatch(Exception):
 class Transfer:
     """Moves a set of files into one directory; reports bytes to a progress callback."""
 
-    def __init__(self, read_range: ReadRange, dest: Path, *, chunk_bytes: int = 16 * 2**20,
+    def __init__(self, read_into: ReadInto, dest: Path, *, chunk_bytes: int = 16 * 2**20,
                  concurrency: int = 8, on_bytes: Callable[[int], None] = lambda n: None):
-        self.read_range, self.dest = read_range, dest
+        self.read_into, self.dest = read_into, dest
         self.chunk_bytes, self.concurrency, self.on_bytes = chunk_bytes, concurrency, on_bytes
         self.moved = 0
         self._lock = threading.Lock()
-        self._hashers: dict[str, _InOrderHash] = {}
+        self._buffers = threading.local()   # one chunk buffer per download thread, reused
 
     def needed(self, files: list[RemoteFile]) -> list[RemoteFile]:
         """Files not already present and verified (a present file of the wrong size is refetched)."""
@@ -59,11 +60,18 @@ class Transfer:
         return sum(min(chunk, f.size - i * chunk) for i in range(self._chunk_count(f, chunk)) if i not in done)
 
     def fetch(self, files: list[RemoteFile]) -> int:
-        """Fetch every file not yet verified; returns bytes moved."""
+        """Fetch every file not yet verified; returns bytes moved. Raises ChecksumMismatch for the first
+        file that did not verify (the others are in place)."""
         self.dest.mkdir(parents=True, exist_ok=True)
-        with futures.ThreadPoolExecutor(self.concurrency) as pool:
+        # Hashing apart from the download threads keeps them at one copy per byte; one file's hash
+        # overlaps the next file's download.
+        with futures.ThreadPoolExecutor(self.concurrency) as pool, futures.ThreadPoolExecutor(1) as verifier:
+            checks = []
             for f in files:
-                self._fetch_one(f, pool)
+                self._download(f, pool)
+                checks.append(verifier.submit(self._verify_and_place, f))
+            for check in checks:
+                check.result()
         return self.moved
 
     # ---------------------------------------------------------------- one file
@@ -89,15 +97,12 @@ class Transfer:
         done = {int(line[:-1]) for line in lines[1:] if line.endswith(";") and line[:-1].isdigit()}
         return chunk, done
 
-    def _fetch_one(self, f: RemoteFile, pool: futures.ThreadPoolExecutor) -> None:
-        final, partial, log = self._paths(f)
+    def _download(self, f: RemoteFile, pool: futures.ThreadPoolExecutor) -> None:
+        _, partial, log = self._paths(f)
         chunk, done = self._resume_state(f)
         if not done:
             partial.unlink(missing_ok=True)
             log.write_text(f"chunk={chunk}\n")
-        # A fresh file is hashed as its chunks arrive (in order); a resumed one is hashed at the end.
-        hasher = _InOrderHash() if not done else None
-        self._hashers[f.name] = hasher
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             os.ftruncate(fd, f.size)
@@ -113,7 +118,10 @@ class Transfer:
             # makes of present files, and fetched again.
         finally:
             os.close(fd)
-        got = hasher.hexdigest() if hasher is not None else sha256_of(partial)
+
+    def _verify_and_place(self, f: RemoteFile) -> None:
+        final, partial, log = self._paths(f)
+        got = sha256_of(partial)
         if f.sha256 is not None and got != f.sha256:
             # Start this file over next time; the previous good copy (if any) is untouched.
             partial.unlink(missing_ok=True)
@@ -126,42 +134,22 @@ class Transfer:
     def _chunk(self, f: RemoteFile, index: int, chunk: int, fd: int, log_fd: int) -> None:
         start = index * chunk
         end = min(f.size, start + chunk)
-        data = self.read_range(f.name, start, end) if end > start else b""
-        if len(data) != end - start:
-            raise IOError(f"{f.name}: asked for bytes {start}-{end}, got {len(data)}")
-        os.pwrite(fd, data, start)
+        buffer = getattr(self._buffers, "view", None)
+        if buffer is None or len(buffer) < end - start:
+            buffer = self._buffers.view = memoryview(bytearray(max(chunk, end - start)))
+        view = buffer[:end - start]
+        got = self.read_into(f.name, start, end, view) if end > start else 0
+        if got != end - start:
+            raise IOError(f"{f.name}: asked for bytes {start}-{end}, got {got}")
+        os.pwrite(fd, view, start)
         os.write(log_fd, f"{index};\n".encode())
-        hasher = self._hashers.get(f.name)
-        if hasher is not None:
-            hasher.add(index, data)
         with self._lock:
-            self.moved += len(data)
-        self.on_bytes(len(data))
-
-
-class _InOrderHash:
-    """sha256 over chunks that finish out of order: each is hashed once all before it are."""
-
-    def __init__(self):
-        self._digest = hashlib.sha256()
-        self._next = 0
-        self._waiting: dict[int, bytes] = {}
-        self._lock = threading.Lock()
-
-    def add(self, index: int, data: bytes) -> None:
-        with self._lock:
-            self._waiting[index] = data
-            while self._next in self._waiting:
-                self._digest.update(self._waiting.pop(self._next))
-                self._next += 1
-
-    def hexdigest(self) -> str:
-        assert not self._waiting, "chunks missing from the hash"
-        return self._digest.hexdigest()
+            self.moved += got
+        self.on_bytes(got)
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["CHUNK", "ChecksumMismatch", "ReadRange", "RemoteFile", "Transfer", "sha256_bytes"]
+__all__ = ["CHUNK", "ChecksumMismatch", "ReadInto", "RemoteFile", "Transfer", "sha256_bytes"]

@@ -154,20 +154,28 @@ class FakeHub:
                 if not path.is_file():
                     self.send_error(404)
                     return
-                data = path.read_bytes()
+                size = path.stat().st_size
                 rng = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                start, end = (int(rng.group(1)), min(int(rng.group(2)), size - 1)) if rng else (0, size - 1)
+                self.send_response(206 if rng else 200)
                 if rng:
-                    start, end = int(rng.group(1)), min(int(rng.group(2)), len(data) - 1)
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-                    data = data[start:end + 1]
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Length", str(end - start + 1))
                 self.end_headers()
-                self.wfile.write(data)
+                # Only the asked-for bytes, as a CDN serves them (not the whole file per range).
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    left = end - start + 1
+                    while left > 0:
+                        block = f.read(min(left, 4 * 2**20))
+                        if not block:
+                            break
+                        self.wfile.write(block)
+                        left -= len(block)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # A backlog above socketserver's 5: concurrent clients queue instead of waiting out SYN retries.
+        server_class = type("HubServer", (ThreadingHTTPServer,), {"request_queue_size": 128})
+        self.server = server_class(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
