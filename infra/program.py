@@ -37,13 +37,17 @@ def main():
         raise pulumi.RunError(f"target: {spec.target!r}: has no infrastructure (allowed in a stack: aws, gcp, "
                               "onprem); run `herd up` for it")
     key_flag = f" --api-key-env {spec.serving.api_key_env}" if spec.serving.api_key_env else ""
-    pulumi.export("endpoint", cluster.endpoint)
-    pulumi.export("head_address", cluster.head_address)
-    pulumi.export("node_addresses", cluster.node_addresses)
-    pulumi.export("ssh", ssh)
-    pulumi.export("smoke", cluster.endpoint.apply(lambda url: f"herd smoke --endpoint {url}{key_flag}"))
-    pulumi.export("plan", {"nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node,
-                           "cost_usd_per_hour": plan.cost_usd_per_hour,
-                           "cost_usd_per_million_tokens": plan.cost_usd_per_million_tokens,
-                           "cold_start_s": round(plan.cold_start_s)})
-    return cluster
+    outputs = {
+        "endpoint": cluster.endpoint,
+        "head_address": cluster.head_address,
+        "node_addresses": cluster.node_addresses,
+        "ssh": ssh,
+        "smoke": cluster.endpoint.apply(lambda url: f"herd smoke --endpoint {url}{key_flag}"),
+        "plan": {"nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node,
+                 "cost_usd_per_hour": plan.cost_usd_per_hour,
+                 "cost_usd_per_million_tokens": plan.cost_usd_per_million_tokens,
+                 "cold_start_s": round(plan.cold_start_s)},
+    }
+    for name, value in outputs.items():
+        pulumi.export(name, value)
+    return outputs

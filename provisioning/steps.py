@@ -72,8 +72,10 @@ def serve_args(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, env
     args = [env_file, "--model-dir", model_dir, "--tp", str(plan.gpus_per_node),
             "--state-dir", f"{profile.home}/state/serve"]
     if plan.nodes > 1:
-        args += ["--nnodes", str(plan.nodes), "--rdzv-endpoint", f"{head_addr}:29400", "--node-addr",
-                 profile.address, "--role", "head" if profile.node_rank == 0 else "worker"]
+        # --node-rank orders vLLM's nodes; torchrun's c10d rendezvous orders its own.
+        args += ["--nnodes", str(plan.nodes), "--node-rank", str(profile.node_rank), "--rdzv-endpoint",
+                 f"{head_addr}:29400", "--node-addr", profile.address,
+                 "--role", "head" if profile.node_rank == 0 else "worker"]
     if spec.serving.api_key_env or spec.serving.api_key_file:
         # The key reaches the node as a 0600 file the installer writes; argv holds only its path.
         args += ["--api-key-file", f"{profile.home}/secrets/api-key"]

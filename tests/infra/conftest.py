@@ -92,9 +92,8 @@ def run_stack():
         @pulumi.runtime.test
         def program():
             from infra.program import main
-            cluster = main()
-            return pulumi.Output.all(cluster.endpoint, cluster.node_addresses).apply(
-                lambda v: exported.update(endpoint=v[0], node_addresses=v[1]))
+            outputs = main()
+            return pulumi.Output.all(**outputs).apply(exported.update)
 
         program()
         return mocks, exported

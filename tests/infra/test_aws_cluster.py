@@ -79,13 +79,17 @@ def test_each_node_boots_with_its_rank_and_the_heads_address(run_stack):
     assert "--rdzv-endpoint @NODE_ADDR@:29400" in head.inputs["userData"]
     assert "HERD_NODE_RANK=1" in worker.inputs["userData"] and "--role worker" in worker.inputs["userData"]
     assert f"--rdzv-endpoint {head_ip}:29400" in worker.inputs["userData"]
+    assert "--node-rank 1 " in worker.inputs["userData"] and "--node-rank 0 " in head.inputs["userData"]
     for node in (head, worker):
         assert len(node.inputs["userData"].encode()) < USER_DATA_LIMIT
         assert node.inputs["userDataReplaceOnChange"] is True
     eips = mocks.of_type("aws:ec2/eip:Eip")
     assert [e.inputs["networkInterface"] for e in eips] == ["eni-10", "eni-12"]
     assert outputs["endpoint"] == f"http://{outputs['node_addresses'][0]}:8000"
-    assert len(outputs["node_addresses"]) == 2
+    assert outputs["head_address"] == outputs["node_addresses"][0] and len(outputs["node_addresses"]) == 2
+    assert outputs["ssh"] == [f"ssh ubuntu@{ip}" for ip in outputs["node_addresses"]]
+    assert outputs["smoke"] == f"herd smoke --endpoint {outputs['endpoint']} --api-key-env HERD_API_KEY"
+    assert outputs["plan"]["nodes"] == 2 and outputs["plan"]["cost_usd_per_hour"] == pytest.approx(2 * 27.45)
 
 
 def test_the_api_key_is_a_secret_securestring_and_nowhere_in_the_clear(run_stack):
