@@ -51,33 +51,32 @@ def _api_message(err) -> str:
     return message.split(": ", 1)[1] if message.startswith(("GET ", "POST ")) and ": " in message else message
 
 
-def _not_found(err: Exception) -> bool:
-    return type(err).__name__ == "NotFound"
+def _exists(check: str, get, missing: str, found) -> Finding:
+    """ok (found(answer)) when the API returns the thing; fail (missing) when it answers NotFound."""
+    from google.api_core.exceptions import NotFound
+    try:
+        answer = get()
+    except NotFound:
+        return fail(check, missing)
+    return ok(check, found(answer))
 
 
 def check_machine_type(clients: GcpClients, spec: Spec) -> Finding:
-    section = spec.gcp
-    try:
-        clients.machine_types.get(project=section.project, zone=section.zone, machine_type=section.machine_type)
-    except Exception as err:
-        if _not_found(err):
-            return fail("offering", f"gcp.machine_type: {section.machine_type!r} is not offered in zone "
-                                    f"{section.zone}")
-        raise
-    return ok("offering", f"{section.machine_type} offered in {section.zone}")
+    s = spec.gcp
+    return _exists("offering",
+                   lambda: clients.machine_types.get(project=s.project, zone=s.zone, machine_type=s.machine_type),
+                   f"gcp.machine_type: {s.machine_type!r} is not offered in zone {s.zone}",
+                   lambda _: f"{s.machine_type} offered in {s.zone}")
 
 
 def check_accelerator(clients: GcpClients, spec: Spec) -> Finding:
-    section = spec.gcp
-    accelerator = gpu_type(section.machine_type).accelerator_type
-    try:
-        clients.accelerator_types.get(project=section.project, zone=section.zone, accelerator_type=accelerator)
-    except Exception as err:
-        if _not_found(err):
-            return fail("accelerator", f"gcp.zone: {section.zone!r}: accelerator type {accelerator} is not "
-                                       "available there")
-        raise
-    return ok("accelerator", f"{accelerator} available in {section.zone}")
+    s = spec.gcp
+    accelerator = gpu_type(s.machine_type).accelerator_type
+    return _exists("accelerator",
+                   lambda: clients.accelerator_types.get(project=s.project, zone=s.zone,
+                                                         accelerator_type=accelerator),
+                   f"gcp.zone: {s.zone!r}: accelerator type {accelerator} is not available there",
+                   lambda _: f"{accelerator} available in {s.zone}")
 
 
 def check_quota(clients: GcpClients, spec: Spec, plan: Plan) -> Finding:
@@ -98,15 +97,10 @@ def check_quota(clients: GcpClients, spec: Spec, plan: Plan) -> Finding:
 
 
 def check_image(clients: GcpClients, spec: Spec) -> Finding:
-    section = spec.gcp
-    try:
-        image = clients.images.get_from_family(project=section.image_project, family=section.image_family)
-    except Exception as err:
-        if _not_found(err):
-            return fail("image", f"gcp.image_family: {section.image_family!r}: no image in project "
-                                 f"{section.image_project}")
-        raise
-    return ok("image", f"{image.name} ({section.image_project}/{section.image_family})")
+    s = spec.gcp
+    return _exists("image", lambda: clients.images.get_from_family(project=s.image_project, family=s.image_family),
+                   f"gcp.image_family: {s.image_family!r}: no image in project {s.image_project}",
+                   lambda image: f"{image.name} ({s.image_project}/{s.image_family})")
 
 
 def gcp_findings(spec: Spec, plan: Plan, clients: GcpClients | None = None) -> list[Finding]:
