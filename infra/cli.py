@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -33,6 +34,9 @@ INFRA_COMMANDS = [*PROVISIONING_COMMANDS, add_preflight]
 
 
 def main(argv=None) -> int:
+    # google-api-core announces, on import, when it will stop supporting this Python: not the user's
+    # concern in the middle of a command, and it would break one-line errors.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\.api_core\..*")
     _register_clouds()
     return run(argv, INFRA_COMMANDS)
 

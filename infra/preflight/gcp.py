@@ -14,6 +14,7 @@ from runtime.spec import Spec
 
 # A private or test endpoint for the Compute API (e.g. http://127.0.0.1:PORT); unset: Google's.
 ENDPOINT_ENV = "HERD_GCE_ENDPOINT"
+COMPUTE_READ_ONLY = "https://www.googleapis.com/auth/compute.readonly"
 
 
 @dataclass
@@ -31,18 +32,21 @@ def clients_for(endpoint: str | None = None) -> GcpClients:
     kwargs: dict = {}
     if endpoint:
         kwargs["client_options"] = ClientOptions(api_endpoint=endpoint)
-        if endpoint.startswith("http://"):
-            # A plain-HTTP endpoint is a local one: no Google credentials go to it.
-            from google.auth.credentials import AnonymousCredentials
-            kwargs["credentials"] = AnonymousCredentials()
-    try:
-        return GcpClients(compute_v1.MachineTypesClient(**kwargs), compute_v1.AcceleratorTypesClient(**kwargs),
-                          compute_v1.RegionsClient(**kwargs), compute_v1.ImagesClient(**kwargs))
-    except Exception as err:   # google.auth.exceptions.DefaultCredentialsError and kin
-        if type(err).__name__ == "DefaultCredentialsError":
+    if endpoint and endpoint.startswith("http://"):
+        # A plain-HTTP endpoint is a local one: no Google credentials go to it.
+        from google.auth.credentials import AnonymousCredentials
+        kwargs["credentials"] = AnonymousCredentials()
+    else:
+        # Resolved here, once, so a missing login is one clear error whatever the client version does.
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+        try:
+            kwargs["credentials"], _ = google.auth.default(scopes=[COMPUTE_READ_ONLY])
+        except DefaultCredentialsError:
             raise UserError("gcp: no credentials found: set GOOGLE_APPLICATION_CREDENTIALS or run "
                             "`gcloud auth application-default login`") from None
-        raise
+    return GcpClients(compute_v1.MachineTypesClient(**kwargs), compute_v1.AcceleratorTypesClient(**kwargs),
+                      compute_v1.RegionsClient(**kwargs), compute_v1.ImagesClient(**kwargs))
 
 
 def _api_message(err) -> str:
