@@ -18,6 +18,7 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.report import Report  # noqa: E402
 from bench.serving import herd_server  # noqa: E402
 from provisioning.weights import fetch  # noqa: E402
 from runtime.batch import Settings, generate  # noqa: E402
@@ -36,9 +37,8 @@ def main() -> int:
     prompts.write_text("".join(json.dumps({"id": f"r{i}", "messages": [
         {"role": "user", "content": f"Write three sentences about the number {i}."}]}) + "\n"
         for i in range(args.rows)))
-    rows = [{"bench": "generate", "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU)",
-             "model": "SmolLM2-135M-Instruct fp32 TP 1", "rows": args.rows, "max_tokens": args.max_tokens}]
-    print(json.dumps(rows[0]), flush=True)
+    report = Report({"bench": "generate", "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU)",
+                     "model": "SmolLM2-135M-Instruct fp32 TP 1", "rows": args.rows, "max_tokens": args.max_tokens})
     server = herd_server(model_dir, 1, work)
     quiet = Console(quiet=True)
     try:
@@ -47,18 +47,13 @@ def main() -> int:
             s = Settings(endpoint=server.url, concurrency=concurrency, max_tokens=args.max_tokens)
             summary = generate(prompts, work / f"out-{concurrency}.jsonl", s, quiet)
             results[concurrency] = summary
-            row = {"concurrency": concurrency, "succeeded": summary.succeeded, "failed": summary.failed,
-                   "tokens": summary.completion_tokens, "wall_s": round(summary.wall_s, 2),
-                   "tokens_per_s": round(summary.tokens_per_s, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            report.emit({"concurrency": concurrency, "succeeded": summary.succeeded, "failed": summary.failed,
+                         "tokens": summary.completion_tokens, "wall_s": round(summary.wall_s, 2),
+                         "tokens_per_s": round(summary.tokens_per_s, 1)})
     finally:
         server.stop()
-    summary = {"summary": {"concurrency_8_vs_1": round(results[8].tokens_per_s / results[1].tokens_per_s, 2)}}
-    rows.append(summary)
-    print(json.dumps(summary), flush=True)
-    if args.out:
-        args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report.emit({"summary": {"concurrency_8_vs_1": round(results[8].tokens_per_s / results[1].tokens_per_s, 2)}})
+    report.save(args.out)
     return 0
 
 

@@ -12,7 +12,6 @@ Usage: python bench/gpu_decode.py [--tiny] [--out bench/results/gpu-decode-H100.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import Report  # noqa: E402
 
 from runtime import catalog  # noqa: E402
 from runtime.architecture import Architecture  # noqa: E402
@@ -85,11 +86,8 @@ def main() -> int:
                             num_key_value_heads=2, head_dim=16, intermediate_size=128,
                             max_position_embeddings=4096, tie_word_embeddings=False)
         prompt, new = 32, 48
-    rows_out = []
-
-    def emit(row):
-        rows_out.append(row)
-        print(json.dumps(row), flush=True)
+    report = Report()
+    emit = report.emit
 
     name = torch.cuda.get_device_name() if gpu else "CPU (tiny config: not a measurement)"
     bw = copy_bandwidth(device, 2 * 2**30 if gpu else 64 * 2**20)
@@ -134,9 +132,7 @@ def main() -> int:
             emit({"batch": batch, "planner_bytes": {"weights": pg.weights, "kv_cache": pg.kv_cache,
                                                     "overhead": pg.overhead, "total": pg.total},
                   "max_memory_allocated": measured, "planner_error": round(pg.total / measured - 1, 4)})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(json.dumps(r) for r in rows_out) + "\n")
+    report.save(args.out)
     return 0
 
 

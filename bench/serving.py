@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import json
 import os
 import platform
 import signal
@@ -27,6 +26,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import Report  # noqa: E402
 
 CHATS = ["Write a short story about a robot who learns to paint.",
          "Explain how a rainbow forms, step by step.",
@@ -132,12 +133,9 @@ def main() -> int:
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / "herd-bench"
     logs.mkdir(exist_ok=True)
     machine = f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()}, CPU)"
-    lines = [{"bench": "serving", "machine": machine, "model": "SmolLM2-135M-Instruct fp32",
-              "new_tokens": NEW_TOKENS, "clients": len(CHATS)}]
-
-    def emit(row: dict) -> None:
-        lines.append(row)
-        print(json.dumps(row), flush=True)
+    report = Report({"bench": "serving", "machine": machine, "model": "SmolLM2-135M-Instruct fp32",
+                     "new_tokens": NEW_TOKENS, "clients": len(CHATS)})
+    emit = report.emit
 
     def sequential_vs_concurrent(url: str, model: str, label: str) -> dict:
         """The same 8 chats one after another, then all at once; returns the concurrent figures."""
@@ -149,7 +147,6 @@ def main() -> int:
               "vs_sequential": round(concurrent["tok_per_s"] / sequential["tok_per_s"], 2)})
         return concurrent
 
-    print(json.dumps(lines[0]), flush=True)
     baseline = in_process_generate(model_dir, args.repeats)
     emit({"case": "in-process generate (TP 1)", "median_s": round(baseline, 3)})
 
@@ -183,9 +180,7 @@ def main() -> int:
         "http_overhead": f"{(http / baseline - 1) * 100:+.1f}% (goal <= 5%)",
         "herd_tp1_concurrent_vs_peer": f"{con1['tok_per_s'] / con_p['tok_per_s']:.2f}x (goal >= 1)",
         "herd_tp3_concurrent_vs_peer": f"{con3['tok_per_s'] / con_p['tok_per_s']:.2f}x"}})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(json.dumps(row) for row in lines) + "\n")
+    report.save(args.out)
     return 0
 
 

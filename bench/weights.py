@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -24,6 +23,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.report import Report  # noqa: E402
 
 from rich.console import Console  # noqa: E402
 
@@ -86,12 +87,9 @@ def main() -> int:
     model = make_model_dir(work / "model", shards=4, shard_bytes=shard)
     total = sum(p.stat().st_size for p in model.iterdir())
     quiet = Console(quiet=True)
-    rows = [{"bench": "weights", "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU)",
-             "model_bytes": total, "files": len(list(model.iterdir()))}]
-
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    report = Report({"bench": "weights", "machine": f"{platform.node()} ({os.cpu_count()} cores, CPU)",
+                     "model_bytes": total, "files": len(list(model.iterdir()))})
+    emit = report.emit
 
     names = [p.name for p in model.iterdir()]
 
@@ -121,7 +119,6 @@ def main() -> int:
               "herd_MBps": round(herd_best / 1e6, 1), "ratio": round(herd_best * best["raw"] / total, 2),
               "ratio_vs_verifying_client": round(herd_best * best["raw_sha256"] / total, 2), "rounds": rounds})
 
-    print(json.dumps(rows[0]), flush=True)
     procs = []
     try:
         # S3 on moto's server
@@ -189,11 +186,8 @@ def main() -> int:
         stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
-    rows.append({"per_rank_loads": per_rank_loads()})
-    print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    emit({"per_rank_loads": per_rank_loads()})
+    report.save(args.out)
     return 0
 
 

@@ -52,7 +52,7 @@ def _no_pulumi(spec: Spec, env_path: str, console: Console, action: str) -> int:
     return 1
 
 
-def _stack(spec: Spec, env_path: str, console: Console):
+def _stack(spec: Spec, env_path: str):
     from pulumi import automation as auto
     stack = auto.create_or_select_stack(stack_name=stack_name(env_path), work_dir=str(INFRA_DIR))
     stack.set_config("herd:environment", auto.ConfigValue(value=_env_config_value(env_path)))
@@ -67,7 +67,7 @@ def up_cloud(spec: Spec, env_path: str, console: Console, smoke: bool = True) ->
         return 1
     if not shutil.which("pulumi"):
         return _no_pulumi(spec, env_path, console, "up")
-    stack = _stack(spec, env_path, console)
+    stack = _stack(spec, env_path)
     result = stack.up(on_output=lambda line: console.print(line, markup=False, highlight=False, end=""))
     endpoint = result.outputs["endpoint"].value
     console.print(f"[green]{spec.name}: created[/] endpoint {endpoint}")
@@ -85,7 +85,7 @@ def up_cloud(spec: Spec, env_path: str, console: Console, smoke: bool = True) ->
 def down_cloud(spec: Spec, env_path: str, console: Console) -> int:
     if not shutil.which("pulumi"):
         return _no_pulumi(spec, env_path, console, "down")
-    _stack(spec, env_path, console).destroy(on_output=lambda line: console.print(line, markup=False, end=""))
+    _stack(spec, env_path).destroy(on_output=lambda line: console.print(line, markup=False, end=""))
     console.print(f"[green]{spec.name}: destroyed[/]")
     return 0
 
@@ -93,7 +93,7 @@ def down_cloud(spec: Spec, env_path: str, console: Console) -> int:
 def status_cloud(spec: Spec, env_path: str, console: Console, as_json: bool = False) -> int:
     if not shutil.which("pulumi"):
         return _no_pulumi(spec, env_path, console, "status")
-    outputs = {k: v.value for k, v in _stack(spec, env_path, console).outputs().items()}
+    outputs = {k: v.value for k, v in _stack(spec, env_path).outputs().items()}
     if not outputs:
         raise UserError(f"{spec.name}: the stack has no outputs: it is not up (run `herd up {env_path}`)")
     if as_json:

@@ -14,7 +14,7 @@ import pulumi
 import pulumi_gcp as gcp
 
 from infra.gcp_types import gpu_type, region_of
-from infra.nodes import node_boot
+from infra.nodes import disk_gb, node_boot
 from provisioning.boot import gcp_sources
 from runtime import catalog
 from runtime.planner import Plan
@@ -30,11 +30,6 @@ class GcpClusterArgs:
     bundle: Path
     api_key: pulumi.Input[str] | None = None
     hf_token: pulumi.Input[str] | None = None
-
-
-def boot_disk_gb(spec: Spec, plan: Plan) -> int:
-    """Weights, a partial copy while fetching, the venv and engine, the OS (as on AWS)."""
-    return spec.gcp.boot_disk_gb or int(plan.weights_total_bytes * 2.2 / 1e9) + 150
 
 
 class GcpCluster(pulumi.ComponentResource):
@@ -104,7 +99,7 @@ class GcpCluster(pulumi.ComponentResource):
                 zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank)},
                 boot_disk={"initialize_params": {
                     "image": f"projects/{section.image_project}/global/images/family/{section.image_family}",
-                    "size": boot_disk_gb(spec, plan), "type": gpus.boot_disk_type}},
+                    "size": section.boot_disk_gb or disk_gb(plan), "type": gpus.boot_disk_type}},
                 guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
                 scheduling=self._scheduling(section.spot),
                 network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC", "access_configs": [{}]}],

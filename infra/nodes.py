@@ -17,6 +17,11 @@ from runtime.spec import Spec
 HOME = "/opt/herd"
 
 
+def disk_gb(plan: Plan) -> int:
+    """A node's disk: the weights, a partial copy while fetching, the venv and engine, the OS."""
+    return int(plan.weights_total_bytes * 2.2 / 1e9) + 150
+
+
 def node_steps(spec: Spec, plan: Plan, head_addr: str) -> list[HostSteps]:
     model_dir = f"{HOME}/models/{spec.model.id}"
     return [plan_host(spec, plan, profile, head_addr if profile.node_rank else NODE_ADDR, model_dir,

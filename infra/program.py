@@ -8,8 +8,6 @@ from rich.console import Console
 
 from infra.stack import read_stack
 
-SSH_USERS = {"aws": "ubuntu"}
-
 
 def main():
     inputs = read_stack()
@@ -18,9 +16,9 @@ def main():
     from provisioning.bundle import node_bundle
     bundle = node_bundle(inputs.env_path, console)
     if spec.target == "aws":
-        from infra.aws_cluster import AwsCluster, AwsClusterArgs
+        from infra.aws_cluster import SSH_USER, AwsCluster, AwsClusterArgs
         cluster = AwsCluster(spec.name, AwsClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token))
-        ssh = cluster.node_addresses.apply(lambda ips: [f"ssh ubuntu@{ip}" for ip in ips])
+        ssh = cluster.node_addresses.apply(lambda ips: [f"ssh {SSH_USER}@{ip}" for ip in ips])
     elif spec.target == "gcp":
         from infra.gcp_cluster import GcpCluster, GcpClusterArgs
         cluster = GcpCluster(spec.name, GcpClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token))

@@ -9,7 +9,8 @@ from runtime.spec import load_spec
 
 
 # Targets a higher layer serves (infra registers aws and gcp): target -> {action: handler}. The
-# registry keeps imports one-way: provisioning never imports infra.
+# registry keeps imports one-way: provisioning never imports infra. Every handler takes
+# (spec, environment path, console, ...), as up_local and up_onprem do.
 TARGET_HANDLERS: dict[str, dict] = {}
 
 
@@ -62,16 +63,12 @@ def cmd_up(args) -> int:
 
 def cmd_down(args) -> int:
     spec = load_spec(args.environment)
-    if spec.target in TARGET_HANDLERS:
-        return _target_handler(spec, "down")(spec, args.environment, Console())
-    return _target_handler(spec, "down")(spec, Console())
+    return _target_handler(spec, "down")(spec, args.environment, Console())
 
 
 def cmd_status(args) -> int:
     spec = load_spec(args.environment)
-    if spec.target in TARGET_HANDLERS:
-        return _target_handler(spec, "status")(spec, args.environment, Console(), as_json=args.json)
-    return _target_handler(spec, "status")(spec, Console(), as_json=args.json)
+    return _target_handler(spec, "status")(spec, args.environment, Console(), as_json=args.json)
 
 
 def _add_weights(sub) -> None:

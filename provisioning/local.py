@@ -135,7 +135,7 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def status_local(spec: Spec, console: Console, as_json: bool = False) -> int:
+def status_local(spec: Spec, env_path: str, console: Console, as_json: bool = False) -> int:
     state = state_dir(spec)
     pid = _running_pid(state)
     info = {"environment": spec.name, "running": pid is not None, "pid": pid, "endpoint": endpoint(spec),
@@ -157,7 +157,7 @@ def status_local(spec: Spec, console: Console, as_json: bool = False) -> int:
     return 0 if pid is not None and info["health"].get("status") == "ready" else 3
 
 
-def down_local(spec: Spec, console: Console, timeout: float = 30) -> int:
+def down_local(spec: Spec, env_path: str, console: Console, timeout: float = 30) -> int:
     state = state_dir(spec)
     pid = _running_pid(state)
     if pid is None:

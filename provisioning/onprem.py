@@ -369,15 +369,15 @@ def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     return 0
 
 
-def down_onprem(spec: Spec, console: Console) -> int:
-    stopped = Installer(spec, "", console).down()
+def down_onprem(spec: Spec, env_path: str, console: Console) -> int:
+    stopped = Installer(spec, env_path, console).down()
     console.print(f"{spec.name}: stopped on {', '.join(stopped) or 'no host (nothing was running)'}")
     return 0
 
 
-def status_onprem(spec: Spec, console: Console, as_json: bool = False) -> int:
+def status_onprem(spec: Spec, env_path: str, console: Console, as_json: bool = False) -> int:
     import json
-    info = Installer(spec, "", console).status()
+    info = Installer(spec, env_path, console).status()
     if as_json:
         print(json.dumps(info, indent=2))
     else:

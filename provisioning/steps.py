@@ -84,8 +84,6 @@ def serve_args(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, env
 
 def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, model_dir: str,
               model_source: str | None, env_file: str) -> HostSteps:
-    instance = spec.aws.instance_type if spec.target == "aws" else (
-        spec.gcp.machine_type if spec.target == "gcp" else None)
     weights_gb = plan.weights_total_bytes / 1e9
     env = {
         "HERD_HOME": profile.home,
@@ -106,7 +104,7 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_SERVE_ARGS": serve_args(spec, plan, profile, head_addr, env_file, model_dir),
     }
     if profile.gpu:
-        env["HERD_NCCL_ENV"] = " ".join(f"{k}={v}" for k, v in network_env(instance).items())
+        env["HERD_NCCL_ENV"] = " ".join(f"{k}={v}" for k, v in network_env(spec.instance_type).items())
     steps, skipped = [], {}
     for step in step_names():
         if step in GPU_STEPS and not profile.gpu:
@@ -135,7 +133,7 @@ def profiles_for(spec: Spec, plan: Plan) -> list[HostProfile]:
 
 def cloud_profiles(spec: Spec, plan: Plan, address: str) -> list[HostProfile]:
     """One profile per cloud node; `address` stands for each node's own address until boot."""
-    instance = catalog.instance(spec.aws.instance_type if spec.target == "aws" else spec.gcp.machine_type)
+    instance = catalog.instance(spec.instance_type)
     # Every 8-GPU A100/H100/H200 type in the catalog is an HGX board with NVSwitches.
     nvswitch = instance.gpus == 8
     return [HostProfile(name=f"node-{rank}", address=address, node_rank=rank, gpu=True, gpus=instance.gpus,

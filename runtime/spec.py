@@ -176,6 +176,15 @@ class Spec(Strict):
     def target_section(self) -> Any:
         return getattr(self, self.target) or (LocalSection() if self.target == "local" else None)
 
+    @property
+    def instance_type(self) -> str | None:
+        """The cloud's instance (AWS) or machine (GCP) type; None off the clouds."""
+        if self.target == "aws":
+            return self.aws.instance_type
+        if self.target == "gcp":
+            return self.gcp.machine_type
+        return None
+
 
 # ---------- loading with one-line errors ----------
 

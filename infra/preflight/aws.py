@@ -47,9 +47,9 @@ def offered_zones(ec2, instance_type: str) -> list[str]:
     return sorted({o["Location"] for page in pages for o in page["InstanceTypeOfferings"]})
 
 
-def check_zones(ec2, spec: Spec) -> Finding:
+def check_zones(spec: Spec, zones: list[str]) -> Finding:
+    """zones: where the region offers the instance type (offered_zones)."""
     section = spec.aws
-    zones = offered_zones(ec2, section.instance_type)
     if not zones:
         return fail("offering", f"{section.instance_type} is not offered in any zone of {section.region}")
     if section.availability_zones:
@@ -121,7 +121,7 @@ def check_ami(ec2, spec: Spec) -> Finding:
     return ok("ami", f"{newest['ImageId']} ({newest.get('Name')})")
 
 
-def check_reservation(ec2, spec: Spec, plan: Plan, zones: list[str]) -> Finding | None:
+def check_reservation(ec2, spec: Spec, plan: Plan) -> Finding | None:
     rid = spec.aws.capacity_reservation_id
     if not rid:
         return None
@@ -151,9 +151,9 @@ def aws_findings(spec: Spec, plan: Plan, clients: AwsClients | None = None) -> l
     clients = clients or clients_for(spec.aws.region)
     try:
         zones = offered_zones(clients.ec2, spec.aws.instance_type)
-        findings = [check_zones(clients.ec2, spec), check_efa(clients.ec2, spec),
+        findings = [check_zones(spec, zones), check_efa(clients.ec2, spec),
                     check_quota(clients.ec2, clients.quotas, spec, plan), check_ami(clients.ec2, spec)]
-        reservation = check_reservation(clients.reservations, spec, plan, zones)
+        reservation = check_reservation(clients.reservations, spec, plan)
     except NoCredentialsError:
         raise UserError("aws: no credentials found: set AWS_PROFILE (or AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY) for an account that may describe EC2 and read Service Quotas") from None

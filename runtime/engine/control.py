@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import fields
 
 from runtime.engine.decode import Row
 
@@ -54,12 +55,8 @@ class DriverChannel:
             for line in self.sock.makefile("rb"):
                 message = json.loads(line)
                 if message["type"] == "generate":
-                    self.requests.put(Row(id=message["id"], input_ids=message["input_ids"],
-                                          max_tokens=message["max_tokens"],
-                                          temperature=message.get("temperature", 0.0),
-                                          top_p=message.get("top_p", 1.0), seed=message.get("seed"),
-                                          stop_token_ids=message.get("stop_token_ids", []),
-                                          logprobs=message.get("logprobs")))
+                    # The message carries the supervisor's request fields; Row keeps the defaults.
+                    self.requests.put(Row(**{f.name: message[f.name] for f in fields(Row) if f.name in message}))
                 elif message["type"] == "cancel":
                     self.cancelled.add(message["id"])
         except OSError:

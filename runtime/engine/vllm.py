@@ -66,14 +66,6 @@ def network_env(instance_id: str | None) -> dict[str, str]:
     return env
 
 
-def _instance_of(spec: Spec) -> str | None:
-    if spec.target == "aws":
-        return spec.aws.instance_type
-    if spec.target == "gcp":
-        return spec.gcp.machine_type
-    return None
-
-
 def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.0.1",
                 node_addrs: list[str] | None = None) -> list[NodeLaunch]:
     """One `vllm serve` per node of the plan."""
@@ -91,7 +83,7 @@ def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.
             "--kv-cache-dtype", "auto" if kv in ("auto", spec.model.dtype) else kv,
             *_quantization_flags(spec),
             "--host", "127.0.0.1", "--port", str(ENGINE_PORT)]
-    env = network_env(_instance_of(spec))
+    env = network_env(spec.instance_type)
     if spec.serving.api_key_env:
         # vLLM reads its key from VLLM_API_KEY: the secret stays out of argv (and out of `ps`).
         env["VLLM_API_KEY"] = "${" + spec.serving.api_key_env + "}"
