@@ -15,7 +15,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.efa import interface_layout
-from infra.nodes import node_boot
+from infra.nodes import disk_gb, node_boot
 from provisioning.boot import aws_sources
 from runtime.planner import Plan
 from runtime.spec import Spec
@@ -35,18 +35,14 @@ class AwsClusterArgs:
     hf_token: pulumi.Input[str] | None = None      # secret
 
 
-def choose_zone(instance_type: str, wanted: list[str], offered: list[str]) -> str:
+def choose_zone(instance_type: str, wanted: list[str], offered: list[str],
+                field: str = "aws.availability_zones") -> str:
     """The first wanted zone that offers the type (any offering zone when none is named)."""
     candidates = [z for z in wanted if z in offered] if wanted else sorted(offered)
     if not candidates:
-        raise pulumi.RunError(f"aws.availability_zones: {wanted}: {instance_type} is offered only in "
+        raise pulumi.RunError(f"{field}: {wanted}: {instance_type} is offered only in "
                               f"{sorted(offered) or 'no zone of this region'}")
     return candidates[0]
-
-
-def root_volume_gb(spec: Spec, plan: Plan) -> int:
-    """Weights plus a partial copy while fetching, the venv/engine and the OS: 2.2 x weights + 150 GB."""
-    return spec.aws.root_volume_gb or int(plan.weights_total_bytes * 2.2 / 1e9) + 150
 
 
 class AwsCluster(pulumi.ComponentResource):
@@ -63,8 +59,7 @@ class AwsCluster(pulumi.ComponentResource):
         offered = aws.ec2.get_instance_type_offerings(
             filters=[{"name": "instance-type", "values": [section.instance_type]}],
             location_type="availability-zone").locations
-        zone = choose_zone(section.instance_type, section.availability_zones, offered)
-        vpc_id, subnet_id, vpc_cidr = self._network(name, spec, zone, tags, child)
+        vpc_id, subnet_id = self._network(name, spec, offered, tags, child)
 
         sg = aws.ec2.SecurityGroup(f"{name}-nodes", vpc_id=vpc_id, tags=tags, opts=child,
                                    description=f"herd {spec.name}: nodes talk freely; API and SSH from named CIDRs")
@@ -100,7 +95,7 @@ class AwsCluster(pulumi.ComponentResource):
             metadata_options={"http_endpoint": "enabled", "http_tokens": "required",
                               "http_put_response_hop_limit": 2, "instance_metadata_tags": "disabled"},
             block_device_mappings=[{"device_name": "/dev/sda1", "ebs": {
-                "volume_size": root_volume_gb(spec, plan), "volume_type": "gp3", "encrypted": "true",
+                "volume_size": section.root_volume_gb or disk_gb(plan), "volume_type": "gp3", "encrypted": "true",
                 "iops": 16000, "throughput": 1000, "delete_on_termination": "true"}}],
             network_interfaces=[{"network_card_index": slot.network_card_index,
                                  "device_index": slot.device_index, "interface_type": slot.interface_type,
@@ -139,14 +134,15 @@ class AwsCluster(pulumi.ComponentResource):
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
     # ------------------------------------------------------------------ parts
-    def _network(self, name: str, spec: Spec, zone: str, tags: dict, child):
+    def _network(self, name: str, spec: Spec, offered: list[str], tags: dict, child):
+        """(VPC id, subnet id): the spec's subnet, which must be in a zone that offers the type, or a new
+        VPC and subnet in the first wanted zone that does."""
         if spec.aws.subnet_id:
             subnet = aws.ec2.get_subnet(id=spec.aws.subnet_id)
-            if subnet.availability_zone != zone and not spec.aws.availability_zones:
-                raise pulumi.RunError(f"aws.subnet_id: {spec.aws.subnet_id!r} is in {subnet.availability_zone}, "
-                                      f"where {spec.aws.instance_type} is not offered (offered: {zone}, ...)")
-            vpc = aws.ec2.get_vpc(id=subnet.vpc_id)
-            return subnet.vpc_id, subnet.id, vpc.cidr_block
+            choose_zone(spec.aws.instance_type, [subnet.availability_zone], offered,
+                        f"aws.subnet_id: {spec.aws.subnet_id!r} (its zone)")
+            return subnet.vpc_id, subnet.id
+        zone = choose_zone(spec.aws.instance_type, spec.aws.availability_zones, offered)
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
                           enable_dns_support=True, tags=tags, opts=child)
         gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
@@ -156,8 +152,7 @@ class AwsCluster(pulumi.ComponentResource):
                                     routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}])
         aws.ec2.RouteTableAssociation(f"{name}-routes-subnet", subnet_id=subnet.id, route_table_id=routes.id,
                                       opts=child)
-        self.subnet = subnet
-        return vpc.id, subnet.id, VPC_CIDR
+        return vpc.id, subnet.id
 
     def _artifacts(self, name: str, bundle: Path, tags: dict, child):
         """A private, encrypted bucket holding the node bundle (herd is not on a package index)."""
@@ -193,8 +188,8 @@ class AwsCluster(pulumi.ComponentResource):
             "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                            "Principal": {"Service": "ec2.amazonaws.com"}}]}))
         buckets = [artifacts.arn] + ([f"arn:aws:s3:::{weights_bucket}"] if weights_bucket else [])
-        region_account = aws.get_caller_identity().account_id
-        params = [f"arn:aws:ssm:*:{region_account}:parameter{param}" for param in secrets.values()]
+        account_id = aws.get_caller_identity().account_id
+        params = [f"arn:aws:ssm:*:{account_id}:parameter{param}" for param in secrets.values()]
 
         def policy(bucket_arns: list[str]) -> str:
             statements = [

@@ -65,6 +65,10 @@ class CloudMocks(pulumi.runtime.Mocks):
                     "instanceTypes": []}
         if args.token == "aws:ec2/getAmi:getAmi":
             return {"id": "ami-0dla0123456789abc", "name": "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.7"}
+        if args.token == "aws:ec2/getSubnet:getSubnet":
+            zone = {"subnet-0east1b": "us-east-1b", "subnet-0east1z": "us-east-1z"}[args.args["id"]]
+            return {"id": args.args["id"], "vpcId": "vpc-0existing", "availabilityZone": zone,
+                    "cidrBlock": "10.9.0.0/24"}
         if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
             return {"accountId": "123456789012", "arn": "arn:aws:iam::123456789012:user/ci", "id": "x",
                     "userId": "x"}

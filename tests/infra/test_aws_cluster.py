@@ -120,6 +120,18 @@ def test_the_zone_is_one_that_offers_the_type(run_stack, tmp_path):
         run_stack(env, mocks=CloudMocks(offered_zones=["us-east-1f", "us-east-1c"]))
 
 
+def test_an_existing_subnet_is_used_when_its_zone_offers_the_type(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    mocks, _ = run_stack(write_env(tmp_path, "mine", base, aws={"subnet_id": "subnet-0east1b"}))
+    assert mocks.of_type("aws:ec2/vpc:Vpc") == [] and mocks.of_type("aws:ec2/subnet:Subnet") == []
+    assert mocks.one("aws:ec2/securityGroup:SecurityGroup").inputs["vpcId"] == "vpc-0existing"
+    nics = mocks.one("aws:ec2/launchTemplate:LaunchTemplate").inputs["networkInterfaces"]
+    assert {n["subnetId"] for n in nics} == {"subnet-0east1b"}
+    with pytest.raises(pulumi.RunError, match=r"aws.subnet_id: 'subnet-0east1z' \(its zone\): \['us-east-1z'\]: "
+                                              r"p5.48xlarge is offered only in \['us-east-1a'"):
+        run_stack(write_env(tmp_path, "elsewhere", base, aws={"subnet_id": "subnet-0east1z"}))
+
+
 def test_spot_and_capacity_blocks_set_the_market(run_stack, tmp_path):
     base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
     mocks, _ = run_stack(write_env(tmp_path, "spot", base, aws={"spot": True}))
