@@ -106,7 +106,7 @@ def main() -> int:
         total_plain = timed(lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, **plain), device)
         # herd: static KV cache, prefill apart, the decode step compiled into CUDA graphs on GPU.
         static = StaticBatch(model, pad_id=0, max_len=prompt + new)
-        rows = [Row(str(i), ids[i].tolist(), new) for i in range(batch)]
+        rows = [Row(ids[i].tolist(), new, id=str(i)) for i in range(batch)]
         decode_batch(model, rows, batch=static)            # warm-up: compilation and graph capture
         if gpu:
             torch.cuda.reset_peak_memory_stats()

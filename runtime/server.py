@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.metrics import Metrics
-from runtime.supervisor import EngineUnavailable, GenerationRequest, QueueFull
+from runtime.engine.request import GenerationRequest
+from runtime.supervisor import EngineUnavailable, QueueFull
 from runtime.text import Detokenizer, StopStrings, TextCodec
 
 

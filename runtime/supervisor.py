@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.engine.control import encode
+from runtime.engine.request import GenerationRequest
 from runtime.launch import LaunchConfig, torchrun_command, worker_env
 from runtime.processes import pid_alive, stop_group
 
@@ -34,17 +35,6 @@ class EngineUnavailable(Exception):
 
 class QueueFull(Exception):
     pass
-
-
-@dataclass
-class GenerationRequest:
-    input_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None
 
 
 @dataclass

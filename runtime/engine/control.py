@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import fields
 
-from runtime.engine.decode import Row
+from runtime.engine.request import Row
 
 
 def encode(message: dict) -> bytes:

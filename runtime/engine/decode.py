@@ -10,12 +10,12 @@ model identical inputs, which tensor parallelism requires.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from runtime.engine.request import Row
 from runtime.engine.sampling import choose, make_generator
 
 # Why a row stopped (the codes travel between ranks as integers).
@@ -23,19 +23,6 @@ RUNNING, STOP, LENGTH, CANCELLED = 0, 1, 2, 3
 FINISH_REASONS = {STOP: "stop", LENGTH: "length", CANCELLED: "stop"}
 # The flag after the tokens in each step's shared payload.
 NO_JOINS, JOINS, SHUTDOWN = 0, 1, 2
-
-
-@dataclass
-class Row:
-    """One sequence; the same on every rank."""
-    id: str
-    input_ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: list[int] = field(default_factory=list)
-    logprobs: int | None = None   # None: not asked; N: the chosen token's logprob and the top N
 
 
 # (row id, new token or None, state, (logprob, [(id, logprob)...]) or None)

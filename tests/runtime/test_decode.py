@@ -24,16 +24,16 @@ P1, P2, P3 = [5, 17, 99, 3, 42, 7], [11, 200, 8], [300]
 
 def test_greedy_equals_generate_alone_and_batched(model):
     refs = {"a": reference(model, P1, 12), "b": reference(model, P2, 9), "c": reference(model, P3, 20)}
-    batched = decode_batch(model, [Row("a", P1, 12), Row("b", P2, 9), Row("c", P3, 20)])
+    batched = decode_batch(model, [Row(P1, 12, id="a"), Row(P2, 9, id="b"), Row(P3, 20, id="c")])
     assert batched == refs
-    assert decode_batch(model, [Row("a", P1, 12)]) == {"a": refs["a"]}
+    assert decode_batch(model, [Row(P1, 12, id="a")]) == {"a": refs["a"]}
 
 
 def test_rows_joining_a_running_batch_get_the_tokens_they_would_get_alone(model):
     refs = {"a": reference(model, P1, 30), "b": reference(model, P2, 10), "c": reference(model, P3, 25),
             "d": reference(model, P1 + P2, 5)}
-    out = decode_batch(model, [Row("a", P1, 30)],
-                       arrivals={3: [Row("b", P2, 10)], 7: [Row("c", P3, 25), Row("d", P1 + P2, 5)]})
+    out = decode_batch(model, [Row(P1, 30, id="a")],
+                       arrivals={3: [Row(P2, 10, id="b")], 7: [Row(P3, 25, id="c"), Row(P1 + P2, 5, id="d")]})
     assert out == refs
 
 
@@ -41,7 +41,7 @@ def test_rows_stop_at_their_own_stop_token_or_length(model):
     ref = reference(model, P2, 10)
     stop_at = ref[3]
     events = []
-    out = decode_batch(model, [Row("a", P2, 10, stop_token_ids=[stop_at]), Row("b", P2, 4)],
+    out = decode_batch(model, [Row(P2, 10, stop_token_ids=[stop_at], id="a"), Row(P2, 4, id="b")],
                        on_step=lambda ev: events.extend(ev) or set())
     assert out["a"] == ref[:ref.index(stop_at) + 1]
     assert out["b"] == ref[:4]
@@ -56,7 +56,7 @@ def test_cancelled_row_stops_and_the_others_continue(model):
     def on_step(events):
         steps.append(events)
         return {"a"} if len(steps) == 2 else set()
-    out = decode_batch(model, [Row("a", P2, 8), Row("b", P2, 8)], on_step=on_step)
+    out = decode_batch(model, [Row(P2, 8, id="a"), Row(P2, 8, id="b")], on_step=on_step)
     assert out["a"] == ref[:2] and out["b"] == ref
     assert any(row_id == "a" and s == CANCELLED for ev in steps for row_id, _, s, _ in ev)
 
@@ -75,11 +75,12 @@ def test_static_cache_decode_equals_generate_and_batches_run_to_their_end(model)
     from runtime.engine.static_batch import StaticBatch
     refs = {"a": reference(model, P1, 12), "b": reference(model, P2, 9), "c": reference(model, P3, 6)}
     static = StaticBatch(model, max_len=64, compile_decode=False)
-    out = decode_batch(model, [Row("a", P1, 12), Row("b", P2, 9)], arrivals={2: [Row("c", P3, 6)]}, batch=static)
+    out = decode_batch(model, [Row(P1, 12, id="a"), Row(P2, 9, id="b")], arrivals={2: [Row(P3, 6, id="c")]},
+                       batch=static)
     assert out == refs  # "c" waited for the first static batch to end, then ran alone
 
 
 def test_static_cache_refuses_a_request_longer_than_the_cache(model):
     from runtime.engine.static_batch import StaticBatch
     with pytest.raises(ValueError, match="static cache"):
-        StaticBatch(model, max_len=8, compile_decode=False).join([Row("a", P1, 10)])
+        StaticBatch(model, max_len=8, compile_decode=False).join([Row(P1, 10, id="a")])

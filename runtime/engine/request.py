@@ -1,0 +1,23 @@
+"""What one generation asks for: the API front builds it, the supervisor sends it to the driver rank,
+every rank decodes it as a Row (the same request with the id the supervisor gave it). No torch here:
+the front process imports it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None   # None: not asked; N: the chosen token's logprob and the top N
+
+
+@dataclass
+class Row(GenerationRequest):
+    """One sequence in the engine; the same on every rank."""
+    id: str = field(kw_only=True)
