@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from runtime.engine.request import Row
-from runtime.engine.sampling import choose, make_generator
+from runtime.engine.sampling import logprobs as row_logprobs
+from runtime.engine.sampling import make_generator, sample
 
 # Why a row stopped (the codes travel between ranks as integers).
 RUNNING, STOP, LENGTH, CANCELLED = 0, 1, 2, 3
@@ -37,14 +38,6 @@ Share = Callable[[torch.Tensor], None]
 ShareObject = Callable[[object], object]
 
 
-def _logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-    """From the model's own distribution (before temperature), as distillation wants it."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logp, top) if top > 0 else None
-    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
-    return float(logp[token]), pairs
-
-
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     missing = length - t.shape[dim]
     if missing <= 0:
@@ -59,6 +52,7 @@ class RunningBatch:
 
     def __init__(self, model, pad_id: int = 0):
         self.model, self.pad_id = model, pad_id
+        self.device = model.device
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask = self.positions = self.logits = None
@@ -73,6 +67,7 @@ class RunningBatch:
         for i, row in enumerate(rows):
             ids[i, longest - len(row.input_ids):] = torch.tensor(row.input_ids)
             mask[i, longest - len(row.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
@@ -99,7 +94,7 @@ class RunningBatch:
         if not indices:
             self.__init__(self.model, self.pad_id)
             return
-        index = torch.tensor(indices)
+        index = torch.tensor(indices, device=self.device)
         self.rows = [self.rows[i] for i in indices]
         self.cache.batch_select_indices(index)
         self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
@@ -111,9 +106,9 @@ class RunningBatch:
                 layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
     def step(self, tokens: list[int]) -> None:
-        self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long)], dim=-1)
+        self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], dim=-1)
         self.positions = self.positions + 1
-        self.logits = self.model(input_ids=torch.tensor(tokens).unsqueeze(-1), attention_mask=self.mask,
+        self.logits = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1), attention_mask=self.mask,
                                  position_ids=self.positions, cache=self.cache, use_cache=True).logits[:, -1, :]
 
 
@@ -125,27 +120,42 @@ class DriverState:
         self.counts: dict[str, int] = {}
         self.cancelled: set[str] = set()
 
-    def admit(self, rows: list[Row]) -> None:
+    def admit(self, rows: list[Row], device: torch.device | str = "cpu") -> None:
         for row in rows:
-            self.generators[row.id] = make_generator(row.seed)
+            self.generators[row.id] = make_generator(row.seed, device)
             self.counts[row.id] = 0
 
     def choose(self, batch: RunningBatch) -> tuple[list[int], list[int], list[Event]]:
+        """Every row's next token in one pass on the logits' device; the ids (and any logprobs) reach
+        the host in one transfer per step."""
+        rows, logits = batch.rows, batch.logits
+        picked = sample(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+                        [self.generators[r.id] for r in rows])
+        wanting = [i for i, r in enumerate(rows) if r.logprobs is not None and r.id not in self.cancelled]
+        lps = None
+        if wanting:
+            index = torch.tensor(wanting, device=logits.device)
+            lps = row_logprobs(logits.index_select(0, index), picked.index_select(0, index),
+                               max(rows[i].logprobs for i in wanting))
+        chosen = picked.tolist()
+        if lps is not None:
+            lp_picked, lp_values, lp_ids = (t.tolist() for t in lps)
+            lps = {i: (lp_picked[k], list(zip(lp_ids[k][:rows[i].logprobs], lp_values[k][:rows[i].logprobs])))
+                   for k, i in enumerate(wanting)}
         tokens, states, events = [], [], []
-        for i, row in enumerate(batch.rows):
+        for i, row in enumerate(rows):
             if row.id in self.cancelled:  # decided here, learnt by every rank through the payload
                 tokens.append(batch.pad_id)
                 states.append(CANCELLED)
                 events.append((row.id, None, CANCELLED, None))
                 continue
-            token = choose(batch.logits[i], row.temperature, row.top_p, self.generators[row.id])
+            token = chosen[i]
             self.counts[row.id] += 1
             state = (STOP if token in row.stop_token_ids
                      else LENGTH if self.counts[row.id] >= row.max_tokens else RUNNING)
-            lp = _logprobs(batch.logits[i], token, row.logprobs) if row.logprobs is not None else None
             tokens.append(token)
             states.append(state)
-            events.append((row.id, token, state, lp))
+            events.append((row.id, token, state, lps.get(i) if lps else None))
         return tokens, states, events
 
     def forget(self, row_id: str) -> None:
@@ -193,14 +203,16 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
             batch.step([tokens[i] for i in kept])
         if flag == JOINS:
             if is_driver:
-                driver.admit(joins)
+                driver.admit(joins, batch.device)
             batch.join(joins)
 
 
 def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_id: int = 0,
-                 arrivals: dict[int, list[Row]] | None = None, batch=None) -> dict[str, list[int]]:
-    """One process: `rows` start together, `arrivals` join after the given step. Returns the tokens
-    generated per row id. The engine's simplest use (tests, benchmarks)."""
+                 arrivals: dict[int, list[Row]] | None = None, batch=None,
+                 share: Share = lambda t: None, share_object: ShareObject = lambda o: o) -> dict[str, list[int]]:
+    """The driver's side of a fixed workload: `rows` start together, `arrivals` join after the given
+    step. Returns the tokens generated per row id. The engine's simplest use (tests, benchmarks); under
+    tensor parallelism the other ranks run `run_engine` with the same `share` functions."""
     arrivals = dict(arrivals or {})
     produced: dict[str, list[int]] = {r.id: [] for r in [*rows, *(r for rs in arrivals.values() for r in rs)]}
     step = 0
@@ -222,6 +234,6 @@ def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_i
                 produced[row_id].append(token)
         return on_step(events) if on_step else set()
 
-    run_engine(model, is_driver=True, share=lambda t: None, share_object=lambda o: o,
+    run_engine(model, is_driver=True, share=share, share_object=share_object,
                max_batch=len(produced), take=take, on_step=collect, pad_id=pad_id, batch=batch)
     return produced

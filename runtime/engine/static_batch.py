@@ -4,11 +4,23 @@ per-token decode step whose tensors never change shape, so it can be captured in
 
 Same interface as RunningBatch, with one difference: a static batch runs to its end; rows join only
 when it is empty (finished rows stay in place, masked, until then).
+
+Shapes are bucketed: a batch of n rows runs at the next power of two (filler rows hold one pad token
+and are never sampled), and each bucket keeps its cache object for good. Compiled graphs are guarded
+on the cache they were traced with, so a fresh cache per batch would recompile (tens of seconds on an
+8B model) every time; a kept one is reset (zeroed in place) and its graph replays.
 """
 from __future__ import annotations
 
 import torch
 from transformers import StaticCache
+
+from runtime.engine.request import Row
+
+
+def bucket(n: int) -> int:
+    """The batch width a static batch of n rows runs at: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class StaticBatch:
@@ -16,18 +28,21 @@ class StaticBatch:
 
     def __init__(self, model, pad_id: int = 0, max_len: int = 2048, compile_decode: bool | None = None):
         self.model, self.pad_id, self.max_len = model, pad_id, max_len
-        device = next(model.parameters()).device
-        self.device = device
+        self.device = model.device
         if compile_decode is None:
-            compile_decode = device.type == "cuda"
-        # "reduce-overhead" = CUDA graphs: the decode step's kernels launch as one graph per shape.
-        self._decode = (torch.compile(self._forward_decode, mode="reduce-overhead", fullgraph=False)
+            compile_decode = self.device.type == "cuda"
+        self.compiled = compile_decode
+        # "reduce-overhead" = CUDA graphs: the decode step's kernels launch as one graph per bucket.
+        # dynamic=False: one specialised graph per bucket rather than a shape-generic one.
+        self._decode = (torch.compile(self._forward_decode, mode="reduce-overhead", dynamic=False)
                         if compile_decode else self._forward_decode)
+        self._caches: dict[int, StaticCache] = {}
+        self.cache = None
         self._reset()
 
     def _reset(self) -> None:
         self.rows, self.active = [], []
-        self.cache = self.mask = self.positions = self.length = None
+        self.mask = self.positions = self.length = None
         self._all_logits = None
 
     def __len__(self) -> int:
@@ -37,25 +52,38 @@ class StaticBatch:
     def logits(self) -> torch.Tensor:
         return self._all_logits[self.active]
 
-    def join(self, rows) -> None:
+    def fits(self, row: Row) -> bool:
+        return len(row.input_ids) + row.max_tokens <= self.max_len
+
+    def _cache_for(self, width: int) -> StaticCache:
+        cache = self._caches.get(width)
+        if cache is None:
+            cache = self._caches[width] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        else:
+            cache.reset()
+        return cache
+
+    def join(self, rows: list[Row]) -> None:
         assert not self.rows, "a static batch takes new rows only when empty"
         longest = max(len(r.input_ids) for r in rows)
         if longest + max(r.max_tokens for r in rows) > self.max_len:
             raise ValueError(f"prompt + max_tokens exceeds the static cache ({self.max_len} tokens)")
-        n = len(rows)
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long, device=self.device)
-        self.mask = torch.zeros((n, self.max_len), dtype=torch.long, device=self.device)
-        for i, row in enumerate(rows):
-            ids[i, longest - len(row.input_ids):] = torch.tensor(row.input_ids, device=self.device)
-            self.mask[i, longest - len(row.input_ids):longest] = 1
+        width = bucket(len(rows))
+        prompts = [r.input_ids for r in rows] + [[self.pad_id]] * (width - len(rows))
+        ids = torch.full((width, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((width, self.max_len), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, longest - len(prompt):] = torch.tensor(prompt)
+            mask[i, longest - len(prompt):longest] = 1
+        ids, self.mask = ids.to(self.device), mask.to(self.device)
         positions = (self.mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        self.cache = self._cache_for(width)
         out = self.model(input_ids=ids, attention_mask=self.mask[:, :longest], position_ids=positions,
                          cache=self.cache, use_cache=True, logits_to_keep=1)
         self._all_logits = out.logits[:, -1, :]
         self.positions = positions[:, -1:]
         self.length = longest
-        self.rows, self.active = list(rows), list(range(n))
+        self.rows, self.active = list(rows), list(range(len(rows)))
 
     def keep(self, indices: list[int]) -> None:
         """Rows that finished stay in the batch (fixed shapes); they are only hidden from sampling."""
@@ -64,15 +92,18 @@ class StaticBatch:
         if not self.rows:
             self._reset()
 
-    def _forward_decode(self, tokens, mask, positions):
-        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+    def _forward_decode(self, tokens, mask, positions, cache):
+        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
                           use_cache=True).logits[:, -1, :]
 
     def step(self, tokens: list[int]) -> None:
-        n = self.mask.shape[0]
-        full = torch.full((n, 1), self.pad_id, dtype=torch.long, device=self.device)
-        full[self.active, 0] = torch.tensor(tokens, device=self.device)
+        width = self.mask.shape[0]
+        full = torch.full((width, 1), self.pad_id, dtype=torch.long)
+        full[self.active, 0] = torch.tensor(tokens)
         self.mask[:, self.length] = 1
         self.length += 1
         self.positions = self.positions + 1
-        self._all_logits = self._decode(full, self.mask, self.positions)
+        if self.compiled:
+            # A new step: the previous step's outputs (in the graph's memory pool) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        self._all_logits = self._decode(full.to(self.device), self.mask, self.positions, self.cache)

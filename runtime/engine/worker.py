@@ -29,14 +29,43 @@ def _env(name: str, default: str | None = None) -> str:
     return value
 
 
-def load_model(model_dir: str, dtype: torch.dtype, world: int):
+def load_model(model_dir: str, dtype: torch.dtype, world: int, device: str = "cpu"):
+    """This rank's shard on its device. Under tensor parallelism transformers places the shard on the
+    device bound to LOCAL_RANK (set by `place`); alone, the whole model goes to `device`."""
     from transformers import AutoModelForCausalLM
     kwargs = {"dtype": dtype}
     if world > 1:
         from transformers.distributed import DistributedConfig
         kwargs["distributed_config"] = DistributedConfig(tp_size=world)
+    elif device != "cpu":
+        kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     return model.eval()
+
+
+def place(local_rank: int, world: int):
+    """Bind this rank to its device and join the group: NCCL between GPUs, gloo between CPU ranks, and
+    a gloo group for the driver's host-side payloads either way. Returns (placement, control group)."""
+    from runtime.engine.placement import PlacementError, place_rank, visible_cuda_devices
+    try:
+        placement = place_rank(cuda_devices=visible_cuda_devices(), local_rank=local_rank, world=world,
+                               want=os.environ.get("HERD_DEVICE", "auto"))
+    except PlacementError as err:
+        sys.exit(f"herd worker: {err}")
+    device = torch.device(placement.device)
+    if placement.on_cuda:
+        torch.cuda.set_device(device)
+    control = None
+    if world > 1:
+        # Idle ranks wait in a broadcast between batches; the canary keeps that wait short, and a dead
+        # peer breaks it at once (closed socket), so a long timeout only guards against true hangs.
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(placement.backend, timeout=timeout,
+                                device_id=device if placement.on_cuda else None)
+        control = dist.new_group(backend=placement.control_backend, timeout=timeout) \
+            if placement.control_backend != placement.backend else dist.group.WORLD
+    log.info("rank on %s, collectives over %s", placement.device, placement.backend)
+    return placement, control
 
 
 def main() -> int:
@@ -52,12 +81,9 @@ def main() -> int:
     if threads:
         torch.set_num_threads(int(threads))
 
-    if world > 1:
-        # Idle ranks wait in a broadcast between batches; the canary keeps that wait short, and a dead
-        # peer breaks it at once (closed socket), so a long timeout only guards against true hangs.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    placement, control = place(local_rank, world)
     wants_driver = os.environ.get("HERD_HEAD") == "1" and local_rank == 0
-    driver_rank = _agree_on_driver(rank, world, wants_driver)
+    driver_rank = _agree_on_driver(rank, world, wants_driver, control)
     is_driver = rank == driver_rank
     channel = None
     if is_driver:
@@ -70,7 +96,8 @@ def main() -> int:
     if is_driver and store is not None:
         _report_loading(store, channel, world)
     read_before = _disk_read_bytes()
-    model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, _env("HERD_DTYPE", "float32")), world)
+    model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, _env("HERD_DTYPE", "float32")), world,
+                       placement.device)
     load = {"rank": rank, "seconds": round(time.monotonic() - started, 2),
             "disk_read_bytes": _disk_read_bytes() - read_before, "shard_bytes": _shard_bytes(model)}
     log.info("shard loaded in %.1fs: %d parameter bytes here, %d bytes read from disk", load["seconds"],
@@ -78,34 +105,21 @@ def main() -> int:
     if store is not None:
         store.add("herd/loaded", 1)
         threading.Thread(target=_heartbeat, args=(store, rank), daemon=True, name="herd-heartbeat").start()
-        dist.barrier()
+        dist.barrier(group=control)
         if is_driver:
             threading.Thread(target=_watch_heartbeats, args=(store, world, channel), daemon=True,
                              name="herd-heartbeat-watch").start()
     loads = [load]
     if world > 1:
         loads = [None] * world
-        dist.all_gather_object(loads, load)
+        dist.all_gather_object(loads, load, group=control)
     if is_driver:
         channel.send({"type": "loaded", "world": world, "loads": loads})
 
     max_batch = int(_env("HERD_MAX_BATCH", "8"))
     window = float(_env("HERD_BATCH_WINDOW_S", "0.005"))
     pad_id = int(_env("HERD_PAD_ID", "0"))
-    if world > 1:
-        def share(t):
-            dist.broadcast(t, src=driver_rank)
-
-        def share_object(obj):
-            box = [obj]
-            dist.broadcast_object_list(box, src=driver_rank)
-            return box[0]
-    else:
-        def share(t):
-            return None
-
-        def share_object(obj):
-            return obj
+    share, share_object = sharing(world, driver_rank, control)
 
     take = on_step = None
     if is_driver:
@@ -124,6 +138,22 @@ def main() -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def sharing(world: int, driver_rank: int, group):
+    """The driver's per-step payload to every rank: (share(tensor) in place, share_object(obj) -> obj),
+    over the control group; identities when there is one rank."""
+    if world == 1:
+        return (lambda t: None), (lambda obj: obj)
+
+    def share(t):
+        dist.broadcast(t, src=driver_rank, group=group)
+
+    def share_object(obj):
+        box = [obj]
+        dist.broadcast_object_list(box, src=driver_rank, group=group)
+        return box[0]
+    return share, share_object
 
 
 HEARTBEAT_S, HEARTBEAT_LOST_S = 0.5, 2.5
@@ -179,11 +209,11 @@ def _shard_bytes(model) -> int:
     return total
 
 
-def _agree_on_driver(rank: int, world: int, wants: bool) -> int:
+def _agree_on_driver(rank: int, world: int, wants: bool, group) -> int:
     if world == 1:
         return 0
     flags = [None] * world
-    dist.all_gather_object(flags, wants)
+    dist.all_gather_object(flags, wants, group=group)
     return flags.index(True) if True in flags else 0
 
 
