@@ -134,6 +134,22 @@ def graph_step(static: StaticBatch, rows, steps: int, device) -> float:
     return took / steps
 
 
+@torch.inference_mode()
+def profile_steps(static: StaticBatch, rows, steps: int, path: Path) -> None:
+    """Where a decode step's device time goes: the kernels of `steps` graph replays, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    static.join(rows)
+    tokens = [1] * len(rows)
+    static.step(tokens)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            static.step(tokens)
+        torch.cuda.synchronize()
+    static.keep([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
+
+
 def versions() -> dict:
     import transformers
     return {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -147,6 +163,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="GPU: write the batch-1 decode step's kernel table here")
     args = parser.parse_args()
     gpu = torch.cuda.is_available() and not args.tiny
     if not gpu and not args.tiny:
@@ -189,14 +206,15 @@ def main() -> int:
         if gpu:
             gc.collect()
             torch.cuda.empty_cache()
-            before = torch.cuda.memory_allocated()
+            before, before_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
         static = StaticBatch(model, pad_id=0, max_len=prompt + new)
         # Warm-up, both sides: compilation and graph capture for herd, kernels and caches for generate.
         run_herd(model, rows, static, device)
         run_generate(model, ids, new, device)
         peak_allocated = peak_reserved = 0
-        if gpu:   # herd alone: generate's own cache must not count in herd's peak
+        if gpu:   # herd alone: generate's cache and blocks must not count in herd's peaks
             gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             run_herd(model, rows, static, device)
             peak_allocated, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
@@ -223,6 +241,8 @@ def main() -> int:
         emit({"batch": batch, "engine": "herd-graph-only", "ms_per_step": round(graph_s * 1000, 3),
               "fraction_of_floor": round(floor_ms / (graph_s * 1000), 3),
               "engine_overhead_ms_per_step": round(min(herd_step) * 1000 - graph_s * 1000, 3)})
+        if gpu and args.profile and batch == 1:
+            profile_steps(static, rows, 8, args.profile)
         summary[f"batch_{batch}_herd_vs_generate"] = round(results["herd"] / results["generate"], 2)
         if gpu:
             hw = Hardware(accelerator=catalog.accelerator(accel), devices_per_node=1)
@@ -232,10 +252,11 @@ def main() -> int:
             pg, parts = predicted.per_gpu_bytes, predicted.overhead_breakdown
             allocation_part = pg.weights + pg.kv_cache + parts["activations"] + parts["logits"]
             measured_alloc = peak_allocated - before + weight_bytes
-            measured_device = peak_reserved - before + weight_bytes + context_bytes
+            measured_device = peak_reserved - before_reserved + weight_bytes + context_bytes
             emit({"batch": batch, "planner_bytes": {"weights": pg.weights, "kv_cache": pg.kv_cache,
                                                     **parts, "total": pg.total},
                   "measured_bytes": {"weights": weight_bytes, "peak_allocated": measured_alloc,
+                                     "allocator_reserve": peak_reserved - peak_allocated,
                                      "peak_reserved_plus_context": measured_device},
                   "planner_allocation_error": round(allocation_part / measured_alloc - 1, 4),
                   "planner_device_error": round(pg.total / measured_device - 1, 4)})

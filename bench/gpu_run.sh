@@ -18,6 +18,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/herd-site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# perf_hints: torch.compile says when (and why) it could not use CUDA graphs.
+export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 "$PY" - <<'PY' | tee "$OUT/versions.json"
 import json, platform, torch, transformers
@@ -29,5 +31,6 @@ status=0
 timeout "${GPU_TEST_S:-200}" "$PY" -m pytest -m gpu -p no:cacheprovider -q -o addopts="" \
   tests/runtime/test_engine_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" || status=1
 timeout "${GPU_BENCH_S:-420}" "$PY" bench/gpu_decode.py --rounds "${ROUNDS:-3}" --out "$OUT/gpu-decode.txt" \
+  --profile "$OUT/profile-batch1.txt" \
   2>&1 | tee "$OUT/gpu-decode.log" | grep -v "^\s*$" || status=1
 exit $status

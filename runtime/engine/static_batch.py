@@ -32,6 +32,9 @@ class StaticBatch:
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
         self.compiled = compile_decode
+        if compile_decode and getattr(model.config, "_attn_implementation", None) == "sdpa":
+            from runtime.engine.attention import use_grouped_decode_attention
+            use_grouped_decode_attention(model)   # compiled SDPA would repeat every KV head per step
         # "reduce-overhead" = CUDA graphs: the decode step's kernels launch as one graph per bucket.
         # dynamic=False: one specialised graph per bucket rather than a shape-generic one.
         self._decode = (torch.compile(self._forward_decode, mode="reduce-overhead", dynamic=False)

@@ -81,6 +81,8 @@ def test_cuda_graph_static_decode_agrees_with_dynamic_decode(gpu_model):
     dynamic = decode_batch(gpu_model, rows())
     static = StaticBatch(gpu_model, max_len=64)
     assert static.compiled                     # CUDA: the decode step runs as captured graphs
+    from runtime.engine.attention import uses_grouped_decode_attention
+    assert uses_grouped_decode_attention(gpu_model)   # and reads each KV head once
     assert decode_batch(gpu_model, rows(), batch=static) == dynamic
     assert decode_batch(gpu_model, rows(), batch=static) == dynamic   # replayed graphs, reused cache
 
