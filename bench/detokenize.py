@@ -1,0 +1,182 @@
+"""Detokenizer + stop-string check, per token, at 1k and 16k output tokens: the previous implementation
+(re-decoding the whole output and searching the whole text on every token, copied below as `Old...`)
+against runtime.text's incremental one, on the same token stream, with the same timer, in interleaved
+rounds (median kept; these machines are shared and noisy, so compare ratios, not absolute figures).
+
+- "at_position": the cost of the last WINDOW tokens of an N-token output, i.e. what every token costs
+  the server's event loop once an output has grown that long. The old state is set up directly (the
+  same ids and text feeding would give) because feeding 16k tokens through it takes about a minute.
+- "whole_output": the average per token over an entire output (old only at 1k, for the same reason).
+
+Tokenizer: SmolLM2-135M-Instruct's (a Llama-class BPE, 49152 ids) when on disk, else the tests' tiny one.
+Usage: python bench/detokenize.py [--rounds 5] [--out bench/results/detokenize-MACHINE.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import Report  # noqa: E402
+from runtime.paths import model_dir_for  # noqa: E402
+from runtime.text import Detokenizer, StopStrings, TextCodec  # noqa: E402
+
+STOPS = ["\nUser:", "<|im_end|>", "</answer>"]  # typical; absent from the text, so checked every token
+TEXT = ("The capital of France is Paris, and the Seine runs through it. 안녕하세요, 서울에서 만나요! "
+        "def area(r):\n    return 3.14159 * r ** 2\n")
+WINDOW = 256
+LENGTHS = (1000, 16000)
+
+
+class OldDetokenizer:
+    """runtime.text.Detokenizer before incremental decoding (the baseline)."""
+
+    def __init__(self, codec, skip=frozenset()):
+        self.codec, self.skip, self.ids, self.emitted = codec, skip, [], ""
+
+    def add(self, token: int) -> str:
+        if token in self.skip:
+            return ""
+        self.ids.append(token)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class OldStopStrings:
+    """runtime.text.StopStrings before the bounded search (the baseline)."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.sent = "", 0
+
+    def feed(self, delta: str, final: bool = False):
+        self.text += delta
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out, self.sent = self.text[self.sent:cut], cut
+            self.text = self.text[:cut]
+            return out, True
+        safe = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
+        out, self.sent = self.text[self.sent:safe], safe
+        return out, False
+
+
+def load_codec() -> tuple[TextCodec, str]:
+    smol = model_dir_for("smollm2-135m-instruct")
+    if (smol / "tokenizer.json").is_file():
+        return TextCodec(smol), "SmolLM2-135M-Instruct"
+    from tests.runtime.conftest import make_tiny_model
+    return TextCodec(make_tiny_model(Path(tempfile.mkdtemp()))), "tiny test BPE (SmolLM2 not on disk)"
+
+
+def token_stream(codec: TextCodec, n: int) -> list[int]:
+    ids = codec.encode(TEXT)
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def old_pair_at(codec, ids: list[int], start: int):
+    """The old classes in the state that feeding ids[:start] leaves them in."""
+    detok, stops = OldDetokenizer(codec, set(codec.eos_ids)), OldStopStrings(STOPS)
+    detok.ids = [i for i in ids[:start] if i not in detok.skip]
+    detok.emitted = stops.text = codec.decode(detok.ids)
+    stops.sent = max(0, len(stops.text) - stops.hold)
+    return detok, stops
+
+
+def new_pair_at(codec, ids: list[int], start: int):
+    detok, stops = Detokenizer(codec, set(codec.eos_ids)), StopStrings(STOPS)
+    for token in ids[:start]:
+        stops.feed(detok.add(token))
+    return detok, stops
+
+
+def time_tokens(detok, stops, tokens: list[int]) -> float:
+    """Microseconds per token for detokenize + stop check, the server's per-token work."""
+    started = time.perf_counter_ns()
+    for token in tokens:
+        stops.feed(detok.add(token))
+    return (time.perf_counter_ns() - started) / len(tokens) / 1e3
+
+
+def at_position(codec, n: int, rounds: int) -> dict:
+    ids = token_stream(codec, n)
+    old, new = [], []
+    for r in range(rounds):
+        order = [("old", old_pair_at, old), ("new", new_pair_at, new)]
+        for _, setup, into in (order if r % 2 == 0 else order[::-1]):
+            detok, stops = setup(codec, ids, n - WINDOW)
+            into.append(time_tokens(detok, stops, ids[n - WINDOW:]))
+    return _row("at_position", n, old, new)
+
+
+def whole_output(codec, n: int, rounds: int, with_old: bool) -> dict:
+    ids = token_stream(codec, n)
+    old, new = [], []
+    for r in range(rounds):
+        runs = [(old_pair_at, old)] if with_old else []
+        runs.append((new_pair_at, new))
+        for setup, into in (runs if r % 2 == 0 else runs[::-1]):
+            detok, stops = setup(codec, ids, 0)
+            into.append(time_tokens(detok, stops, ids))
+    return _row("whole_output", n, old, new)
+
+
+def _row(kind: str, n: int, old: list[float], new: list[float]) -> dict:
+    row = {"measure": kind, "output_tokens": n, "new_us_per_token": round(statistics.median(new), 2),
+           "rounds": len(new)}
+    if old:
+        row["old_us_per_token"] = round(statistics.median(old), 2)
+        row["old_over_new"] = round(statistics.median(old) / statistics.median(new), 1)
+    return row
+
+
+def header(tokenizer: str, rounds: int) -> dict:
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "absent"
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "runtime", "bench/detokenize.py"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"bench": "detokenize", "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()}, CPU)",
+            "git_sha": sha + ("+dirty" if dirty else ""), "python": platform.python_version(),
+            "torch": version("torch"), "tokenizers": version("tokenizers"), "transformers": version("transformers"),
+            "tokenizer": tokenizer, "stops": STOPS, "window": WINDOW, "rounds": rounds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    codec, name = load_codec()
+    report = Report(header(name, args.rounds))
+    rows = [at_position(codec, n, args.rounds) for n in LENGTHS]
+    rows += [whole_output(codec, n, args.rounds, with_old=n <= 1000) for n in LENGTHS]
+    for row in rows:
+        report.emit(row)
+    at = {r["output_tokens"]: r for r in rows if r["measure"] == "at_position"}
+    summary = {f"old_over_new_at_{n}": r["old_over_new"] for n, r in at.items()}
+    summary["new_16k_over_1k_at_position"] = round(at[16000]["new_us_per_token"] / at[1000]["new_us_per_token"], 2)
+    report.emit({"summary": summary})
+    report.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
