@@ -1,75 +1,77 @@
-"""Prometheus text exposition, without a client library: counters, gauges and histograms."""
+"""herd's Prometheus metrics, through prometheus_client (escaping and exposition done right).
+
+Requests are labelled by route template ("/v1/chat/completions", "/v1/{path:path}"), never by the raw
+path: a client probing random URLs (even without a key) must not create new series, and a `"` in a
+path must not break the scrape. Paths that match no route share the label "other".
+Each server gets its own registry, so several apps in one process (tests) do not collide.
+"""
 from __future__ import annotations
 
-import bisect
-import threading
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets=LATENCY_BUCKETS):
-        self.name, self.help, self.buckets = name, help_text, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.total = 0.0
-        self.n = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.n += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.buckets, self.counts):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.n}')
-        lines += [f"{self.name}_sum {self.total}", f"{self.name}_count {self.n}"]
-        return lines
+UNMATCHED_ROUTE = "other"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = {}   # (endpoint, status) -> count
-        self.tokens_generated = 0
-        self.prompt_tokens = 0
-        self.restarts = 0
-        self.ttft = Histogram("herd_time_to_first_token_seconds", "Time from request to first token.")
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter("herd_requests", "Requests by route template and HTTP status.",
+                                 ["route", "status"], registry=r)
+        self._errors = Counter("herd_request_errors", "Requests answered with an error status.", registry=r)
+        self._generated = Counter("herd_generated_tokens", "Output tokens generated.", registry=r)
+        self._prompt = Counter("herd_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self._restarts = Counter("herd_restarts", "Worker group restarts.", registry=r)
+        self._queue = Gauge("herd_queue_depth", "Requests waiting or running in the engine.", registry=r)
+        self._ready = Gauge("herd_ready", "1 when every rank is loaded and the canary answers.", registry=r)
+        self._batches = Gauge("herd_batches_total", "Batches the engine ran (from the supervisor).",
+                              registry=r)
+        self._batched = Gauge("herd_batched_requests_total",
+                              "Requests in those batches, canaries included (from the supervisor).", registry=r)
+        self._loop_lag = Histogram("herd_event_loop_lag_seconds",
+                                   "How late the server's event loop woke up for a periodic timer.",
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.ttft = Histogram("herd_time_to_first_token_seconds", "Time from request to first token.",
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.per_token = Histogram("herd_time_per_output_token_seconds",
-                                   "Time between output tokens of one request.")
+                                   "Time between output tokens of one request.", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("herd_request_latency_seconds", "Time from request to its last byte (generation "
+                             "endpoints).", buckets=LATENCY_BUCKETS, registry=r)
+        self._restart_count = 0
 
-    def request(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            key = (endpoint, str(status))
-            self.requests[key] = self.requests.get(key, 0) + 1
+    # ---------------------------------------------------------------- updates
+    def request(self, route: str, status: int) -> None:
+        self._requests.labels(route=route, status=str(status)).inc()
+        if status >= 400:
+            self._errors.inc()
 
+    def generated(self, tokens: int = 1) -> None:
+        self._generated.inc(tokens)
+
+    def prompt(self, tokens: int) -> None:
+        self._prompt.inc(tokens)
+
+    def loop_lag(self, seconds: float) -> None:
+        self._loop_lag.observe(max(0.0, seconds))
+
+    @property
+    def restarts(self) -> int:
+        return self._restart_count
+
+    @restarts.setter
+    def restarts(self, value: int) -> None:
+        # The supervisor's hook sets the running count; the counter only ever moves forward.
+        if value > self._restart_count:
+            self._restarts.inc(value - self._restart_count)
+            self._restart_count = value
+
+    # ---------------------------------------------------------------- exposition
     def render(self, queue_depth: int, ready: bool, batches: int = 0, batched_rows: int = 0) -> str:
-        with self._lock:
-            lines = ["# HELP herd_requests_total Requests by endpoint and HTTP status.",
-                     "# TYPE herd_requests_total counter"]
-            lines += [f'herd_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                      for (e, s), n in sorted(self.requests.items())]
-            errors = sum(n for (_, s), n in self.requests.items() if int(s) >= 400)
-            lines += ["# HELP herd_request_errors_total Requests answered with an error status.",
-                      "# TYPE herd_request_errors_total counter", f"herd_request_errors_total {errors}",
-                      "# HELP herd_queue_depth Requests waiting or running in the engine.",
-                      "# TYPE herd_queue_depth gauge", f"herd_queue_depth {queue_depth}",
-                      "# HELP herd_generated_tokens_total Output tokens generated.",
-                      "# TYPE herd_generated_tokens_total counter",
-                      f"herd_generated_tokens_total {self.tokens_generated}",
-                      "# HELP herd_prompt_tokens_total Prompt tokens processed.",
-                      "# TYPE herd_prompt_tokens_total counter", f"herd_prompt_tokens_total {self.prompt_tokens}",
-                      "# HELP herd_ready 1 when every rank is loaded and the canary answers.",
-                      "# TYPE herd_ready gauge", f"herd_ready {int(ready)}",
-                      "# HELP herd_restarts_total Worker group restarts.",
-                      "# TYPE herd_restarts_total counter", f"herd_restarts_total {self.restarts}",
-                      "# HELP herd_batches_total Batches the engine ran.",
-                      "# TYPE herd_batches_total counter", f"herd_batches_total {batches}",
-                      "# HELP herd_batched_requests_total Requests in those batches (includes canaries).",
-                      "# TYPE herd_batched_requests_total counter",
-                      f"herd_batched_requests_total {batched_rows}"]
-            lines += self.ttft.render() + self.per_token.render()
-        return "\n".join(lines) + "\n"
+        self._queue.set(queue_depth)
+        self._ready.set(int(ready))
+        self._batches.set(batches)
+        self._batched.set(batched_rows)
+        return generate_latest(self.registry).decode()

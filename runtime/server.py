@@ -5,6 +5,8 @@ plugs in behind the same API and the same readiness semantics.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -13,58 +15,24 @@ from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
-from runtime.metrics import Metrics
+from runtime.api_models import ChatBody, CompletionBody, SamplingFields, error_responses, refused_fields
 from runtime.engine.request import GenerationRequest
-from runtime.supervisor import EngineUnavailable, QueueFull
+from runtime.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
+from runtime.supervisor import EngineUnavailable, QueueFull, RequestFailed
 from runtime.text import Detokenizer, StopStrings, TextCodec
 
-
-# ------------------------------------------------------------------ request bodies
-class SamplingFields(BaseModel):
-    # Clients send many optional OpenAI fields; unknown ones are ignored, as OpenAI's server does.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    # vLLM-compatible extensions: generate past end-of-sequence; return the generated ids.
-    ignore_eos: bool = False
-    return_token_ids: bool = False
-
-
-class CompletionBody(SamplingFields):
-    prompt: str | list[str] | list[int]   # OpenAI also takes a prompt as token ids
-    max_tokens: int | None = 16   # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=20)
-
-    @property
-    def top_n(self) -> int | None:
-        return self.logprobs
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict] | None = ""
-
-
-class ChatBody(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    @property
-    def top_n(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+# Bodies past this size are refused before they are read (a 128k-token prompt is well under 1 MB).
+MAX_BODY_BYTES = 8 * 2**20
+# Paths anyone may read: health for load balancers, the API's description for clients and fuzzers.
+PUBLIC_PREFIXES = ("/health", "/docs", "/openapi.json")
 
 
 class ApiError(Exception):
@@ -86,57 +54,119 @@ class ServerConfig:
 
 
 def _text_of(content) -> str:
-    if isinstance(content, list):  # OpenAI content parts: keep the text ones
-        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    if isinstance(content, list):  # OpenAI content parts (validated: type "text" only)
+        return "".join(part.text for part in content)
     return content or ""
+
+
+def _validation_error(err: RequestValidationError) -> ApiError:
+    """pydantic's first complaint as one OpenAI-shaped line: the field, what was wrong, the value."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {str(value)[:60]!r})"
+    if first.get("type") == "json_invalid":
+        return ApiError(400, "request body is not valid JSON")
+    if first.get("type") == "missing" and not loc:
+        return ApiError(400, "request body must be a JSON object")
+    return ApiError(400, f"{field}: {first.get('msg', 'invalid')}{shown}", param=field)
+
+
+def _route_of(app: FastAPI, scope) -> str:
+    """The route template a request matches, for metric labels (bounded, unlike raw paths)."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in app.router.routes:
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return candidate.path
+    return UNMATCHED_ROUTE
+
+
+async def _watch_loop_lag(metrics: Metrics, every_s: float = 0.1) -> None:
+    """How late the event loop wakes up: work blocking the loop (tokenizing, detokenizing) shows here."""
+    while True:
+        due = time.monotonic() + every_s
+        await asyncio.sleep(every_s)
+        metrics.loop_lag(time.monotonic() - due)
 
 
 # ------------------------------------------------------------------ the front every engine shares
 def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
-    """Errors, API key, health and metrics: the same whatever engine is behind."""
-    app = FastAPI(title="herd", docs_url=None, redoc_url=None)
+    """Errors, API key, body limit, health and metrics: the same whatever engine is behind."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        lag = asyncio.get_running_loop().create_task(_watch_loop_lag(metrics))
+        yield
+        lag.cancel()
+
+    app = FastAPI(title="herd", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan,
+                  description="OpenAI-compatible API of one herd serving group, with honest health "
+                              "(ready = every rank loaded and a canary generation answered).")
     app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         return err.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        # FastAPI's own refusals (unparseable body, unknown path, wrong method) in OpenAI's error shape.
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return ApiError(err.status_code, str(err.detail), kind).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        return _validation_error(err).response()
+
     @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next):
+    async def _auth_limit_and_count(request: Request, call_next):
         path = request.url.path
-        if cfg.api_key and not path.startswith("/health"):
+        public = path.startswith(PUBLIC_PREFIXES)
+        response = None
+        if cfg.api_key and not public:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
                 response = ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                     "authentication_error", code="invalid_api_key").response()
-                metrics.request(path, 401)
-                return response
-        response = await call_next(request)
+        if response is None:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                response = ApiError(413, f"request body is {int(length)} bytes; at most {MAX_BODY_BYTES}",
+                                    code="body_too_large").response()
+        if response is None:
+            response = await call_next(request)
         if not path.startswith("/health"):
-            metrics.request(path, response.status_code)
+            metrics.request(_route_of(app, request.scope), response.status_code)
         return response
 
     def _health_body() -> dict:
         h = backend.health
-        return {"status": "ready" if h.ready else "not_ready", "phase": h.phase, "reason": h.reason,
+        body = {"status": "ready" if h.ready else "not_ready", "phase": h.phase, "reason": h.reason,
                 "ranks_loaded": h.loaded, "world_size": h.world, "restarts": h.restarts,
                 "last_canary_seconds": h.last_canary_s, "rank_loads": h.loads}
+        for extra in ("restarts_in_window", "restart_budget", "restart_window_s"):
+            if hasattr(h, extra):
+                body[extra] = getattr(h, extra)
+        return body
 
-    @app.get("/health/live")
+    @app.get("/health/live", tags=["health"])
     async def live():
         return {"status": "live"}
 
-    @app.get("/health/ready")
-    @app.get("/health")
+    @app.get("/health/ready", tags=["health"], responses={503: {"description": "not ready (see phase, reason)"}})
+    @app.get("/health", tags=["health"], include_in_schema=False)
     async def ready():
         return JSONResponse(_health_body(), status_code=200 if backend.health.ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", tags=["metrics"], response_class=PlainTextResponse)
     async def prometheus():
         return PlainTextResponse(metrics.render(backend.queue_depth, backend.health.ready,
                                                 getattr(backend, "batches", 0),
                                                 getattr(backend, "batched_rows", 0)),
-                                 media_type="text/plain; version=0.0.4")
+                                 media_type=CONTENT_TYPE)
     return app
 
 
@@ -148,48 +178,49 @@ def not_ready_error(reason: str) -> ApiError:
 def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
     metrics = metrics or Metrics()
     app = _front(backend, cfg, metrics)
+    vocab = len(codec.tokenizer)
 
     # ---------------- OpenAI API
-    @app.get("/v1/models")
+    @app.get("/v1/models", tags=["openai"], responses={200: {"description": "the served model"}})
     async def models():
-        return {"object": "list", "data": [{"id": cfg.served_model_name, "object": "model",
-                                            "created": 0, "owned_by": "herd"}]}
+        return {"object": "list", "data": [Model(id=cfg.served_model_name, object="model", created=0,
+                                                 owned_by="herd").model_dump()]}
 
-    async def _body(request: Request, model: type[BaseModel]):
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:
-            body = model.model_validate(data)
-        except ValidationError as invalid:
-            first = invalid.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
-            raise ApiError(400, f"{field}: {first['msg']}", param=field) from None
+    async def _checked(request: Request, body: SamplingFields) -> None:
+        """What the schema cannot say: the served model, refused features, logprobs with streaming."""
         if body.model != cfg.served_model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
                                 f"{cfg.served_model_name!r}", param="model", code="model_not_found")
+        raw = await request.json()
+        refused = refused_fields(raw if isinstance(raw, dict) else {}, body)
+        if refused is not None:
+            field, why = refused
+            raise ApiError(400, f"{field}: {why}", param=field, code="unsupported_parameter")
         if body.stream and body.top_n is not None:
             raise ApiError(400, "logprobs: supported without stream only", param="logprobs")
-        return body
+        bad = [t for t, _ in body.bias_pairs() if t >= vocab]
+        if bad:
+            raise ApiError(400, f"logit_bias: token id {bad[0]} is outside 0..{vocab - 1}", param="logit_bias")
 
     def _request(ids: list[int], body: SamplingFields, max_tokens: int | None) -> GenerationRequest:
+        param = "messages" if isinstance(body, ChatBody) else "prompt"
+        if not ids:
+            raise ApiError(400, f"{param}: empty after tokenization; send at least one token", param=param)
         room = cfg.max_model_len - len(ids)
         if room < 1:
-            raise ApiError(400, f"prompt is {len(ids)} tokens; this model's context is {cfg.max_model_len}",
-                           param="messages" if isinstance(body, ChatBody) else "prompt",
-                           code="context_length_exceeded")
+            raise ApiError(400, f"{param}: {len(ids)} tokens; this model's context is {cfg.max_model_len}",
+                           param=param, code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = room
-        if max_tokens < 1 or max_tokens > room:
+        if max_tokens > room:
             raise ApiError(400, f"max_tokens: {max_tokens} is outside 1..{room} (context "
-                                f"{cfg.max_model_len} minus the {len(ids)}-token prompt)", param="max_tokens")
+                                f"{cfg.max_model_len} minus the {len(ids)}-token prompt)", param="max_tokens",
+                           code="context_length_exceeded")
         return GenerationRequest(input_ids=ids, max_tokens=max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed,
                                  stop_token_ids=[] if body.ignore_eos else codec.eos_ids,
-                                 logprobs=body.top_n)
+                                 logprobs=body.top_n, presence_penalty=body.presence_penalty,
+                                 frequency_penalty=body.frequency_penalty, logit_bias=body.bias_pairs())
 
     async def _start(req: GenerationRequest):
         """Submit and wait for the first event, so errors still get a proper status code."""
@@ -200,16 +231,18 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
             raise not_ready_error(str(err)) from None
         except QueueFull as err:
             raise ApiError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
+        except RequestFailed as err:
+            raise _failed(err) from None
         except StopAsyncIteration:
             raise ApiError(503, "engine returned nothing", "service_unavailable") from None
         return first, events
 
     async def _texts(req: GenerationRequest, body: SamplingFields, first, events, ids=None):
         """Yield (text delta, finish_reason or None, completion_tokens); stop strings applied here."""
-        stops = StopStrings([body.stop] if isinstance(body.stop, str) else body.stop or [])
+        stops = StopStrings(body.stop_strings())
         detok = Detokenizer(codec, skip=set(req.stop_token_ids))
         started, last, count = time.monotonic(), None, 0
-        metrics.prompt_tokens += len(req.input_ids)
+        metrics.prompt(len(req.input_ids))
 
         async def all_events():
             yield first
@@ -223,7 +256,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     last, count = now, count + 1
                     if ids is not None:
                         ids.append(event)
-                    metrics.tokens_generated += 1
+                    metrics.generated(1)
                     out, hit = stops.feed(detok.add(event.token))
                     if hit:
                         yield out, "stop", count
@@ -231,11 +264,12 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     if out:
                         yield out, None, count
                 else:
-                    out, _ = stops.feed("", final=True)
+                    out, _ = stops.feed(detok.flush(), final=True)
                     yield out, event.finish_reason, count
                     return
         finally:
             await events.aclose()
+            metrics.e2e.observe(time.monotonic() - started)
 
     def _logprobs_body(events, chat: bool) -> dict:
         def piece(token_id: int) -> str:
@@ -249,6 +283,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         for e in events:
             offsets.append(at)
             at += len(piece(e.token))
+
         def top(pairs) -> dict:
             # Keyed by text, as OpenAI's format is; ids that decode alike keep the best (first) one.
             out: dict[str, float] = {}
@@ -261,21 +296,45 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
     def _usage(prompt: int, completion: int) -> dict:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def _respond(body: SamplingFields, req: GenerationRequest, chat: bool):
+    async def _collect(request: Request, req, body, first, events, ids) -> tuple[list[str], str | None, int]:
+        """A non-streaming answer, given up when the client disconnects (the row is cancelled)."""
+        parts, reason, count = [], None, 0
+
+        async def consume():
+            nonlocal reason, count
+            async for text, finish, count in _texts(req, body, first, events, ids):
+                parts.append(text)
+                reason = finish or reason
+        task = asyncio.ensure_future(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()   # closes `events`: the supervisor cancels the row on the engine
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise ApiError(499, "client disconnected", code="client_closed")
+            task.result()
+        except EngineUnavailable as err:
+            raise ApiError(503, f"generation failed: {err}", "service_unavailable", code="engine_lost") from None
+        except RequestFailed as err:
+            raise _failed(err) from None
+        finally:
+            if not task.done():
+                task.cancel()
+        return parts, reason, count
+
+    async def _respond(request: Request, body: SamplingFields, req: GenerationRequest, chat: bool):
         first, events = await _start(req)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if not body.stream:
-            parts, reason, count, ids = [], None, 0, []
-            try:
-                async for text, finish, count in _texts(req, body, first, events, ids):
-                    parts.append(text)
-                    reason = finish or reason
-            except EngineUnavailable as err:
-                raise ApiError(503, f"generation failed: {err}", "service_unavailable", code="engine_lost") from None
+            ids: list = []
+            parts, reason, count = await _collect(request, req, body, first, events, ids)
             text = "".join(parts)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                       "logprobs": None}
                       if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
             if body.return_token_ids:
                 choice["token_ids"] = [e.token for e in ids]
@@ -284,7 +343,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
             return {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
                     "choices": [choice], "usage": _usage(len(req.input_ids), count)}
 
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
@@ -296,6 +355,9 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     "model": cfg.served_model_name, "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
+        def error_event(message: str, kind: str, code: str) -> str:
+            return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': None, 'code': code}})}\n\n"
+
         async def sse():
             count = 0
             if chat:
@@ -305,9 +367,10 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                     if text or finish:
                         yield chunk(text, finish)
             except EngineUnavailable as err:
-                error = {"message": f"generation failed: {err}", "type": "service_unavailable",
-                         "param": None, "code": "engine_lost"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield error_event(f"generation failed: {err}", "service_unavailable", "engine_lost")
+                return
+            except RequestFailed as err:
+                yield error_event(f"generation failed for this request: {err}", "server_error", "request_failed")
                 return
             if include_usage:
                 usage = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
@@ -319,32 +382,41 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _body(request, CompletionBody)
-        if isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
-            vocab = len(codec.tokenizer)
-            if any(not 0 <= t < vocab for t in body.prompt):
+    generation_errors = error_responses(400, 401, 404, 413, 429, 500, 503)
+    stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events "
+                                                   "(chunks, then data: [DONE]) when stream is true"}}}
+
+    @app.post("/v1/completions", tags=["openai"], response_model=None,
+              responses={200: {"model": Completion, "content": stream_doc}, **generation_errors})
+    async def completions(request: Request, body: CompletionBody):
+        await _checked(request, body)
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+            if any(t >= vocab for t in body.prompt):
                 raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", param="prompt")
             ids = list(body.prompt)
         else:
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            if len(prompts) != 1:
-                raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
-            ids = codec.encode(prompts[0])
-        return await _respond(body, _request(ids, body, body.max_tokens), chat=False)
+            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+            ids = await asyncio.to_thread(codec.encode, text)   # off the event loop
+        return await _respond(request, body, _request(ids, body, body.max_tokens), chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _body(request, ChatBody)
+    @app.post("/v1/chat/completions", tags=["openai"], response_model=None,
+              responses={200: {"model": ChatCompletion, "content": stream_doc}, **generation_errors})
+    async def chat_completions(request: Request, body: ChatBody):
+        await _checked(request, body)
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
         try:
-            ids = codec.encode_chat(messages)
+            ids = await asyncio.to_thread(codec.encode_chat, messages)   # off the event loop
         except Exception as err:  # the model's template rejects the conversation (roles, order)
-            raise ApiError(400, f"messages: {err}", param="messages") from None
-        return await _respond(body, _request(ids, body, body.max_completion_tokens or body.max_tokens), chat=True)
+            raise ApiError(400, f"messages: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}",
+                           param="messages") from None
+        return await _respond(request, body, _request(ids, body, body.max_completion_tokens or body.max_tokens),
+                              chat=True)
 
     return app
+
+
+def _failed(err: RequestFailed) -> ApiError:
+    return ApiError(500, f"generation failed for this request: {err}", "server_error", code="request_failed")
 
 
 # ------------------------------------------------------------------ an engine in its own process

@@ -37,6 +37,10 @@ class QueueFull(Exception):
     pass
 
 
+class RequestFailed(Exception):
+    """The engine could not run this one request (its own fault); the group is fine."""
+
+
 @dataclass
 class Event:
     kind: str                    # "token" | "done"
@@ -271,6 +275,10 @@ class Supervisor:
         elif kind == "batch":
             self.batches += 1
             self.batched_rows += msg["size"]
+        elif kind == "error":   # one request failed inside the engine; the others go on
+            queue = self._pending.get(msg["id"])
+            if queue is not None:
+                queue.put_nowait(RequestFailed(msg["message"]))
         elif kind in ("token", "done"):
             self._last_progress = time.monotonic()
             queue = self._pending.get(msg["id"])

@@ -19,15 +19,17 @@ from runtime.engine.request import Row
 from runtime.engine.sampling import logprobs as row_logprobs
 from runtime.engine.sampling import make_generator, sample
 
-# Why a row stopped (the codes travel between ranks as integers).
-RUNNING, STOP, LENGTH, CANCELLED = 0, 1, 2, 3
-FINISH_REASONS = {STOP: "stop", LENGTH: "length", CANCELLED: "stop"}
+# Why a row stopped (the codes travel between ranks as integers). ERROR: this row alone failed (it
+# could not be admitted, or its prefill raised); the batch and the group go on.
+RUNNING, STOP, LENGTH, CANCELLED, ERROR = 0, 1, 2, 3, 4
+FINISH_REASONS = {STOP: "stop", LENGTH: "length", CANCELLED: "stop", ERROR: "error"}
 # The flag after the tokens in each step's shared payload.
 NO_JOINS, JOINS, SHUTDOWN = 0, 1, 2
 
 
-# (row id, new token or None, state, (logprob, [(id, logprob)...]) or None)
-Event = tuple[int, "int | None", int, "tuple[float, list[tuple[int, float]]] | None"]
+# (row id, new token or None, state, (logprob, [(id, logprob)...]) or None); for state ERROR the last
+# item is the reason (a string) instead.
+Event = tuple[int, "int | None", int, "tuple[float, list[tuple[int, float]]] | str | None"]
 # Driver side: take(limit, block) -> rows to join ([] for none, None to shut down).
 Take = Callable[[int, bool], "list[Row] | None"]
 # Driver side: on_step(events) -> ids cancelled meanwhile.
@@ -119,18 +121,46 @@ class DriverState:
         self.generators: dict[str, torch.Generator] = {}
         self.counts: dict[str, int] = {}
         self.cancelled: set[str] = set()
+        self.seen: dict[str, torch.Tensor] = {}      # rows with penalties: generated-token counts per id
+        self.biases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # rows with logit_bias: ids, values
 
     def admit(self, rows: list[Row], device: torch.device | str = "cpu") -> None:
         for row in rows:
             self.generators[row.id] = make_generator(row.seed, device)
             self.counts[row.id] = 0
+            if row.logit_bias:
+                self.biases[row.id] = (torch.tensor([t for t, _ in row.logit_bias], device=device),
+                                       torch.tensor([b for _, b in row.logit_bias], device=device))
+
+    def _adjusted(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """The logits sampling sees: OpenAI's logit_bias and presence/frequency penalties applied per
+        row, on the device (logprobs still report the model's own distribution)."""
+        touched = [i for i, r in enumerate(rows) if r.adjusts_logits]
+        if not touched:
+            return logits
+        logits = logits.float().clone()
+        for i in touched:
+            row = rows[i]
+            if row.id in self.biases:
+                ids, values = self.biases[row.id]
+                logits[i].index_add_(0, ids, values)
+            if row.presence_penalty or row.frequency_penalty:
+                seen = self.seen.setdefault(row.id, torch.zeros(logits.shape[-1], device=logits.device))
+                logits[i] -= seen * row.frequency_penalty + (seen > 0).float() * row.presence_penalty
+        return logits
+
+    def _remember(self, rows: list[Row], picked: torch.Tensor) -> None:
+        for i, row in enumerate(rows):
+            if row.id in self.seen:
+                self.seen[row.id].index_add_(0, picked[i:i + 1], torch.ones(1, device=picked.device))
 
     def choose(self, batch: RunningBatch) -> tuple[list[int], list[int], list[Event]]:
         """Every row's next token in one pass on the logits' device; the ids (and any logprobs) reach
         the host in one transfer per step."""
         rows, logits = batch.rows, batch.logits
-        picked = sample(logits, [r.temperature for r in rows], [r.top_p for r in rows],
+        picked = sample(self._adjusted(rows, logits), [r.temperature for r in rows], [r.top_p for r in rows],
                         [self.generators[r.id] for r in rows])
+        self._remember(rows, picked)
         wanting = [i for i, r in enumerate(rows) if r.logprobs is not None and r.id not in self.cancelled]
         lps = None
         if wanting:
@@ -161,7 +191,28 @@ class DriverState:
     def forget(self, row_id: str) -> None:
         self.generators.pop(row_id, None)
         self.counts.pop(row_id, None)
+        self.seen.pop(row_id, None)
+        self.biases.pop(row_id, None)
         self.cancelled.discard(row_id)
+
+
+def refusal(row: Row, vocab: int) -> str | None:
+    """Why the engine cannot run this row at all (the front validates first; this guards the group
+    against a request that slipped past it: an out-of-range id would fault the device)."""
+    if not row.input_ids:
+        return "empty prompt"
+    if row.max_tokens < 1:
+        return f"max_tokens {row.max_tokens} < 1"
+    if any(not 0 <= t < vocab for t in row.input_ids):
+        return f"prompt token id outside 0..{vocab - 1}"
+    if any(not 0 <= t < vocab for t, _ in row.logit_bias):
+        return f"logit_bias token id outside 0..{vocab - 1}"
+    return None
+
+
+def _vocab(model) -> int:
+    out = model.get_output_embeddings()
+    return int(getattr(out, "out_features", 0) or model.config.vocab_size)
 
 
 @torch.inference_mode()
@@ -169,9 +220,15 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
                take: Take | None = None, on_step: OnStep | None = None, pad_id: int = 0,
                batch=None) -> DriverState | None:
     """Decode until the driver's `take` says shut down. Every rank runs this with the same model shard.
-    `batch` is the batching strategy: continuous (RunningBatch, the default) or static (StaticBatch)."""
+    `batch` is the batching strategy: continuous (RunningBatch, the default) or static (StaticBatch).
+
+    A row's own fault stays that row's: rows the engine cannot run are refused before any rank sees
+    them, rows that do not fit a static batch yet wait for the next one, and a prefill that raises
+    fails the rows it was for (on every rank alike, as they run the same inputs); the batch goes on."""
     batch = batch if batch is not None else RunningBatch(model, pad_id)
     driver = DriverState() if is_driver else None
+    vocab = _vocab(model)
+    waiting: list[Row] = []      # driver: taken rows that do not fit the static batch yet
     while True:
         n = len(batch)
         payload = torch.zeros(2 * n + 1, dtype=torch.long)  # tokens, states, then the joins flag
@@ -183,7 +240,11 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
             finishing = sum(1 for s in payload[n:2 * n].tolist() if s != RUNNING)
             room = max_batch - n + finishing if batch.joins_while_running else (
                 max_batch if n == finishing else 0)
-            joins = take(room, n == 0)
+            joins = _next_joins(take, waiting, room, block=n == 0 and not waiting)
+            if joins:
+                joins, failed = _admissible(joins, batch, vocab, waiting)
+                if failed and on_step is not None:
+                    driver.cancelled |= on_step(failed)
             payload[2 * n] = SHUTDOWN if joins is None else JOINS if joins else NO_JOINS
         share(payload)
         tokens, states, flag = payload[:n].tolist(), payload[n:2 * n].tolist(), int(payload[2 * n])
@@ -202,9 +263,47 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
         if kept:
             batch.step([tokens[i] for i in kept])
         if flag == JOINS:
+            try:
+                batch.join(joins)
+            except Exception as err:   # noqa: BLE001 - a prefill fault fails its rows, not the group
+                if is_driver and on_step is not None:
+                    reason = f"prefill failed: {type(err).__name__}: {err}"[:300]
+                    on_step([(row.id, None, ERROR, reason) for row in joins])
+                continue
             if is_driver:
                 driver.admit(joins, batch.device)
-            batch.join(joins)
+
+
+def _next_joins(take: Take, waiting: list[Row], room: int, block: bool) -> list[Row] | None:
+    """Rows offered to the batch: those already waiting first, then new ones."""
+    if room <= 0:
+        return []
+    offered = waiting[:room]
+    del waiting[:len(offered)]
+    more = take(room - len(offered), block)
+    if more is None:
+        if offered:   # finish what was taken; the shutdown is seen again on the next take
+            return offered
+        return None
+    return offered + more
+
+
+def _admissible(rows: list[Row], batch, vocab: int, waiting: list[Row]) -> tuple[list[Row], list[Event]]:
+    """Split the offered rows: (rows that join now, error events for rows refused for good). Rows a
+    static batch cannot hold together with the others go back to `waiting`, in order."""
+    now, failed = [], []
+    for row in rows:
+        why = refusal(row, vocab)
+        if why is None and hasattr(batch, "fits") and not batch.fits(row):
+            why = f"prompt ({len(row.input_ids)}) + max_tokens ({row.max_tokens}) exceed the static cache"
+        if why is not None:
+            failed.append((row.id, None, ERROR, why))
+        else:
+            now.append(row)
+    if hasattr(batch, "fits_together"):
+        now, later = batch.fits_together(now)
+        waiting[:0] = later
+    return now, failed
 
 
 def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_id: int = 0,

@@ -15,6 +15,15 @@ class GenerationRequest:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None   # None: not asked; N: the chosen token's logprob and the top N
+    # OpenAI's adjustments of the logits before sampling: penalties on tokens already generated
+    # (presence: once, frequency: per occurrence), and fixed biases as [token id, bias] pairs.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass

@@ -58,6 +58,19 @@ class StaticBatch:
     def fits(self, row: Row) -> bool:
         return len(row.input_ids) + row.max_tokens <= self.max_len
 
+    def fits_together(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        """(rows that share one batch, rows that wait for the next). Prompts are left-padded to the
+        longest, so a batch needs the longest prompt plus the largest max_tokens; two rows that each
+        fit alone may not fit together. Taken in arrival order; the first row always fits alone."""
+        now, later, longest, most = [], [], 0, 0
+        for row in rows:
+            if max(longest, len(row.input_ids)) + max(most, row.max_tokens) <= self.max_len:
+                now.append(row)
+                longest, most = max(longest, len(row.input_ids)), max(most, row.max_tokens)
+            else:
+                later.append(row)
+        return now, later
+
     def _cache_for(self, width: int) -> StaticCache:
         cache = self._caches.get(width)
         if cache is None:

@@ -233,10 +233,13 @@ def _report_loading(store, channel, world: int) -> None:
 
 
 def _streamer(channel):
-    from runtime.engine.decode import FINISH_REASONS, RUNNING
+    from runtime.engine.decode import ERROR, FINISH_REASONS, RUNNING
 
     def on_step(events):
         for row_id, token, state, logprobs in events:
+            if state == ERROR:   # this row alone failed; `logprobs` holds the reason
+                channel.send({"type": "error", "id": row_id, "message": str(logprobs)})
+                continue
             if token is not None:
                 message = {"type": "token", "id": row_id, "token": token}
                 if logprobs is not None:

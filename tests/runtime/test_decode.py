@@ -3,7 +3,7 @@ rows join and leave a running batch (continuous batching)."""
 import pytest
 import torch
 
-from runtime.engine.decode import CANCELLED, LENGTH, STOP, Row, decode_batch
+from runtime.engine.decode import CANCELLED, ERROR, LENGTH, STOP, Row, decode_batch
 from runtime.engine.sampling import choose, make_generator
 
 
@@ -84,3 +84,41 @@ def test_static_cache_refuses_a_request_longer_than_the_cache(model):
     from runtime.engine.static_batch import StaticBatch
     with pytest.raises(ValueError, match="static cache"):
         StaticBatch(model, max_len=8, compile_decode=False).join([Row(P1, 10, id="a")])
+
+
+def test_static_batch_admission_never_raises_on_rows_that_each_fit(model):
+    """A long prompt and a long max_tokens each fit the cache but not together: the second row waits
+    for the next static batch instead of failing the batch (or the group)."""
+    from runtime.engine.static_batch import StaticBatch
+    long_prompt = list(range(5, 45))                      # 40 tokens
+    refs = {"p": reference(model, long_prompt, 4), "m": reference(model, P2, 40)}
+    static = StaticBatch(model, max_len=48, compile_decode=False)
+    out = decode_batch(model, [Row(long_prompt, 4, id="p"), Row(P2, 40, id="m")], batch=static)
+    assert out == refs
+
+
+def test_rows_the_engine_cannot_run_fail_alone(model):
+    """An empty prompt or an out-of-vocabulary id is that row's error; the other rows decode as usual."""
+    events = []
+    vocab = model.config.vocab_size
+    out = decode_batch(model, [Row([], 5, id="empty"), Row(P1, 6, id="ok"), Row([vocab + 7], 5, id="oov"),
+                               Row(P2, 4, logit_bias=[(vocab, 5.0)], id="bias")],
+                       on_step=lambda ev: events.extend(ev) or set())
+    assert out["ok"] == reference(model, P1, 6)
+    errors = {row_id: why for row_id, _, state, why in events if state == ERROR}
+    assert set(errors) == {"empty", "oov", "bias"}
+    assert "empty prompt" in errors["empty"] and "outside" in errors["oov"]
+
+
+def test_logit_bias_and_penalties_steer_sampling(model):
+    greedy = reference(model, P1, 8)
+    banned = decode_batch(model, [Row(P1, 8, logit_bias=[(greedy[0], -100.0)], id="a")])["a"]
+    assert banned[0] != greedy[0]                        # -100 removes the greedy choice
+    forced = decode_batch(model, [Row(P1, 8, logit_bias=[(42, 100.0)], id="a")])["a"]
+    assert forced == [42] * 8                             # +100 makes it the only choice
+    spread = float(model(input_ids=torch.tensor([P1])).logits[0, -1].detach().abs().max())
+    bias = spread * 2 + 1                                 # wins alone; loses after a few uses at 2 per use
+    repeated = decode_batch(model, [Row(P1, 8, logit_bias=[(42, bias)], frequency_penalty=2.0, id="a")])["a"]
+    assert repeated[0] == 42 and 1 <= repeated.count(42) < 8   # each use of 42 costs 2: others win in turn
+    once = decode_batch(model, [Row(P1, 8, logit_bias=[(42, bias + 2)], presence_penalty=2.0, id="a")])["a"]
+    assert once == [42] * 8                               # presence costs 2 once, whatever the count

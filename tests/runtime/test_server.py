@@ -1,5 +1,7 @@
 """The OpenAI-compatible server, with tensor parallel ranks in real processes (gloo on CPU)."""
 import concurrent.futures as futures
+import sys
+from pathlib import Path
 import json
 
 import httpx
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
+ROOT_BIN = Path(sys.executable).parent
 
 PROMPTS = [[5, 17, 99, 3, 42, 7], [11, 200, 8], [300, 4, 4, 9, 120]]
 
@@ -143,11 +146,16 @@ def test_full_queue_answers_429(server):
 
 
 def test_metrics_are_prometheus_text(server):
-    text = httpx.get(f"{server.url}/metrics").text
-    for name in ("herd_requests_total", "herd_queue_depth", "herd_time_to_first_token_seconds_bucket",
-                 "herd_time_per_output_token_seconds_count", "herd_generated_tokens_total", "herd_ready 1",
-                 "herd_restarts_total", "herd_request_errors_total"):
-        assert name in text
+    from prometheus_client.parser import text_string_to_metric_families
+    before = metric(server.url, "herd_generated_tokens_total")
+    complete(server.url, "Hello", 3, ignore_eos=True)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    for name in ("herd_requests", "herd_queue_depth", "herd_time_to_first_token_seconds",
+                 "herd_time_per_output_token_seconds", "herd_generated_tokens", "herd_ready",
+                 "herd_restarts", "herd_request_errors", "herd_event_loop_lag_seconds"):
+        assert name in families, name
+    assert metric(server.url, "herd_generated_tokens_total") >= before + 3
+    assert metric(server.url, "herd_ready") == 1
 
 
 def test_non_loopback_bind_needs_an_api_key_and_checks_it(tiny_model, serve, monkeypatch):
@@ -198,3 +206,146 @@ def test_static_cache_decode_over_tp2_gives_the_same_tokens(tiny_model, serve, r
     with futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda p: complete(srv.url, p, 16, ignore_eos=True), PROMPTS[:2]))
     assert [a.json()["choices"][0]["token_ids"] for a in answers] == [reference(p, 16, eos=False) for p in PROMPTS[:2]]
+
+
+# ------------------------------------------------------------------ containment: a request's fault is its own
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+
+
+def chat_body(**extra):
+    return {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, **extra}
+
+
+POISON = [  # (endpoint, raw body or dict, status, the field the error names)
+    (CHAT, chat_body(seed=2**70), 400, "seed"),
+    (CHAT, chat_body(seed=-(2**64)), 400, "seed"),
+    (COMP, {"model": "tiny", "prompt": "", "max_tokens": 4}, 400, "prompt"),
+    (COMP, {"model": "tiny", "prompt": [], "max_tokens": 4}, 400, "prompt"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]), 400, "messages"),
+    (CHAT, chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     400, "messages"),
+    (CHAT, chat_body(messages=[]), 400, "messages"),
+    (CHAT, chat_body(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages"),
+    (CHAT, chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    (CHAT, chat_body(tool_choice="required"), 400, "tool_choice"),
+    (CHAT, chat_body(response_format={"type": "json_object"}), 400, "response_format"),
+    (CHAT, chat_body(n=2), 400, "n"),
+    (COMP, {"model": "tiny", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    (COMP, {"model": "tiny", "prompt": "hi", "echo": True}, 400, "echo"),
+    (COMP, {"model": "tiny", "prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    (CHAT, chat_body(logit_bias={"99999": 5}), 400, "logit_bias"),
+    (CHAT, chat_body(logit_bias={"5": 1000}), 400, "logit_bias"),
+    (CHAT, chat_body(logit_bias={"abc": 1}), 400, "logit_bias"),
+    (CHAT, chat_body(stop=["x"] * 100), 400, "stop"),
+    (CHAT, chat_body(stop="y" * 10_000), 400, "stop"),
+    (CHAT, chat_body(top_p=0), 400, "top_p"),
+    (CHAT, chat_body(presence_penalty=3), 400, "presence_penalty"),
+    (CHAT, chat_body(top_logprobs=50, logprobs=True), 400, "top_logprobs"),
+    (CHAT, chat_body(max_tokens=2**40), 400, "max_tokens"),
+    (CHAT, chat_body(max_tokens=-1), 400, "max_tokens"),
+    (CHAT, '{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "temperature"),
+    (CHAT, '[1, 2, 3]', 400, "body"),
+    (COMP, {"model": "tiny", "prompt": [-1, 5]}, 400, "prompt"),
+    (COMP, {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    (COMP, {"model": "tiny", "prompt": "x " * 400, "max_tokens": 4}, 400, "prompt"),
+]
+
+
+def post(url, path, body, **kw):
+    raw = body if isinstance(body, str) else json.dumps(body)
+    return httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=60, **kw)
+
+
+def health(url) -> dict:
+    return httpx.get(f"{url}/health/ready", timeout=10).json()
+
+
+def test_poison_requests_get_400s_naming_the_field_while_others_complete(server, reference):
+    restarts = health(server.url)["restarts"]
+    prompt = PROMPTS[1]
+    with futures.ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(complete, server.url, prompt, 120, ignore_eos=True) for _ in range(2)]
+        for path, body, status, field in POISON:
+            r = post(server.url, path, body)
+            assert r.status_code == status, (body, r.text)
+            error = r.json()["error"]
+            assert field in error["message"] and error["type"] == "invalid_request_error", (body, error)
+            assert "\n" not in error["message"]
+        done = [f.result(timeout=120) for f in in_flight]
+    expected = reference(prompt, 120, eos=False)
+    assert all(d.status_code == 200 and d.json()["choices"][0]["token_ids"] == expected for d in done)
+    after = health(server.url)
+    assert after["status"] == "ready" and after["restarts"] == restarts
+
+
+def test_a_body_too_large_is_refused_before_it_is_read(server):
+    r = post(server.url, COMP, {"model": "tiny", "prompt": "x" * (9 * 2**20)})
+    assert r.status_code == 413 and "at most" in r.json()["error"]["message"]
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy(server):
+    greedy = complete(server.url, "Hello", 8, ignore_eos=True).json()["choices"][0]["token_ids"]
+    tiny = complete(server.url, "Hello", 8, ignore_eos=True, temperature=1e-39).json()["choices"][0]["token_ids"]
+    assert tiny == greedy
+
+
+def test_sampling_through_the_server_differs_by_seed_and_top_p_narrows_it(server):
+    def sample(**kw):
+        return complete(server.url, "Hello", 24, ignore_eos=True, temperature=1.0, **kw).json()["choices"][0]["token_ids"]
+    greedy = complete(server.url, "Hello", 24, ignore_eos=True).json()["choices"][0]["token_ids"]
+    a, b = sample(seed=1), sample(seed=2)
+    assert a == sample(seed=1) and a != b and a != greedy
+    assert sample(seed=1, top_p=1e-6) == greedy        # a nucleus holding only the top token
+
+
+def test_logit_bias_through_the_server(server):
+    forced = complete(server.url, "Hello", 5, ignore_eos=True, logit_bias={"42": 100}).json()
+    assert forced["choices"][0]["token_ids"] == [42] * 5
+
+
+def test_openapi_describes_the_bodies_and_errors(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]
+    body_ref = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
+    assert {"messages", "model", "seed", "stop", "logit_bias", "tools"} <= schema["properties"].keys()
+    assert {"200", "400", "401", "413", "429", "503"} <= chat["responses"].keys()
+    assert "ChatCompletion" in json.dumps(chat["responses"]["200"])
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_schema_driven_fuzzing_finds_no_server_error_and_no_restart(server, tmp_path):
+    """Schemathesis generates valid and invalid requests from /openapi.json (bounded), and checks that
+    none gets a 5xx and every answer conforms to the schema; the group is still ready afterwards."""
+    import shutil
+    import subprocess
+    restarts = health(server.url)["restarts"]
+    st = shutil.which("schemathesis") or str(ROOT_BIN / "schemathesis")
+    done = subprocess.run(
+        [st, "run", f"{server.url}/openapi.json", "--checks",
+         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+         "--max-examples", "25", "--seed", "7", "--workers", "1", "--request-timeout", "60",
+         "--phases", "examples,coverage,fuzzing", "--max-failures", "5"],
+        capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:]
+    after = health(server.url)
+    assert after["status"] == "ready" and after["restarts"] == restarts, after
+
+
+def test_metrics_survive_hostile_paths_and_parse(server):
+    from prometheus_client.parser import text_string_to_metric_families
+    for path in ['/v1/"quoted"', "/nope/" + "x" * 300, "/v1/chat/completions/extra", '/a\\b"c']:
+        httpx.get(server.url + path.replace("\\", "%5C").replace('"', "%22"))
+        httpx.get(server.url + path)
+    before = {s.labels["route"]: s.value for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+              for s in f.samples if s.name == "herd_requests_total" and s.labels.get("status") == "404"}
+    complete(server.url, "Hello", 2)
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    routes = {s.labels["route"] for s in families["herd_requests"].samples if "route" in s.labels}
+    assert routes <= {"other", "/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
+                      "/openapi.json", "/docs"}
+    assert before.get("other", 0) >= 8                  # every hostile path counted, under one label
+    generated = [s.value for s in families["herd_generated_tokens"].samples if s.name.endswith("_total")]
+    assert generated and generated[0] >= 2
