@@ -4,23 +4,31 @@ background process (pid file + log file under the spec's state_dir).
 `herd up ENV`   : plan (refuse early) -> fetch weights -> start `herd serve` -> wait ready -> smoke
 `herd status`   : is it running, is it ready, why not
 `herd down`     : stop it; nothing is left behind
+
+`herd serve` runs under a keeper (`python -m provisioning.local -- CMD...`, see keep_alive): what
+systemd's Restart=on-failure does on a provisioned node. When the worker group spends its restart
+budget, `herd serve` exits with EXIT_RESTARTS_SPENT and the keeper starts it again. The keeper leads
+the process group that `herd down` stops, so stopping it stops everything under it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from rich.console import Console
 
 from provisioning.weights import fetch
-from runtime.errors import UserError
+from runtime.errors import EXIT_USER_ERROR, UserError
 from runtime.paths import model_dir_for
 from runtime.plan_report import render as render_plan
 from runtime.plan_spec import request_from_spec
@@ -29,7 +37,7 @@ from runtime.serve import model_dir_from_spec
 from runtime.smoke import render as render_smoke
 from runtime.smoke import ServerExited, run_smoke, wait_ready
 from runtime.spec import Spec
-from runtime.supervisor import kill_ranks
+from runtime.supervisor import EXIT_RESTARTS_SPENT, die_with_parent, kill_ranks
 
 LOG_NAME, PID_NAME = "serve.log", "serve.pid"
 
@@ -84,16 +92,24 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     if spec.model.source and not spec.model.source.startswith(("file:", "/")):
         fetch(spec.model.source, model_dir_for(spec.model.id))
 
-    # 3. The runtime, as a background process that outlives this command.
-    log_path = state / LOG_NAME
+    # 3. The runtime, as a background process that outlives this command, kept running.
     cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()),
            "--model-dir", str(model_dir), "--state-dir", str(state)]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=Path(env_path).resolve().parent.parent)
+    pid = start_managed(cmd, state, cwd=Path(env_path).resolve().parent.parent)
+    console.print(f"started herd serve under its keeper (pid {pid}); log: {state / LOG_NAME}")
+    return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+
+
+def start_managed(cmd: list[str], state: Path, cwd: Path, policy: KeepAlive | None = None) -> int:
+    """Start `cmd` under a keeper in a session of its own (so `herd down` stops the whole group);
+    both log to state/serve.log. Returns the keeper's pid, also written to state/serve.pid."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / LOG_NAME, "ab") as log:
+        proc = subprocess.Popen([*keeper_command(policy or KeepAlive()), "--", *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=cwd)
     (state / PID_NAME).write_text(str(proc.pid))
-    console.print(f"started herd serve (pid {proc.pid}); log: {log_path}")
-    return _wait_and_smoke(spec, console, proc.pid, state, smoke, ready_timeout)
+    return proc.pid
 
 
 def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
@@ -164,7 +180,8 @@ def down_local(spec: Spec, env_path: str, console: Console, timeout: float = 30)
         (state / PID_NAME).unlink(missing_ok=True)
         console.print(f"{spec.name}: not running")
         return 0
-    # herd serve was started in its own session: its process group holds torchrun and every rank.
+    # The keeper was started in its own session: its process group holds it and herd serve (which
+    # stops torchrun and its ranks); the keeper does not relaunch after a SIGTERM.
     os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _group_alive(pid):
@@ -195,3 +212,102 @@ def _group_alive(pgid: int) -> bool:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 return True
     return False
+
+
+# ------------------------------------------------------------------ the keeper
+@dataclass(frozen=True)
+class KeepAlive:
+    """When the keeper relaunches: always after EXIT_RESTARTS_SPENT, and after any other failure of a
+    run that lasted min_run_s (a crash at startup is a configuration problem: the keeper exits with
+    that code instead, so `herd up` reports it). Backoff doubles per relaunch, capped, and starts over
+    after a run of healthy_s."""
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    min_run_s: float = 60.0
+    healthy_s: float = 600.0
+
+    def relaunch(self, code: int, ran_s: float) -> bool:
+        if code == EXIT_RESTARTS_SPENT:
+            return True
+        # 0: a clean exit. SIGTERM/SIGINT: someone stopped it on purpose (systemd counts those clean
+        # too). A user error stays one, however often it is retried.
+        if code in (0, EXIT_USER_ERROR, -signal.SIGTERM, -signal.SIGINT):
+            return False
+        return ran_s >= self.min_run_s
+
+    def delay(self, relaunches: int) -> float:
+        return min(self.backoff_s * 2 ** (relaunches - 1), self.backoff_max_s)
+
+
+def keeper_command(policy: KeepAlive) -> list[str]:
+    return [sys.executable, "-m", "provisioning.local", "--backoff", str(policy.backoff_s),
+            "--backoff-max", str(policy.backoff_max_s), "--min-run", str(policy.min_run_s),
+            "--healthy", str(policy.healthy_s)]
+
+
+def _say(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} herd.keeper {message}", file=sys.stderr, flush=True)
+
+
+class Keeper:
+    """Runs one command, relaunching it per the policy, until it ends for good or a signal stops it."""
+
+    def __init__(self, cmd: list[str], policy: KeepAlive):
+        self.cmd, self.policy = cmd, policy
+        self.child: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+
+    def on_signal(self, signum, frame) -> None:
+        self.stopping.set()
+        # `herd down` signals the whole group, the child included; someone signalling only the
+        # keeper means the same, so pass it on.
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self) -> int:
+        relaunches = 0
+        while True:
+            started = time.monotonic()
+            # Same process group as the keeper (herd down's killpg reaches it); SIGTERM if the keeper
+            # itself is killed outright, so nothing outlives it.
+            self.child = subprocess.Popen(self.cmd, preexec_fn=die_with_parent)
+            if self.stopping.is_set():  # a signal came while it was being started
+                self.child.terminate()
+            code = self.child.wait()
+            ran_s = time.monotonic() - started
+            if self.stopping.is_set():
+                _say(f"stopped (child exited with {code})")
+                return 0
+            if not self.policy.relaunch(code, ran_s):
+                _say(f"{self.cmd[0]} exited with {code} after {ran_s:.0f}s; not relaunching")
+                return code if code >= 0 else 128 - code
+            relaunches = 1 if ran_s >= self.policy.healthy_s else relaunches + 1
+            delay = self.policy.delay(relaunches)
+            why = "restart budget spent" if code == EXIT_RESTARTS_SPENT else "failed"
+            _say(f"herd serve exited with {code} ({why}) after {ran_s:.0f}s; relaunching in {delay:g}s "
+                 f"(relaunch {relaunches} in a row)")
+            if self.stopping.wait(delay):
+                _say("stopped while waiting to relaunch")
+                return 0
+
+
+def keeper_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m provisioning.local",
+                                     description="run a command, relaunching it like systemd's Restart=on-failure")
+    parser.add_argument("--backoff", type=float, default=KeepAlive.backoff_s)
+    parser.add_argument("--backoff-max", type=float, default=KeepAlive.backoff_max_s)
+    parser.add_argument("--min-run", type=float, default=KeepAlive.min_run_s)
+    parser.add_argument("--healthy", type=float, default=KeepAlive.healthy_s)
+    parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command and its arguments")
+    args = parser.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("no command given (after --)")
+    keeper = Keeper(cmd, KeepAlive(args.backoff, args.backoff_max, args.min_run, args.healthy))
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, keeper.on_signal)
+    return keeper.run()
+
+
+if __name__ == "__main__":
+    sys.exit(keeper_main())

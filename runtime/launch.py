@@ -22,12 +22,15 @@ class LaunchConfig:
     batch_window_s: float = 0.005
     threads_per_rank: int | None = None
     state_dir: Path = Path(".herd")
-    # Supervision
+    # Supervision: at most max_restarts restarts of the group within any restart_window_s (older ones
+    # no longer count); when spent, `herd serve` exits so its service manager starts it afresh.
     max_restarts: int = 3
+    restart_window_s: float = 300.0
     restart_backoff_s: float = 1.0
     restart_backoff_max_s: float = 30.0
     canary_interval_s: float = 10.0
     canary_timeout_s: float = 5.0
+    canary_retries: int = 2               # a canary that fails is retried this often before a restart
     startup_canary_timeout_s: float = 120.0
     stall_timeout_s: float = 60.0
     decode: str = "continuous"            # continuous | static (preallocated KV cache, CUDA graphs on GPU)

@@ -2,10 +2,12 @@
 on other nodes: the supervisor alone (its ranks join the head's rendezvous)."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -65,6 +67,27 @@ def model_dir_from_spec(spec: Spec) -> Path:
     return model_dir_for(spec.model.id)
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number from 0 up (0 restarts, 0 retries: give up at the first failure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is below 0")
+    return value
+
+
 def add_serve(sub) -> None:
     from runtime.cli import positive_int
     p = sub.add_parser("serve", help="run this node's ranks (and, on the head, the HTTP API)")
@@ -85,8 +108,16 @@ def add_serve(sub) -> None:
     p.add_argument("--api-key-env", help="environment variable holding the API key")
     p.add_argument("--api-key-file", help="file holding the API key (mode 0600)")
     p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
-    p.add_argument("--max-restarts", type=int, default=3)
+    p.add_argument("--max-restarts", type=count, default=3,
+                   help="worker group restarts allowed within --restart-window; when spent, herd serve "
+                        "exits with code 75 so its service manager starts it afresh")
+    p.add_argument("--restart-window", type=positive_float, default=300.0,
+                   help="seconds over which restarts count against --max-restarts (default 300)")
     p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between idle canaries")
+    p.add_argument("--canary-timeout", type=positive_float, default=5.0,
+                   help="seconds a canary may take before it counts as failed")
+    p.add_argument("--canary-retries", type=count, default=2,
+                   help="failed canaries retried before the worker group restarts")
     p.add_argument("--decode", choices=["continuous", "static"],
                    help="continuous batching, or a static KV cache whose decode step is a CUDA graph")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -120,8 +151,9 @@ def cmd_serve(args) -> int:
         nproc_per_node=tp, nnodes=nnodes, rdzv_endpoint=args.rdzv_endpoint, node_addr=args.node_addr,
         is_head=args.role == "head", max_batch=concurrency, threads_per_rank=threads,
         state_dir=Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd")),
-        max_restarts=args.max_restarts, canary_interval_s=args.canary_interval,
-        batch_window_s=args.batch_window_ms / 1000,
+        max_restarts=args.max_restarts, restart_window_s=args.restart_window,
+        canary_interval_s=args.canary_interval, canary_timeout_s=args.canary_timeout,
+        canary_retries=args.canary_retries, batch_window_s=args.batch_window_ms / 1000,
         decode=args.decode or (spec.serving.decode if spec else "continuous"),
         max_model_len=args.max_model_len or (spec.context.max_model_len if spec else 2048))
     max_len = cfg.max_model_len
@@ -135,10 +167,27 @@ def cmd_serve(args) -> int:
             asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
         return 0
     if cfg.is_head:
-        asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
+        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
     else:
-        asyncio.run(_serve_worker(cfg))
-    return 0
+        supervisor = asyncio.run(_serve_worker(cfg))
+    return exit_code(supervisor)
+
+
+def exit_code(supervisor) -> int:
+    """0 after a requested stop; EXIT_RESTARTS_SPENT, with its reason as the last line on stderr, when
+    the worker group kept failing (the service manager or the local keeper starts herd serve again)."""
+    from runtime.supervisor import EXIT_RESTARTS_SPENT
+    if not supervisor.gave_up.is_set():
+        return 0
+    print(f"herd serve: exiting {EXIT_RESTARTS_SPENT}: {supervisor.exit_reason}", file=sys.stderr, flush=True)
+    return EXIT_RESTARTS_SPENT
+
+
+async def _until_stopped_or_given_up(supervisor, stopped) -> None:
+    """Wait for `stopped` (a task: the HTTP server ending, or a signal) or for the supervisor giving up."""
+    gave_up = asyncio.create_task(supervisor.gave_up.wait())
+    await asyncio.wait({stopped, gave_up}, return_when=asyncio.FIRST_COMPLETED)
+    gave_up.cancel()
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
@@ -160,11 +209,16 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
                                            timeout_graceful_shutdown=5))
     await supervisor.start()
     log.info("serving %s on http://%s:%d (%d ranks)", name, host, port, cfg.world_size)
+    serving = asyncio.create_task(server.serve())
     try:
-        await server.serve()
+        await _until_stopped_or_given_up(supervisor, serving)
+        if not serving.done():  # gave up: requests were failed already; close the front, then exit
+            server.should_exit = True
+        await serving  # and raise whatever ended it, if anything did
     finally:
         await supervisor.stop()
         log.info("stopped")
+    return supervisor
 
 
 def _serve_own_engine(args, spec) -> int:
@@ -239,7 +293,7 @@ async def _serve_external(external, host: str, port: int, name: str, max_len: in
         await engine.stop()
 
 
-async def _serve_worker(cfg: LaunchConfig) -> None:
+async def _serve_worker(cfg: LaunchConfig):
     from runtime.supervisor import Supervisor
     supervisor = Supervisor(cfg)
     stop = asyncio.Event()
@@ -247,5 +301,8 @@ async def _serve_worker(cfg: LaunchConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await supervisor.start()
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    await _until_stopped_or_given_up(supervisor, stopped)
+    stopped.cancel()
     await supervisor.stop()
+    return supervisor

@@ -1,9 +1,14 @@
 """The supervisor: owns the worker group of one node, and on the head node the engine's front.
 
-It starts torchrun, watches every local rank, restarts the whole group when a rank dies (bounded,
-with backoff, the reason logged), and keeps an honest readiness state: ready only when every rank has
-loaded and a canary generation came back in time. Requests reach the driver rank over the control
-channel; when the group is lost, requests in flight fail at once instead of hanging.
+It starts torchrun, watches every local rank, restarts the whole group when a rank dies, stops
+answering (heartbeat), stalls under load or keeps failing the canary, and keeps an honest readiness
+state: ready only when every rank has loaded and a canary generation came back in time. Requests reach
+the driver rank over the control channel; when the group is lost, requests in flight fail at once.
+
+Restarts are budgeted per time window (RestartBudget): at most `max_restarts` within
+`restart_window_s`, with a backoff that doubles inside the window and starts over with it. When the
+budget is spent the supervisor gives up (phase `failed`, `gave_up` set) and `herd serve` exits with
+EXIT_RESTARTS_SPENT, so the service manager (systemd, or the local target's keeper) starts it afresh.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import secrets
 import signal
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +33,11 @@ from runtime.launch import LaunchConfig, torchrun_command, worker_env
 from runtime.processes import pid_alive, stop_group
 
 log = logging.getLogger("herd.supervisor")
+
+# `herd serve` exits with this when the worker group failed more often than the restart budget allows
+# within the window. 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, worth starting again; the
+# systemd unit's Restart=on-failure and the local target's keeper both do.
+EXIT_RESTARTS_SPENT = 75
 
 
 class EngineUnavailable(Exception):
@@ -56,9 +67,14 @@ class Health:
     reason: str = "starting the worker group"
     loaded: int = 0
     world: int = 0
-    restarts: int = 0
+    restarts: int = 0            # since this process started
     last_canary_s: float | None = None
     loads: list = field(default_factory=list)   # per rank: seconds, shard bytes, bytes read from disk
+    restarts_in_window: int = 0  # restarts counted against the budget now (the last restart_window_s)
+    max_restarts: int = 0        # the budget: restarts allowed within restart_window_s
+    restart_window_s: float = 0.0
+    canary_failures: int = 0     # canaries failed in a row; reset by one that answers
+    control_rejected: int = 0    # control-channel connections refused (wrong, missing or garbled token)
 
     @property
     def ready(self) -> bool:
@@ -90,6 +106,32 @@ def kill_ranks(state_dir: Path) -> list[int]:
     return killed
 
 
+@dataclass
+class RestartBudget:
+    """At most `limit` restarts within any `window_s`. Restarts older than the window no longer count,
+    so a group that fails now and then is restarted forever, while one that keeps failing is given up
+    on. The backoff doubles with each restart still in the window, and so starts over with it."""
+    limit: int
+    window_s: float
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    _times: deque = field(default_factory=deque)
+
+    def recent(self, now: float) -> int:
+        while self._times and now - self._times[0] >= self.window_s:
+            self._times.popleft()
+        return len(self._times)
+
+    def allows(self, now: float) -> bool:
+        return self.recent(now) < self.limit
+
+    def take(self, now: float) -> float:
+        """Count a restart at `now`; returns how long to wait before it."""
+        backoff = min(self.backoff_s * 2 ** self.recent(now), self.backoff_max_s)
+        self._times.append(now)
+        return backoff
+
+
 class Supervisor:
     def __init__(self, cfg: LaunchConfig, pad_id: int = 0, canary_ids: list[int] | None = None,
                  max_queue: int | None = None):
@@ -97,15 +139,24 @@ class Supervisor:
         self.pad_id = pad_id
         self.canary_ids = canary_ids or [1]
         self.max_queue = max_queue or 4 * cfg.max_batch
-        self.health = Health(world=cfg.world_size)
+        self.budget = RestartBudget(cfg.max_restarts, cfg.restart_window_s, cfg.restart_backoff_s,
+                                    cfg.restart_backoff_max_s)
+        self.health = Health(world=cfg.world_size, max_restarts=cfg.max_restarts,
+                             restart_window_s=cfg.restart_window_s)
+        self.gave_up = asyncio.Event()   # the restart budget is spent: `herd serve` should exit
+        self.exit_reason = ""            # one line: why it gave up
         self._pending: dict[str, asyncio.Queue] = {}
         self._driver: asyncio.StreamWriter | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._token = ""
         self._control_addr: str | None = None
         self._stopping = False
+        self._doomed = False             # this group is being torn down: no canary may call it ready
+        self._phase_since = time.monotonic()
+        self._probe: asyncio.Task | None = None
         self._last_progress = time.monotonic()
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()
         self._group_generation = 0
         self.on_restart = None  # hook for metrics
         self.batches = 0        # batches the driver ran, and the rows in them
@@ -121,13 +172,25 @@ class Supervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        self.health.phase, self.health.reason = "stopping", "shutting down"
+        self._set_phase("stopping", "shutting down")
         self._fail_pending("server is shutting down")
         await self._kill_group()
-        for task in self._tasks:
-            task.cancel()
+        for task in [*self._tasks, self._probe]:
+            if task is not None:
+                task.cancel()
         if self.cfg.is_head:
             self._server.close()
+
+    def _spawn(self, coro) -> None:
+        # The loop keeps only weak references to tasks: hold this one until it is done.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _set_phase(self, phase: str, reason: str) -> None:
+        if phase != self.health.phase:
+            self._phase_since = time.monotonic()
+        self.health.phase, self.health.reason = phase, reason
 
     async def _launch(self) -> None:
         ranks = self.cfg.state_dir / "ranks"
@@ -136,9 +199,10 @@ class Supervisor:
             stale.unlink()
         self._token = secrets.token_hex(16)
         self._group_generation += 1
+        self._doomed = False
         self.health.loaded = 0
-        self.health.phase = "loading"
-        self.health.reason = f"starting {self.cfg.world_size} ranks"
+        self.health.canary_failures = 0
+        self._set_phase("loading", f"starting {self.cfg.world_size} ranks")
         cmd = torchrun_command(self.cfg)
         log.info("launching: %s", " ".join(cmd))
         self._proc = await asyncio.create_subprocess_exec(
@@ -151,38 +215,63 @@ class Supervisor:
         if leftovers := kill_ranks(self.cfg.state_dir):
             log.warning("killed %d rank(s) torchrun left behind", len(leftovers))
 
+    async def _restart(self, reason: str) -> None:
+        """Tear this group down now; _run_group then counts the restart against the budget. The ranks
+        get SIGKILL first: a stopped or hung rank ignores SIGTERM, and torchrun would wait for it."""
+        if self._doomed or self.health.phase in ("stopping", "failed", "restarting"):
+            return
+        self._doomed = True
+        self._lost(reason)
+        kill_ranks(self.cfg.state_dir)
+        await stop_group(self._proc, grace_s=5)
+
     async def _run_group(self) -> None:
         while not self._stopping:
             await self._launch()
             code = await self._proc.wait()
             if self._stopping:
                 return
+            self._doomed = True
             await self._kill_group()
             why = self.health.reason if self.health.phase == "not_ready" else f"worker group exited ({code})"
             self._lost(f"{why}; worker group exited with code {code}")
-            if self.health.restarts >= self.cfg.max_restarts:
-                self.health.phase = "failed"
-                self.health.reason = (f"{why}; gave up after {self.health.restarts} restarts "
-                                      "(see the log)")
-                log.error("worker group failed for good: %s", self.health.reason)
+            now = time.monotonic()
+            if not self.budget.allows(now):
+                self._give_up(why)
                 return
-            self.health.restarts += 1
-            backoff = min(self.cfg.restart_backoff_s * 2 ** (self.health.restarts - 1),
-                          self.cfg.restart_backoff_max_s)
-            log.warning("restarting worker group in %.1fs (restart %d/%d): %s", backoff,
-                        self.health.restarts, self.cfg.max_restarts, why)
-            self.health.phase = "restarting"
-            self.health.reason = f"{why}; restarting ({self.health.restarts}/{self.cfg.max_restarts})"
-            if self.on_restart:
-                self.on_restart()
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(self._count_restart(why, now))
+
+    def _count_restart(self, why: str, now: float) -> float:
+        """Take a restart from the budget; returns the backoff to wait before launching again."""
+        backoff = self.budget.take(now)
+        self.health.restarts += 1
+        self.health.restarts_in_window = used = self.budget.recent(now)
+        of = f"{used}/{self.budget.limit} within {self.budget.window_s:g}s"
+        log.warning("restarting worker group in %.1fs (restart %d, %s): %s", backoff,
+                    self.health.restarts, of, why)
+        self._set_phase("restarting", f"{why}; restarting ({of})")
+        if self.on_restart:
+            self.on_restart()
+        return backoff
+
+    def _give_up(self, why: str) -> None:
+        """The budget is spent: fail everything waiting, say why in one line, and let serve exit."""
+        b = self.budget
+        failures = b.recent(time.monotonic()) + 1  # the restarts still counted, and this failure
+        self.exit_reason = " ".join(
+            f"restart budget spent: the worker group failed {failures} time(s) within {b.window_s:g}s "
+            f"(--max-restarts {b.limit} per --restart-window {b.window_s:g}); last: {why}".split())
+        self._set_phase("failed", self.exit_reason)
+        self._fail_pending(self.exit_reason)
+        log.error("giving up: %s", self.exit_reason)
+        self.gave_up.set()
 
     def _lost(self, reason: str) -> None:
         if self.health.phase in ("stopping", "failed"):
             return
         if self.health.phase != "not_ready":
             log.warning("not ready: %s", reason)
-        self.health.phase, self.health.reason = "not_ready", reason
+        self._set_phase("not_ready", reason)
         self._fail_pending(reason)
 
     def _fail_pending(self, reason: str) -> None:
@@ -192,72 +281,124 @@ class Supervisor:
 
     # ------------------------------------------------------------------ watching
     async def _watch(self) -> None:
-        """Rank liveness (pid files) every 0.25 s, the canary when idle, stalls under load."""
+        """Every 0.25 s: rank liveness (pid files), readiness stuck off, stalls under load, and the
+        canary when idle. Each check that finds the group broken restarts it."""
         next_canary = time.monotonic() + self.cfg.canary_interval_s
         while not self._stopping:
             await asyncio.sleep(0.25)
-            dead = self._dead_ranks()
-            if dead and self.health.phase in ("loading", "ready"):
-                self._lost(f"rank {dead[0]} exited")
-                await self._kill_group()
+            now = time.monotonic()
+            self.health.restarts_in_window = self.budget.recent(now)
+            if self._doomed or self.health.phase not in ("loading", "ready", "not_ready"):
                 continue
-            if self.health.phase == "ready":
-                now = time.monotonic()
-                stalled = self._pending and now - self._last_progress > self.cfg.stall_timeout_s
-                if stalled:
-                    self._lost(f"engine stalled: no token for {self.cfg.stall_timeout_s:.0f}s")
-                    await self._kill_group()
-                elif not self._pending and now >= next_canary:
-                    await self._canary(self.cfg.canary_timeout_s)
-                    next_canary = time.monotonic() + self.cfg.canary_interval_s
-                elif self._pending:
-                    next_canary = now + self.cfg.canary_interval_s
+            if problem := self._dead_rank() or self._stuck_not_ready(now) or self._stall(now):
+                await self._restart(problem)
+            elif self.health.phase == "ready":
+                next_canary = self._idle_canary(now, next_canary)
 
-    def _dead_ranks(self) -> list[int]:
-        return sorted(rank for rank, pid in rank_pids(self.cfg.state_dir).items() if not pid_alive(pid))
+    def _dead_rank(self) -> str | None:
+        dead = sorted(rank for rank, pid in rank_pids(self.cfg.state_dir).items() if not pid_alive(pid))
+        return f"rank {dead[0]} exited" if dead else None
 
-    async def _canary(self, timeout: float) -> bool:
+    def _stuck_not_ready(self, now: float) -> str | None:
+        """Not ready for longer than the canary's retries can take, with no restart under way: a state
+        nothing else would leave, so readiness could stay 503 while the process idles. Restart."""
+        if self.health.phase != "not_ready" or (self._probe and not self._probe.done()):
+            return None
+        limit = (self.cfg.canary_retries + 1) * self.cfg.canary_timeout_s + 10
+        if now - self._phase_since > limit:
+            return f"not ready for {limit:.0f}s ({self.health.reason})"
+        return None
+
+    def _stall(self, now: float) -> str | None:
+        if self.health.phase == "ready" and self._pending \
+                and now - self._last_progress > self.cfg.stall_timeout_s:
+            return f"engine stalled: no token for {self.cfg.stall_timeout_s:.0f}s"
+        return None
+
+    def _idle_canary(self, now: float, next_canary: float) -> float:
+        """Start a canary when the engine is idle and one is due; returns when the next is due."""
+        if self._pending:
+            return now + self.cfg.canary_interval_s
+        if now >= next_canary and (self._probe is None or self._probe.done()):
+            self._start_probe(self.cfg.canary_timeout_s)
+            return now + self.cfg.canary_interval_s
+        return next_canary
+
+    def _start_probe(self, timeout: float) -> None:
+        # A task of its own, so the watch loop keeps checking ranks while a canary waits.
+        self._probe = asyncio.get_running_loop().create_task(self._probe_canary(timeout))
+
+    async def _probe_canary(self, timeout: float) -> None:
+        """The canary, retried: one that answers makes the group ready (again); after
+        canary_retries + 1 failures in a row the group restarts (counted in the budget)."""
+        generation, attempts = self._group_generation, self.cfg.canary_retries + 1
+        for attempt in range(1, attempts + 1):
+            outcome = await self._canary(timeout)
+            if outcome in ("ok", "lost") or generation != self._group_generation or self._doomed:
+                return  # answered, or the group is already being restarted for another reason
+            self.health.canary_failures = attempt
+            # Honest meanwhile: a group that does not answer its canary is not ready.
+            self._lost(f"canary {outcome} ({attempt}/{attempts})")
+        await self._restart(f"canary failed {attempts} times in a row (last: {self.health.reason})")
+
+    async def _canary(self, timeout: float) -> str:
+        """One canary generation: "ok", "lost" (the group went away), or what went wrong."""
         started = time.monotonic()
         request = GenerationRequest(input_ids=self.canary_ids, max_tokens=2)
         try:
             async with asyncio.timeout(timeout):
                 tokens = [e async for e in self._submit(request, canary=True) if e.kind == "token"]
-            ok = bool(tokens)
         except (EngineUnavailable, QueueFull) as err:
             log.warning("canary failed: %s", err)
-            return False
+            return "lost"
         except TimeoutError:
-            self._lost(f"canary timed out after {timeout:.0f}s")
-            return False
+            log.warning("canary timed out after %gs", timeout)
+            return f"timed out after {timeout:g}s"
+        if not tokens:
+            return "returned no token"
         self.health.last_canary_s = time.monotonic() - started
-        if ok and self.health.phase in ("loading", "not_ready"):
+        self.health.canary_failures = 0
+        if self.health.phase in ("loading", "not_ready") and not self._doomed:
             log.info("ready: every rank loaded, canary answered in %.2fs", self.health.last_canary_s)
-            self.health.phase, self.health.reason = "ready", "ready"
-        return ok
+            self._set_phase("ready", "ready")
+        return "ok"
 
     # ------------------------------------------------------------------ control channel
     async def _on_driver(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            hello = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"{}")
-        except (asyncio.TimeoutError, json.JSONDecodeError):
-            writer.close()
-            return
-        if not secrets.compare_digest(str(hello.get("token", "")), self._token):
-            log.warning("control: rejected a connection with a wrong token")
-            writer.close()
+        hello = await self._read_hello(reader)
+        # No token yet (before the first launch) must not match an empty one.
+        if hello is None or not self._token or \
+                not secrets.compare_digest(str(hello.get("token", "")), self._token):
+            self._reject(writer)
             return
         generation = self._group_generation
         self._driver = writer
         try:
             while line := await reader.readline():
                 self._on_message(json.loads(line))
-        except (ConnectionError, json.JSONDecodeError):
+        except (ConnectionError, ValueError):
             pass
         finally:
             if self._driver is writer:
                 self._driver = None
             if generation == self._group_generation and not self._stopping:
-                self._lost("driver rank disconnected (a rank exited)")
+                await self._restart("driver rank disconnected (a rank exited)")
+
+    @staticmethod
+    async def _read_hello(reader: asyncio.StreamReader) -> dict | None:
+        """The first line, as a JSON object; None when it is late, not JSON, or over the line limit."""
+        try:
+            hello = json.loads(await asyncio.wait_for(reader.readline(), 10) or b"{}")
+        except (TimeoutError, ValueError, ConnectionError):  # ValueError: bad JSON or line too long
+            return None
+        return hello if isinstance(hello, dict) else None
+
+    def _reject(self, writer: asyncio.StreamWriter) -> None:
+        self.health.control_rejected += 1
+        peer = writer.get_extra_info("peername")
+        log.warning("control: rejected a connection from %s with a wrong or missing token "
+                    "(%d rejected so far)", peer, self.health.control_rejected)
+        writer.close()
 
     def _on_message(self, msg: dict) -> None:
         kind = msg["type"]
@@ -268,10 +409,10 @@ class Supervisor:
             self.health.loaded = msg["world"]
             self.health.loads = msg.get("loads", [])
             self.health.reason = "all ranks loaded; waiting for the canary"
-            asyncio.get_running_loop().create_task(self._canary(self.cfg.startup_canary_timeout_s))
+            self._start_probe(self.cfg.startup_canary_timeout_s)
         elif kind == "rank_lost":
-            self._lost(f"rank {msg['rank']} stopped answering (no heartbeat for {msg['seconds']}s)")
-            asyncio.get_running_loop().create_task(self._kill_group())
+            self._spawn(self._restart(
+                f"rank {msg['rank']} stopped answering (no heartbeat for {msg['seconds']}s)"))
         elif kind == "batch":
             self.batches += 1
             self.batched_rows += msg["size"]
@@ -286,7 +427,6 @@ class Supervisor:
                 queue.put_nowait(Event("token", token=msg["token"], logprob=msg.get("logprob"),
                                        top=msg.get("top")) if kind == "token"
                                  else Event("done", finish_reason=msg["finish_reason"]))
-
     # ------------------------------------------------------------------ requests
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         async for event in self._submit(request, canary=False):

@@ -173,9 +173,17 @@ def _heartbeat(store, rank: int) -> None:
 def _watch_heartbeats(store, world: int, channel) -> None:
     """On the driver: tell the supervisor when any rank's counter stops moving."""
     seen = {rank: (-1, time.monotonic()) for rank in range(world)}
+    last_tick = time.monotonic()
     while True:
         time.sleep(HEARTBEAT_S)
         now = time.monotonic()
+        if now - last_tick > HEARTBEAT_LOST_S / 2:
+            # This process was paused itself (SIGSTOP, swapping): it cannot tell who stopped beating
+            # meanwhile (its own beat paused too), and blaming a rank would restart a group that has
+            # just resumed. Start the clocks over; the supervisor's canary judges the pause. Half the
+            # limit: a shorter pause cannot make a healthy rank look silent for the whole limit.
+            seen = {rank: (count, now) for rank, (count, _) in seen.items()}
+        last_tick = now
         for rank in range(world):
             try:
                 count = store.add(f"herd/heartbeat/{rank}", 0)

@@ -133,3 +133,30 @@ def serve(tmp_path):
         while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [p for p in pids if alive(p)], "ranks outlived herd serve"
+
+
+def stop_and_check(server: ServeProcess) -> None:
+    """Stop a server, then fail if any of its ranks outlived it."""
+    ranks = server.state_dir / "ranks"
+    pids = [int(p.read_text()) for p in ranks.glob("*.pid")] if ranks.is_dir() else []
+    server.stop()
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "ranks outlived herd serve"
+
+
+@pytest.fixture(scope="module")
+def serve_module(tmp_path_factory):
+    """Like `serve`, but a server lives for the whole test module: tests that leave it healthy share
+    it, and each start (a model load per rank) is paid once."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str, env: dict | None = None, name: str = "node") -> ServeProcess:
+        state = tmp_path_factory.mktemp(name)
+        server = ServeProcess(list(args), state, env=env or {}).start()
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        stop_and_check(server)
