@@ -2,8 +2,10 @@
 
 Secure by default: ingress to the API port and SSH only from the spec's allowed_cidrs (all traffic
 only among the nodes themselves, which NCCL over EFA needs), IMDSv2 required, encrypted gp3 root
-volumes, a private encrypted artifacts bucket, the API key as an SSM SecureString the nodes' role may
-read (never in user data), read-only access to the weights bucket.
+volumes, a private artifacts bucket and the API key as an SSM SecureString (never in user data), both
+encrypted with the deployment's own KMS key. The nodes' role holds one inline policy naming only this
+deployment's resources: its parameters, its buckets, its key. Session Manager is off unless the stack
+config asks for it (`pulumi config set herd:sessionManager true`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,12 @@ from runtime.spec import Spec
 
 VPC_CIDR = "10.42.0.0/16"
 SUBNET_CIDR = "10.42.0.0/20"
-SSM_CORE = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+# What the SSM agent needs on the instance for Session Manager, as in AWS's own minimal instance
+# policy (AWSCloud9SSMInstanceProfile): the ssmmessages channel actions have no resource type to
+# scope them to, so AWS grants them on "*" (the policy rules allow exactly these on "*").
+SESSION_MANAGER_ACTIONS = ["ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel",
+                           "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+                           "ssmmessages:OpenDataChannel"]
 SSH_USER = "ubuntu"          # the Ubuntu Deep Learning AMIs
 
 
@@ -33,6 +40,7 @@ class AwsClusterArgs:
     bundle: Path                                   # the node bundle (steps, herd wheel, environment)
     api_key: pulumi.Input[str] | None = None       # secret
     hf_token: pulumi.Input[str] | None = None      # secret
+    session_manager: bool | None = None            # None: the stack config herd:sessionManager (off)
 
 
 def choose_zone(instance_type: str, wanted: list[str], offered: list[str],
@@ -43,6 +51,22 @@ def choose_zone(instance_type: str, wanted: list[str], offered: list[str],
         raise pulumi.RunError(f"{field}: {wanted}: {instance_type} is offered only in "
                               f"{sorted(offered) or 'no zone of this region'}")
     return candidates[0]
+
+
+def parameter_path(spec: Spec) -> str:
+    """The deployment's SSM path: every parameter it creates, and all its nodes may read, is under it."""
+    return f"/herd/{spec.name}/"
+
+
+def weight_buckets(spec: Spec) -> list[str]:
+    """The buckets the nodes read weights from: aws.weights_bucket and the model source's bucket."""
+    buckets = [spec.aws.weights_bucket] if spec.aws.weights_bucket else []
+    source = spec.model.source or ""
+    if source.startswith("s3://"):
+        bucket = source.removeprefix("s3://").split("/", 1)[0]
+        if bucket and bucket not in buckets:
+            buckets.append(bucket)
+    return buckets
 
 
 class AwsCluster(pulumi.ComponentResource):
@@ -80,9 +104,16 @@ class AwsCluster(pulumi.ComponentResource):
 
         self.placement_group = aws.ec2.PlacementGroup(f"{name}-pg", strategy="cluster", tags=tags, opts=child)
 
+        # One key for what this deployment encrypts (its secrets, its bundle): the nodes may decrypt
+        # with this key only, and only through SSM and S3.
+        self.key = aws.kms.Key(f"{name}-key", description=f"herd {spec.name}: secrets and node bundle",
+                               enable_key_rotation=True, deletion_window_in_days=7, tags=tags, opts=child)
         bucket, bundle_key = self._artifacts(name, args.bundle, tags, child)
         secrets = self._secrets(name, spec, args, tags, child)
-        profile = self._role(name, section.weights_bucket, bucket, secrets, tags, child)
+        session_manager = args.session_manager
+        if session_manager is None:
+            session_manager = bool(pulumi.Config("herd").get_bool("sessionManager"))
+        profile = self._role(name, spec, bucket, bundle_key, secrets, session_manager, tags, child)
 
         ami = aws.ec2.get_ami(most_recent=True, owners=section.ami_owners,
                               filters=[{"name": "name", "values": [section.ami_name_pattern]},
@@ -162,50 +193,71 @@ class AwsCluster(pulumi.ComponentResource):
                                        restrict_public_buckets=True, opts=child)
         aws.s3.BucketServerSideEncryptionConfiguration(
             f"{name}-artifacts-sse", bucket=bucket.id, opts=child,
-            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "aws:kms"},
+            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "aws:kms",
+                                                                "kms_master_key_id": self.key.arn},
                     "bucket_key_enabled": True}])
         key = f"herd/{bundle.name}"
         aws.s3.BucketObjectv2(f"{name}-bundle", bucket=bucket.id, key=key, source=pulumi.FileAsset(str(bundle)),
-                              server_side_encryption="aws:kms", opts=child)
+                              server_side_encryption="aws:kms", kms_key_id=self.key.arn, opts=child)
         self.artifacts_bucket = bucket
         return bucket, key
 
     def _secrets(self, name: str, spec: Spec, args: AwsClusterArgs, tags: dict, child) -> dict:
-        """secret file name on the node -> SSM parameter name (SecureString, KMS-encrypted)."""
+        """secret file name on the node -> SSM parameter name (SecureString, the deployment's key), all
+        under the deployment's own path /herd/NAME/, which is all the nodes may read."""
         out = {}
         for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):
             if value is None:
                 continue
-            param_name = f"/herd/{spec.name}/{file}"
-            aws.ssm.Parameter(f"{name}-{file}", name=param_name, type="SecureString",
+            param_name = f"{parameter_path(spec)}{file}"
+            aws.ssm.Parameter(f"{name}-{file}", name=param_name, type="SecureString", key_id=self.key.arn,
                               value=pulumi.Output.secret(value), tags=tags, opts=child)
             out[file] = param_name
         return out
 
-    def _role(self, name: str, weights_bucket: str | None, artifacts, secrets: dict, tags: dict, child):
+    def _role(self, name: str, spec: Spec, artifacts, bundle_key: str, secrets: dict, session_manager: bool,
+              tags: dict, child):
         role = aws.iam.Role(f"{name}-node", tags=tags, opts=child, assume_role_policy=json.dumps({
             "Version": "2012-10-17",
             "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                            "Principal": {"Service": "ec2.amazonaws.com"}}]}))
-        buckets = [artifacts.arn] + ([f"arn:aws:s3:::{weights_bucket}"] if weights_bucket else [])
-        account_id = aws.get_caller_identity().account_id
-        params = [f"arn:aws:ssm:*:{account_id}:parameter{param}" for param in secrets.values()]
+        caller = aws.get_caller_identity()
+        partition = caller.arn.split(":")[1]          # aws, aws-cn, aws-us-gov: from the caller's own ARN
+        region, account = spec.aws.region, caller.account_id
+        weights = weight_buckets(spec)
 
-        def policy(bucket_arns: list[str]) -> str:
+        def policy(known: list[str]) -> str:
+            artifacts_arn, key_arn = known
             statements = [
-                {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"], "Resource": bucket_arns},
-                {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": [f"{b}/*" for b in bucket_arns]},
-                # The artifacts bucket is encrypted with the account's S3 KMS key.
-                {"Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": "*",
-                 "Condition": {"StringLike": {"kms:ViaService": ["s3.*.amazonaws.com", "ssm.*.amazonaws.com"]}}},
+                # The node bundle: one object prefix of this deployment's bucket, read only.
+                {"Sid": "Bundle", "Effect": "Allow", "Action": ["s3:GetObject"],
+                 "Resource": [f"{artifacts_arn}/{bundle_key.rsplit('/', 1)[0]}/*"]},
+                # Its key, to decrypt what SSM and S3 hand back (not usable directly, nor any other key).
+                {"Sid": "DeploymentKey", "Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": [key_arn],
+                 "Condition": {"StringEquals": {"kms:ViaService": [f"ssm.{region}.amazonaws.com",
+                                                                   f"s3.{region}.amazonaws.com"]}}},
             ]
-            if params:
-                statements.append({"Effect": "Allow", "Action": ["ssm:GetParameter"], "Resource": params})
+            if weights:
+                # The weights: list and read those buckets, nothing else (no write, no other bucket).
+                arns = [f"arn:{partition}:s3:::{bucket}" for bucket in weights]
+                statements += [
+                    {"Sid": "WeightsList", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": arns},
+                    {"Sid": "WeightsRead", "Effect": "Allow", "Action": ["s3:GetObject"],
+                     "Resource": [f"{arn}/*" for arn in arns]},
+                ]
+            if secrets:
+                # The deployment's parameters, by the ARN prefix of its own path.
+                statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["ssm:GetParameter"],
+                                   "Resource": [f"arn:{partition}:ssm:{region}:{account}:parameter"
+                                                f"{parameter_path(spec)}*"]})
+            if session_manager:
+                statements.append({"Sid": "SessionManager", "Effect": "Allow", "Action": SESSION_MANAGER_ACTIONS,
+                                   "Resource": "*"})
             return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
-        aws.iam.RolePolicy(f"{name}-node-read", role=role.id, policy=pulumi.Output.all(*buckets).apply(policy),
-                           opts=child)
-        aws.iam.RolePolicyAttachment(f"{name}-node-ssm", role=role.name, policy_arn=SSM_CORE, opts=child)
+        self.node_policy = aws.iam.RolePolicy(
+            f"{name}-node-read", role=role.id, opts=child,
+            policy=pulumi.Output.all(artifacts.arn, self.key.arn).apply(policy))
         self.role = role
         return aws.iam.InstanceProfile(f"{name}-node", role=role.name, tags=tags, opts=child)
 

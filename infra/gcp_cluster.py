@@ -3,7 +3,8 @@
 The same policy as on AWS: all traffic among the nodes, the API port and SSH only from the spec's
 allowed_cidrs; GPUs force `on_host_maintenance: TERMINATE`; the API key lives in Secret Manager and
 only the nodes' service account may read it; the artifacts bucket is private (uniform access, public
-access prevention enforced); the weights bucket is read-only to the nodes.
+access prevention enforced); the weights bucket is read-only to the nodes. The service account has
+no project-level role: every binding is on the one bucket or secret it is for.
 """
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ class GcpClusterArgs:
     bundle: Path
     api_key: pulumi.Input[str] | None = None
     hf_token: pulumi.Input[str] | None = None
+
+
+def weight_buckets(spec: Spec) -> list[str]:
+    """The buckets the nodes read weights from: gcp.weights_bucket and the model source's bucket."""
+    buckets = [spec.gcp.weights_bucket] if spec.gcp.weights_bucket else []
+    source = spec.model.source or ""
+    if source.startswith("gs://"):
+        bucket = source.removeprefix("gs://").split("/", 1)[0]
+        if bucket and bucket not in buckets:
+            buckets.append(bucket)
+    return buckets
 
 
 class GcpCluster(pulumi.ComponentResource):
@@ -70,10 +82,14 @@ class GcpCluster(pulumi.ComponentResource):
         bundle_key = f"herd/{args.bundle.name}"
         gcp.storage.BucketObject(f"{name}-bundle", bucket=bucket.name, name=bundle_key,
                                  source=pulumi.FileAsset(str(args.bundle)), opts=child)
-        for label, bucket_name in (("artifacts", bucket.name), ("weights", section.weights_bucket)):
-            if bucket_name:
-                gcp.storage.BucketIAMMember(f"{name}-{label}-read", bucket=bucket_name,
-                                            role="roles/storage.objectViewer", member=member, opts=child)
+        # The nodes' account holds no project role at all: each grant is bound on the one resource it
+        # is for. objectViewer (get and list objects) on the artifacts bucket and the weights buckets;
+        # secretAccessor on each of the deployment's secrets, below.
+        readable = [("artifacts", bucket.name)] + [(f"weights-{i}" if i else "weights", b)
+                                                   for i, b in enumerate(weight_buckets(spec))]
+        for label, bucket_name in readable:
+            gcp.storage.BucketIAMMember(f"{name}-{label}-read", bucket=bucket_name,
+                                        role="roles/storage.objectViewer", member=member, opts=child)
 
         secrets = {}
         for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):

@@ -76,9 +76,11 @@ retry() {{  # the network may come up after the script starts
   return 1
 }}
 fetch_secret() {{  # name command: the secret never touches argv or the log, only a 0600 file
-  local tmp="$HERD_HOME/secrets/.$1.partial"
+  local tmp="$HERD_HOME/secrets/.$1.partial" dest="$HERD_HOME/secrets/$1"
   (umask 077; retry bash -c "$2" > "$tmp")
-  mv "$tmp" "$HERD_HOME/secrets/$1"
+  # A reboot keeps the owner the 70-service step gave it: the runtime's own user reads the API key.
+  if [ -e "$dest" ]; then chown --reference="$dest" "$tmp"; fi
+  mv "$tmp" "$dest"
 }}
 run_step() {{  # name stamp: a stamped step already ran with this script and environment
   local stamp_file="$HERD_HOME/state/steps/$1.done"

@@ -45,6 +45,8 @@ class CloudMocks(pulumi.runtime.Mocks):
         elif args.typ in ("aws:ec2/placementGroup:PlacementGroup", "aws:iam/role:Role"):
             state.setdefault("name", f"{args.name}-7c1d")
             state["arn"] = f"arn:aws:iam::123456789012:role/{args.name}"
+        elif args.typ == "aws:kms/key:Key":
+            state.update(arn=f"arn:aws:kms:us-east-1:123456789012:key/{args.name}-0c5e", keyId=f"{args.name}-0c5e")
         elif args.typ == "aws:iam/instanceProfile:InstanceProfile":
             state["arn"] = f"arn:aws:iam::123456789012:instance-profile/{args.name}"
         elif args.typ == "gcp:compute/instance:Instance":

@@ -1,6 +1,8 @@
 """The AWS cluster, as the Pulumi program declares it for each shipped AWS environment (mocks)."""
 from __future__ import annotations
 
+import json
+
 import pulumi
 import pytest
 import yaml
@@ -101,13 +103,74 @@ def test_the_api_key_is_a_secret_securestring_and_nowhere_in_the_clear(run_stack
         assert API_KEY not in plain_text(resource.inputs), resource.name
     (node,) = mocks.of_type("aws:ec2/instance:Instance")
     assert f"--name {param.inputs['name']} --with-decryption" in node.inputs["userData"]
-    policy = mocks.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"]
-    statements = yaml.safe_load(policy)["Statement"]
-    assert {"Effect": "Allow", "Action": ["ssm:GetParameter"],
-            "Resource": [f"arn:aws:ssm:*:123456789012:parameter{param.inputs['name']}"]} in statements
-    s3_reads = [s for s in statements if s["Action"] == ["s3:GetObject"]]
-    assert s3_reads and "arn:aws:s3:::my-weights-bucket/*" in s3_reads[0]["Resource"]
-    assert not any("s3:PutObject" in s["Action"] or s["Action"] == "*" for s in statements)
+    key = mocks.one("aws:kms/key:Key")
+    assert param.inputs["keyId"] == f"arn:aws:kms:us-east-1:123456789012:key/{key.name}-0c5e"
+    assert param.inputs["name"].startswith("/herd/aws-p5-405b-fp8/")
+
+
+def node_policy(mocks) -> dict[str, dict]:
+    """The node role's one inline policy, as the JSON the program passes, by statement id."""
+    document = json.loads(mocks.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"])
+    assert document["Version"] == "2012-10-17"
+    return {st["Sid"]: st for st in document["Statement"]}
+
+
+def test_the_node_role_reads_only_this_deployments_parameters_buckets_and_key(run_stack):
+    mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+    statements = node_policy(mocks)
+    artifacts = mocks.one("aws:s3/bucket:Bucket").name
+    key_arn = f"arn:aws:kms:us-east-1:123456789012:key/{mocks.one('aws:kms/key:Key').name}-0c5e"
+    assert statements == {
+        "Bundle": {"Sid": "Bundle", "Effect": "Allow", "Action": ["s3:GetObject"],
+                   "Resource": [f"arn:aws:s3:::{artifacts}-4f2a/herd/*"]},
+        "DeploymentKey": {"Sid": "DeploymentKey", "Effect": "Allow", "Action": ["kms:Decrypt"],
+                          "Resource": [key_arn],
+                          "Condition": {"StringEquals": {"kms:ViaService": ["ssm.us-east-1.amazonaws.com",
+                                                                            "s3.us-east-1.amazonaws.com"]}}},
+        "WeightsList": {"Sid": "WeightsList", "Effect": "Allow", "Action": ["s3:ListBucket"],
+                        "Resource": ["arn:aws:s3:::my-weights-bucket"]},
+        "WeightsRead": {"Sid": "WeightsRead", "Effect": "Allow", "Action": ["s3:GetObject"],
+                        "Resource": ["arn:aws:s3:::my-weights-bucket/*"]},
+        "Secrets": {"Sid": "Secrets", "Effect": "Allow", "Action": ["ssm:GetParameter"],
+                    "Resource": ["arn:aws:ssm:us-east-1:123456789012:parameter/herd/aws-p5-405b-fp8/*"]},
+    }
+    # No managed policy at all (AmazonSSMManagedInstanceCore read every parameter of the account).
+    assert mocks.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment") == []
+    assert "managedPolicyArns" not in mocks.one("aws:iam/role:Role").inputs
+    # What the key protects: the secrets (above) and the bundle bucket's objects.
+    sse = mocks.one("aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration")
+    assert sse.inputs["rules"][0]["applyServerSideEncryptionByDefault"] == {"sseAlgorithm": "aws:kms",
+                                                                           "kmsMasterKeyId": key_arn}
+    assert mocks.one("aws:s3/bucketObjectv2:BucketObjectv2").inputs["kmsKeyId"] == key_arn
+    assert mocks.one("aws:kms/key:Key").inputs["enableKeyRotation"] is True
+
+
+def test_session_manager_is_off_by_default_and_minimal_when_the_stack_asks(run_stack):
+    mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+    assert "SessionManager" not in node_policy(mocks)
+    assert not any(a.startswith(("ssmmessages:", "ec2messages:")) for st in node_policy(mocks).values()
+                   for a in st["Action"])
+    mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml", config={"herd:sessionManager": "true"})
+    statements = node_policy(mocks)
+    assert statements["SessionManager"] == {
+        "Sid": "SessionManager", "Effect": "Allow", "Resource": "*",
+        "Action": ["ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel",
+                   "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
+                   "ssmmessages:OpenDataChannel"]}
+    # Sessions do not bring back the account-wide parameter reads.
+    assert statements["Secrets"]["Resource"] == ["arn:aws:ssm:us-east-1:123456789012:parameter/herd/aws-p5-405b-fp8/*"]
+    assert mocks.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment") == []
+
+
+def test_weights_in_another_bucket_than_weights_bucket_are_readable_too(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "two-buckets", base, model={"source": "s3://team-models/llama-405b-fp8"})
+    statements = node_policy(run_stack(env)[0])
+    assert statements["WeightsList"]["Resource"] == ["arn:aws:s3:::my-weights-bucket", "arn:aws:s3:::team-models"]
+    assert statements["WeightsRead"]["Resource"] == ["arn:aws:s3:::my-weights-bucket/*", "arn:aws:s3:::team-models/*"]
+    del base["aws"]["weights_bucket"]
+    statements = node_policy(run_stack(write_env(tmp_path, "source-only", base))[0])
+    assert statements["WeightsRead"]["Resource"] == ["arn:aws:s3:::my-weights-bucket/*"]
 
 
 def test_the_zone_is_one_that_offers_the_type(run_stack, tmp_path):

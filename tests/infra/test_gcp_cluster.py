@@ -93,3 +93,25 @@ def test_spot_nodes_use_the_spot_model_and_stop_on_preemption(run_stack, tmp_pat
     scheduling = mocks.one("gcp:compute/instance:Instance").inputs["scheduling"]
     assert scheduling["provisioningModel"] == "SPOT" and scheduling["onHostMaintenance"] == "TERMINATE"
     assert scheduling["instanceTerminationAction"] == "STOP" and scheduling["automaticRestart"] is False
+
+
+def test_the_node_account_holds_no_project_role_only_grants_on_its_own_bucket_and_secret(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "gcp-a3-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "gcp-two-buckets", base, model={"source": "gs://team-models/405b-fp8"})
+    mocks, _ = run_stack(env)
+    account = "serviceAccount:herd-gcp-two-buckets@my-project.iam.gserviceaccount.com"
+    hierarchy = ("gcp:projects/", "gcp:folder/", "gcp:organizations/")
+    assert [r for r in mocks.resources if r.type.startswith(hierarchy)] == []
+    grants = sorted((r.type.split(":")[-1], r.inputs.get("bucket") or r.inputs.get("secretId"), r.inputs["role"])
+                    for r in mocks.resources if "role" in r.inputs and r.inputs.get("member") == account)
+    artifacts = mocks.one("gcp:storage/bucket:Bucket").name
+    secret = mocks.one("gcp:secretmanager/secret:Secret").name
+    assert grants == sorted([
+        ("BucketIAMMember", f"{artifacts}-9e1b", "roles/storage.objectViewer"),
+        ("BucketIAMMember", "my-weights-bucket", "roles/storage.objectViewer"),
+        ("BucketIAMMember", "team-models", "roles/storage.objectViewer"),
+        ("SecretIamMember", f"{secret}-id", "roles/secretmanager.secretAccessor"),
+    ])
+    # Every IAM resource in the stack is one of those: nothing else is granted to anyone.
+    iam = [r for r in mocks.resources if "iam" in r.type.lower() and r.type != "gcp:serviceaccount/account:Account"]
+    assert len(iam) == len(grants)

@@ -112,3 +112,20 @@ def test_the_boot_script_is_shellcheck_clean_and_fits_aws_user_data(tmp_path):
     assert done.returncode == 0, done.stdout
     assert len(script.encode()) < USER_DATA_LIMIT
     assert "http://169.254.169.254/latest/api/token" in script        # IMDSv2: a session token first
+
+
+def test_a_reboot_keeps_the_owner_the_service_step_gave_the_api_key(tmp_path, sources):
+    """GCP runs the startup script at every boot and fetches the secrets again; the API key must stay
+    readable by the runtime's own user (given it by 70-service, which a reboot skips)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the key to another user")
+    home = tmp_path / "opt-herd"
+    script = boot_script(cpu_node(home, steps=[]), sources, nodes=1)
+    assert run_boot(script, tmp_path, dry_run=False).returncode == 0
+    key = home / "secrets" / "api-key"
+    os.chown(key, 65534, 65534)                                       # as 70-service does for `herd`
+    again = run_boot(script, tmp_path, dry_run=False)
+    assert again.returncode == 0, again.stderr
+    assert key.read_text() == "sk-boot-test-key"
+    assert (key.stat().st_uid, key.stat().st_gid, stat.S_IMODE(key.stat().st_mode)) == (65534, 65534, 0o600)
+    assert not list((home / "secrets").glob(".*.partial"))
