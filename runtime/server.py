@@ -147,7 +147,8 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
         body = {"status": "ready" if h.ready else "not_ready", "phase": h.phase, "reason": h.reason,
                 "ranks_loaded": h.loaded, "world_size": h.world, "restarts": h.restarts,
                 "last_canary_seconds": h.last_canary_s, "rank_loads": h.loads}
-        for extra in ("restarts_in_window", "restart_budget", "restart_window_s"):
+        for extra in ("restarts_in_window", "max_restarts", "restart_window_s", "canary_failures",
+                      "control_rejected"):
             if hasattr(h, extra):
                 body[extra] = getattr(h, extra)
         return body
