@@ -10,7 +10,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class LaunchConfig:
     model_dir: Path
-    dtype: str = "float32"
+    dtype: str = "auto"   # resolved by each rank (runtime.dtypes) from the checkpoint and its device
     nproc_per_node: int = 1
     nnodes: int = 1
     # Multi-node: the head's address:port hosts the c10d rendezvous; this node's own address.

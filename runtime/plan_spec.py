@@ -51,11 +51,19 @@ def _ranks(spec: Spec, default: int) -> int:
     return tensor if tensor != "auto" else default
 
 
+def _planned_dtype(spec: Spec, hw: Hardware) -> str:
+    """`auto` before the weights are here: catalog checkpoints are bf16 (what GPUs then run); a CPU
+    runs bf16 only where it computes it natively (this host's flags: CPU plans are for this host)."""
+    from runtime import dtypes
+    return dtypes.resolve(spec.model.dtype, checkpoint="bfloat16", on_gpu=hw.accelerator.is_gpu)
+
+
 def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
     model = None if spec.model.id.startswith("config:") else catalog.model(spec.model.id)
+    hw = hardware_for(spec, host)
     return PlanRequest(
-        architecture=resolve_architecture(spec.model), hardware=hardware_for(spec, host),
-        model_id=spec.model.id, dtype=spec.model.dtype, quantization=spec.model.quantization,
+        architecture=resolve_architecture(spec.model), hardware=hw,
+        model_id=spec.model.id, dtype=_planned_dtype(spec, hw), quantization=spec.model.quantization,
         kv_cache_dtype=spec.model.kv_cache_dtype, max_model_len=spec.context.max_model_len,
         concurrency=spec.context.concurrency, max_prefill_tokens=spec.context.max_prefill_tokens,
         tensor=spec.parallelism.tensor, pipeline=spec.parallelism.pipeline, nodes=spec.parallelism.nodes,

