@@ -3,6 +3,10 @@
 Two shapes: the full wheel bundle (herd and every runtime dependency, for on-prem hosts that cannot
 reach a package index) and the node bundle (the steps, herd's own wheel and the environment file, one
 tar.gz a cloud node downloads at boot; its dependencies come from the package index there).
+
+Either way the 50-venv step installs herd from the file `herd-VERSION-*.whl` by its path (install_herd
+in steps/common.sh), never as the requirement `herd==VERSION`: that name on the public index belongs
+to an unrelated project. `herd_wheel_in` is the same contract on this side: exactly one such file.
 """
 from __future__ import annotations
 
@@ -56,20 +60,28 @@ def _pip_wheel(dest: Path, console: Console, what: str, *extra: str) -> Path:
     return dest
 
 
+def herd_wheel_in(wheels: Path) -> Path:
+    """The one wheel of this herd version in a bundle folder (the file the 50-venv step installs)."""
+    found = sorted(wheels.glob(f"herd-{herd_version()}-*.whl"))
+    if len(found) != 1:
+        raise UserError(f"bundle: {wheels}: expected one herd-{herd_version()}-*.whl, found {len(found)} "
+                        f"({', '.join(p.name for p in found) or 'none'})")
+    return found[0]
+
+
 def wheel_bundle(console: Console) -> Path:
     """herd's wheel and every runtime dependency as wheels, so hosts install with --no-index."""
     name = f"herd-{herd_version()}-{source_digest()}"
-    return _pip_wheel(cache_root() / "bundles" / name, console, "herd's wheel and its dependencies")
+    bundle = _pip_wheel(cache_root() / "bundles" / name, console, "herd's wheel and its dependencies")
+    herd_wheel_in(bundle)
+    return bundle
 
 
 def herd_wheel(console: Console) -> Path:
     """herd's own wheel (no dependencies): what a cloud node cannot get from a package index."""
     wheels = _pip_wheel(cache_root() / "bundles" / f"herd-only-{herd_version()}-{source_digest()}", console,
                         "herd's wheel", "--no-deps")
-    found = sorted(wheels.glob("herd-*.whl"))
-    if not found:
-        raise UserError(f"bundle: no herd wheel in {wheels}")
-    return found[0]
+    return herd_wheel_in(wheels)
 
 
 def node_bundle(env_path: Path, console: Console) -> Path:

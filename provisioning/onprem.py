@@ -9,9 +9,13 @@ for readiness and runs the smoke test through the head.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import hashlib
+import math
 import os
+import posixpath
+import select
 import shlex
 import socket
 import threading
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from provisioning.bundle import wheel_bundle
 from provisioning.steps import STEPS_DIR, HostSteps, plan_host, profiles_for
@@ -41,23 +46,52 @@ class HostError(Exception):
 
 
 # ------------------------------------------------------------------ SSH
+# Every remote command has a deadline: a short one for the installer's own bookkeeping (mkdir, cat,
+# kill), a long one for a provisioning step (a driver install, a pip install of torch, hashing
+# hundreds of GB of weights). Past it the command is killed on the host and the host's error names it.
+COMMAND_TIMEOUT_S = float(os.environ.get("HERD_SSH_COMMAND_TIMEOUT_S", 120))
+STEP_TIMEOUT_S = float(os.environ.get("HERD_SSH_STEP_TIMEOUT_S", 4 * 3600))
+# Beyond the remote deadline, how long to wait for the host to report it before giving up on the
+# connection itself (a host that stopped answering cannot report anything).
+DEADLINE_GRACE_S = 15
+# An SFTP read or write that stalls this long fails instead of hanging the install.
+SFTP_TIMEOUT_S = 300
+_known_hosts_lock = threading.Lock()   # hosts connect in parallel; known_hosts is one file
+
+
+def _short(command: str, limit: int = 160) -> str:
+    """A command as an error message shows it: whole when short, else its start and its end (a step's
+    command is a long environment followed by the script's name)."""
+    command = " ".join(command.split())
+    return command if len(command) <= limit else f"{command[:limit - 70]} ... {command[-60:]}"
+
+
+def _keyscan_type(key_name: str) -> str:
+    """ssh-keyscan's name for a key type: ssh-ed25519 -> ed25519, ecdsa-sha2-nistp256 -> ecdsa."""
+    return "ecdsa" if key_name.startswith("ecdsa") else key_name.removeprefix("ssh-")
+
+
+def _record_host_key(known_hosts: Path, hostname: str, key, console: Console, why: str) -> None:
+    with _known_hosts_lock:
+        known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        with open(known_hosts, "a") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+    fingerprint = hashlib.sha256(key.asbytes()).hexdigest()[:32]
+    console.print(f"[yellow]{escape(hostname)}: trusted {why} {key.get_name()} SHA256:{fingerprint}... "
+                  f"(recorded in {escape(str(known_hosts))})[/]")
+
+
 class TrustOnFirstUse:
-    """Accept a host never seen before and record it (only with --trust-new-hosts). A key that
-    differs from a recorded one never reaches this policy: paramiko raises BadHostKeyException."""
+    """Accept a host never seen before and record it (only with --trust-new-hosts). A host already in
+    known_hosts never reaches this policy: paramiko compares its key (Host handles a key of a type
+    not recorded for it)."""
 
     def __init__(self, known_hosts: Path, console: Console):
         self.known_hosts, self.console = known_hosts, console
-        self.lock = threading.Lock()
 
     def missing_host_key(self, client, hostname, key):
-        with self.lock:
-            client.get_host_keys().add(hostname, key.get_name(), key)
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.known_hosts, "a") as f:
-                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        fingerprint = hashlib.sha256(key.asbytes()).hexdigest()[:32]
-        self.console.print(f"[yellow]{hostname}: trusted new host key {key.get_name()} SHA256:{fingerprint}... "
-                           f"(recorded in {self.known_hosts})[/]")
+        client.get_host_keys().add(hostname, key.get_name(), key)
+        _record_host_key(self.known_hosts, hostname, key, self.console, "new host key")
 
 
 class Host:
@@ -67,17 +101,29 @@ class Host:
         import paramiko
         self.name = spec_host.address
         self.console = console
-        client = paramiko.SSHClient()
-        if known_hosts.exists():
-            client.load_host_keys(str(known_hosts))
-        client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts, console) if trust_new
-                                           else paramiko.RejectPolicy())
+        # The name paramiko files the host under in known_hosts.
+        key_name = spec_host.address if spec_host.port == 22 else f"[{spec_host.address}]:{spec_host.port}"
         try:
-            sock = socket.create_connection((spec_host.address, spec_host.port), timeout=10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ~40 ms saved per request
-            client.connect(spec_host.address, spec_host.port, username=spec_host.user, key_filename=str(key),
-                           sock=sock, look_for_keys=False, allow_agent=False, timeout=10, auth_timeout=15,
-                           banner_timeout=15)
+            try:
+                client = self._connect(spec_host, key, known_hosts, trust_new)
+            except paramiko.BadHostKeyException as err:
+                known = paramiko.HostKeys(str(known_hosts)).lookup(key_name) if known_hosts.exists() else None
+                presented = err.key.get_name()
+                known_types = sorted(known.keys()) if known else []
+                if presented in known_types:
+                    raise   # the key recorded for this very type changed: never accepted
+                # paramiko asks the server for the first recorded type; one that lacks it presents
+                # another, which paramiko reports as a changed key. A key of a type never recorded
+                # for the host is new, not changed: trusted only as a new host is.
+                if not trust_new:
+                    raise HostError(
+                        f"{self.name}: presented a {presented} host key, but {known_hosts} knows this host "
+                        f"by {', '.join(known_types)} only; refusing to connect: check the new key's "
+                        f"fingerprint (ssh-keyscan -t {_keyscan_type(presented)} {self.name}) and add it, "
+                        "or rerun with --trust-new-hosts") from None
+                _record_host_key(known_hosts, key_name, err.key, console,
+                                 f"a host key of another type (known: {', '.join(known_types)}):")
+                client = self._connect(spec_host, key, known_hosts, trust_new)
         except OSError as err:
             raise HostError(f"{self.name}: unreachable on port {spec_host.port} ({err.strerror or err})") from None
         except paramiko.BadHostKeyException as err:
@@ -93,24 +139,105 @@ class Host:
                                 "fingerprint (ssh-keyscan), or rerun with --trust-new-hosts") from None
             raise HostError(f"{self.name}: SSH failed: {err}") from None
         self.client = client
+        # A long, silent step (hashing weights) leaves the connection idle for minutes: keepalives keep
+        # firewalls and NAT from dropping it, and make a dead one fail on send.
+        client.get_transport().set_keepalive(15)
         self.sftp = client.open_sftp()
+        self.sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
 
-    def run(self, command: str, check: bool = True, quiet: bool = False) -> tuple[int, str]:
-        _, stdout, stderr = self.client.exec_command(command)
-        lines = []
-        for line in iter(stdout.readline, ""):
-            lines.append(line)
-            if not quiet:
-                self.console.print(f"[cyan]{self.name}[/] | {line.rstrip()}", highlight=False)
-        err = stderr.read().decode(errors="replace")
-        code = stdout.channel.recv_exit_status()
-        if err and not quiet:
-            for line in err.rstrip().splitlines():
-                self.console.print(f"[cyan]{self.name}[/] | [red]{line}[/]", highlight=False)
+    def _connect(self, spec_host: OnpremHost, key: Path, known_hosts: Path, trust_new: bool):
+        import paramiko
+        client = paramiko.SSHClient()
+        if known_hosts.exists():
+            client.load_host_keys(str(known_hosts))
+        client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts, self.console) if trust_new
+                                           else paramiko.RejectPolicy())
+        try:
+            sock = socket.create_connection((spec_host.address, spec_host.port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ~40 ms saved per request
+            client.connect(spec_host.address, spec_host.port, username=spec_host.user, key_filename=str(key),
+                           sock=sock, look_for_keys=False, allow_agent=False, timeout=10, auth_timeout=15,
+                           banner_timeout=15)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def run(self, command: str, check: bool = True, quiet: bool = False,
+            timeout: float | None = None) -> tuple[int, str]:
+        """Run `command` on the host; (exit code, stdout). Both streams are read as they come (a command
+        filling its stderr while we wait on its stdout would otherwise stall both sides for good), and
+        the command gets `timeout` seconds (COMMAND_TIMEOUT_S by default)."""
+        limit = COMMAND_TIMEOUT_S if timeout is None else timeout
+        channel = self.client.get_transport().open_session(timeout=30)
+        # The host enforces the deadline too: coreutils `timeout` signals the command's whole process
+        # group (TERM, then KILL 10 s later), so a hung command does not linger after we gave up.
+        channel.exec_command(f"timeout -k 10 {max(1, math.ceil(limit))} bash -c {shlex.quote(command)}")
+        started = time.monotonic()
+        deadline = started + limit + DEADLINE_GRACE_S
+        out, err_tail = bytearray(), collections.deque(maxlen=50)
+        pending = {"out": bytearray(), "err": bytearray()}
+
+        def emit(stream: str, data: bytes, final: bool = False) -> None:
+            buffer = pending[stream]
+            buffer += data
+            *lines, rest = buffer.split(b"\n")
+            # A partial line is kept for the next chunk, but not forever: output without newlines
+            # (a progress bar) would make every chunk rescan it.
+            if rest and (final or len(rest) > 1 << 16):
+                lines, rest = lines + [rest], b""
+            pending[stream] = bytearray(rest)
+            for raw in lines:
+                line = raw.decode(errors="replace").rstrip()
+                if stream == "err":
+                    err_tail.append(line)
+                if not quiet:
+                    style = "[red]" if stream == "err" else ""
+                    self.console.print(f"[cyan]{escape(self.name)}[/] | {style}{escape(line)}"
+                                       f"{'[/]' if style else ''}", highlight=False)
+
+        try:
+            while True:
+                moved = False
+                while channel.recv_ready():
+                    data = channel.recv(1 << 16)
+                    out += data
+                    emit("out", data)
+                    moved = True
+                while channel.recv_stderr_ready():
+                    emit("err", channel.recv_stderr(1 << 16))
+                    moved = True
+                # Done once the exit status and the end of output are in, or the connection is gone.
+                if (channel.closed or (channel.exit_status_ready() and channel.eof_received)) and not (
+                        channel.recv_ready() or channel.recv_stderr_ready()):
+                    break
+                if moved:
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HostError(f"{self.name}: `{_short(command)}` timed out after {limit:.0f}s "
+                                    "(the host stopped answering; the command may still run there)")
+                if channel.eof_received:
+                    channel.status_event.wait(min(left, 0.5))   # output done, exit status to come
+                else:
+                    select.select([channel], [], [], min(left, 0.5))
+        finally:
+            channel.close()
+        emit("out", b"", final=True)
+        emit("err", b"", final=True)
+        code = channel.recv_exit_status()
+        if code == -1:   # paramiko's value when the channel closed without an exit status
+            raise HostError(f"{self.name}: the connection was lost while `{_short(command)}` ran "
+                            "(no exit status)")
+        if code in (124, 137) and time.monotonic() - started >= limit:
+            raise HostError(f"{self.name}: `{_short(command)}` timed out after {limit:.0f}s and was stopped "
+                            "on the host")
+        text = out.decode(errors="replace")
         if check and code != 0:
-            last = (err.strip().splitlines() or lines or ["(no output)"])[-1].strip()
-            raise HostError(f"{self.name}: `{command[:80]}` failed ({code}): {last}")
-        return code, "".join(lines)
+            last = ([line for line in err_tail if line.strip()] or text.strip().splitlines()
+                    or ["(no output)"])[-1].strip()
+            raise HostError(f"{self.name}: `{_short(command)}` failed ({code}): {last}")
+        return code, text
 
     def upload_dir(self, local: Path, remote: str, stats: dict) -> None:
         """Put every file of `local` under `remote`, skipping files already there with the same sha256."""
@@ -123,7 +250,7 @@ class Host:
             if present.get(path.name) == _sha(path):
                 stats["skipped"] += path.stat().st_size
                 continue
-            tmp = f"{remote}/.{path.name}.part"
+            tmp = f"{remote}/.{path.name}.part"   # SFTP paths are not parsed by a shell: no quoting
             self.sftp.put(str(path), tmp)
             self.sftp.posix_rename(tmp, f"{remote}/{path.name}")  # never a half file under the real name
             stats["uploaded"] += path.stat().st_size
@@ -258,29 +385,34 @@ class Installer:
         result.uploaded, result.skipped_bytes = stats["uploaded"], stats["skipped"]
         for step, why in steps.skipped.items():
             host.console.print(f"[cyan]{host.name}[/] | {step}: skip: {why}", highlight=False)
-        host.run(f"mkdir -p {self.home}/state/steps", quiet=True)
+        host.run(f"mkdir -p {self._path('state', 'steps')}", quiet=True)
         for step in steps.steps:
-            stamp_file = f"{self.home}/state/steps/{step}.done"
+            stamp_file = self._path("state", "steps", f"{step}.done")
             stamp = steps.stamp(step)
             _, current = host.run(f"cat {stamp_file} 2>/dev/null || true", check=False, quiet=True)
             if current.strip() == stamp:
                 result.steps_skipped += 1
                 continue
-            host.run(steps.command(step, f"{self.home}/steps"))
-            host.run(f"echo {stamp} > {stamp_file}", quiet=True)
+            host.run(steps.command(step, f"{self.home}/steps"), timeout=STEP_TIMEOUT_S)
+            host.run(f"echo {shlex.quote(stamp)} > {stamp_file}", quiet=True)
             result.steps_run += 1
         return result
 
     # ---------------------------------------------------------------- the runtime
+    def _path(self, *parts: str) -> str:
+        """A path under the install directory, quoted for the remote shell (the directory may hold
+        spaces, `$` or quotes: it is the user's)."""
+        return shlex.quote(posixpath.join(self.home, *parts))
+
     def _serve_command(self, steps: HostSteps) -> str:
-        home = self.home
-        return (f"cd {home} && mkdir -p state && (setsid nohup {home}/venv/bin/herd serve "
-                f"{steps.env['HERD_SERVE_ARGS']} > {home}/state/serve.log 2>&1 < /dev/null & "
-                f"echo $! > {home}/state/serve.pid)")
+        # HERD_SERVE_ARGS is already a shell-quoted argument list (shlex.join).
+        return (f"cd {self._path()} && mkdir -p state && (setsid nohup {self._path('venv', 'bin', 'herd')} serve "
+                f"{steps.env['HERD_SERVE_ARGS']} > {self._path('state', 'serve.log')} 2>&1 < /dev/null & "
+                f"echo $! > {self._path('state', 'serve.pid')})")
 
     def _running(self, host: Host) -> bool:
-        code, _ = host.run(f"kill -0 $(cat {self.home}/state/serve.pid 2>/dev/null) 2>/dev/null", check=False,
-                           quiet=True)
+        code, _ = host.run(f"kill -0 $(cat {self._path('state', 'serve.pid')} 2>/dev/null) 2>/dev/null",
+                           check=False, quiet=True)
         return code == 0
 
     def _start_all(self, hosts: list[Host], host_steps: list[HostSteps]) -> set[str]:
@@ -290,7 +422,7 @@ class Installer:
         started = set()
         for host, steps in zip(hosts, host_steps):
             if self._running(host):
-                host.run(f"kill $(cat {self.home}/state/serve.pid)", check=False, quiet=True)
+                host.run(f"kill $(cat {self._path('state', 'serve.pid')})", check=False, quiet=True)
                 time.sleep(1)
             host.run(self._serve_command(steps), quiet=True)
             started.add(host.name)
@@ -308,13 +440,15 @@ class Installer:
         stopped = []
         try:
             for host in hosts:
-                code, _ = host.run(f"test -f {self.home}/state/serve.pid && kill $(cat {self.home}/state/serve.pid)",
-                                   check=False, quiet=True)
-                host.run(f"for f in {self.home}/state/serve/ranks/*.pid; do [ -f \"$f\" ] && kill -9 $(cat \"$f\") "
-                         "2>/dev/null; done; rm -f {home}/state/serve.pid".replace("{home}", self.home),
-                         check=False, quiet=True)
+                pid_file = self._path("state", "serve.pid")
+                code, _ = host.run(f"test -f {pid_file} && kill $(cat {pid_file})", check=False, quiet=True)
+                # The glob stays outside the quotes: the quoted folder, then *.pid expanded in it.
+                host.run(f"for f in {self._path('state', 'serve', 'ranks')}/*.pid; do [ -f \"$f\" ] && "
+                         f"kill -9 $(cat \"$f\") 2>/dev/null; done; rm -f {pid_file}", check=False, quiet=True)
                 if code == 0:
                     stopped.append(host.name)
+        except HostError as err:   # a command that timed out: one line naming the host, as for the install
+            raise UserError(str(err)) from None
         finally:
             for host in hosts:
                 host.close()
@@ -324,6 +458,8 @@ class Installer:
         hosts = self._connect_all()
         try:
             states = {h.name: ("running" if self._running(h) else "stopped") for h in hosts}
+        except HostError as err:
+            raise UserError(str(err)) from None
         finally:
             for host in hosts:
                 host.close()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# herd's runtime in its own venv: from uploaded wheels, with the package index for what they lack
-# (cloud nodes get herd's own wheel) or without any index (HERD_PIP_OFFLINE=1: on-prem hosts get the
-# whole dependency bundle and usually cannot reach an index).
+# herd's runtime in its own venv: herd always from its uploaded wheel, by path (install_herd in
+# common.sh); its dependencies from the package index (cloud nodes get herd's own wheel only) or from
+# the uploaded bundle without any index (HERD_PIP_OFFLINE=1: on-prem hosts get every dependency as a
+# wheel and usually cannot reach an index).
 # On GPU hosts whose spec selects vLLM, the pinned vLLM too.
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -15,14 +16,9 @@ if [ -x "$venv/bin/herd" ] && [ "$("$venv/bin/python" -c 'import importlib.metad
 fi
 PY=${HERD_PYTHON:-python3}
 run "$PY" -m venv "$venv"
-source_args=()
-if [ -d "$wheels" ] && [ -n "$(ls "$wheels" 2>/dev/null)" ]; then
-  source_args=(--find-links "$wheels")
-  [ "${HERD_PIP_OFFLINE:-0}" = 1 ] && source_args=(--no-index "${source_args[@]}")
-fi
-run "$venv/bin/pip" install -q --disable-pip-version-check "${source_args[@]}" "herd==$want"
+install_herd "$venv" "$wheels" "$want"
 if gpu_mode && [ "${HERD_ENGINE:-}" = vllm ]; then
-  run "$venv/bin/pip" install -q --disable-pip-version-check "${source_args[@]}" "vllm==${HERD_VLLM_VERSION:?}"
+  bundle_pip "$venv" "$wheels" "vllm==${HERD_VLLM_VERSION:?}"
 fi
 [ "$DRY_RUN" = 1 ] || "$venv/bin/herd" --help >/dev/null || fail "herd does not start from $venv"
 ok "herd $want in $venv"

@@ -34,3 +34,37 @@ gpu_mode() { [ "${HERD_GPU:-0}" = 1 ]; }
 # The OS description (a host description in dry runs; /etc/os-release otherwise).
 OS_RELEASE=${HERD_OS_RELEASE:-/etc/os-release}
 export OS_RELEASE
+
+# bundle_pip VENV WHEELS ARGS...: `pip install ARGS` from the uploaded wheels. With HERD_PIP_OFFLINE=1
+# the bundle holds every dependency: no index at all, and pip's configuration files and PIP_*
+# variables are ignored (PIP_CONFIG_FILE=/dev/null, --isolated), so a find-links folder or an index
+# set on the host cannot add a candidate either. Otherwise (cloud nodes) the host's package index
+# serves what the bundle lacks.
+bundle_pip() {
+  local venv=$1 wheels=$2
+  shift 2
+  if [ "${HERD_PIP_OFFLINE:-0}" = 1 ]; then
+    run env PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" --isolated install -q --disable-pip-version-check \
+      --no-index --find-links "$wheels" "$@"
+  else
+    run "$venv/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" "$@"
+  fi
+}
+
+# install_herd VENV WHEELS VERSION: herd from its own wheel in WHEELS, named by its path and never as
+# `herd==VERSION`: the name `herd` on the public package index belongs to an unrelated project, and a
+# requirement by name lets pip take whichever source offers the best match (a higher version in any
+# find-links folder or index). A path is the only candidate pip considers for it; the dependencies
+# come as bundle_pip says.
+install_herd() {
+  local venv=$1 wheels=$2 want=$3 wheel found=()
+  if [ -d "$wheels" ]; then
+    for wheel in "$wheels/herd-$want-"*.whl; do [ -f "$wheel" ] && found+=("$wheel"); done
+  fi
+  if [ "${#found[@]}" -eq 0 ] && [ "$DRY_RUN" = 1 ]; then
+    found=("$wheels/herd-$want-py3-none-any.whl")   # a dry run describes a host before the upload
+  fi
+  [ "${#found[@]}" -eq 1 ] ||
+    fail "expected one herd-$want-*.whl in $wheels, found ${#found[@]} (the installer uploads it)"
+  bundle_pip "$venv" "$wheels" "${found[0]}"
+}

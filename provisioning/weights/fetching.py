@@ -46,15 +46,15 @@ def fetch_remote(source: str, dest: Path, *, quiet: bool = False, concurrency: i
     files = store.list()
     report = report or FetchReport(source, str(dest))
     report.files, report.bytes_total = len(files), sum(f.size for f in files)
-    dest.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with Progress(TextColumn("[bold]weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("fetch", total=report.bytes_total)
-        transfer = Transfer(store.read_into, dest, concurrency=concurrency, chunk_bytes=CHUNK_BYTES,
-                            on_bytes=lambda n: progress.advance(task, n))
+        transfer = Transfer(store.read_into, dest, source=source, concurrency=concurrency,
+                            chunk_bytes=CHUNK_BYTES, on_bytes=lambda n: progress.advance(task, n))
         with console.status("weights: checking what is already here"):
-            needed = transfer.needed(files)
+            needed = transfer.needed(files)   # refuses names that would leave dest, before any write
+        dest.mkdir(parents=True, exist_ok=True)
         report.reused_files = len(files) - len(needed)
         progress.advance(task, sum(f.size for f in files if f not in needed))
         shortfall = sum(transfer.remaining_bytes(f) for f in needed) - shutil.disk_usage(dest).free

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
-from provisioning.weights.manifest import MANIFEST
+from provisioning.weights.manifest import MANIFEST, unsafe_reason
 from provisioning.weights.transfer import RemoteFile
 from runtime.errors import UserError
 
@@ -34,12 +34,20 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+def _entry_name(key: str, prefix: str) -> str:
+    """A key's name below the prefix, exactly as stored: `m//etc/x` stays `/etc/x` (and is refused
+    by the transfer) rather than being quietly turned into another, harmless-looking name."""
+    return key[len(_join(prefix, "")):]
+
+
 def _with_manifest(files: dict[str, int], manifest: dict | None, where: str) -> list[RemoteFile]:
     files.pop(MANIFEST, None)
     if manifest is None:
         return [RemoteFile(name, size, None) for name, size in sorted(files.items())]
     listed = manifest["files"]
-    missing = sorted(set(listed) - set(files))
+    # A malformed name (`../x`) is not judged here but by the transfer, which refuses it with the
+    # reason, whether or not the store also holds such a key.
+    missing = sorted(name for name in set(listed) - set(files) if unsafe_reason(name) is None)
     if missing:
         raise UserError(f"{where}: the manifest lists {', '.join(missing)} but the store has no such file")
     return [RemoteFile(name, entry["size"], entry["sha256"]) for name, entry in sorted(listed.items())]
@@ -102,7 +110,7 @@ class S3Store:
             extra = {"ContinuationToken": token} if token else {}
             page = self._call(self.client.list_objects_v2, Prefix=_join(self.prefix, ""), **extra)
             for obj in page.get("Contents", []):
-                name = obj["Key"][len(self.prefix):].lstrip("/")
+                name = _entry_name(obj["Key"], self.prefix)
                 if name and not name.endswith("/"):
                     files[name] = obj["Size"]
             if not page.get("IsTruncated"):
@@ -164,7 +172,7 @@ class GcsStore:
 
     def list(self) -> list[RemoteFile]:
         blobs = self._call(lambda: list(self.client.list_blobs(self.bucket_name, prefix=_join(self.prefix, ""))))
-        files = {b.name[len(self.prefix):].lstrip("/"): b.size for b in blobs if not b.name.endswith("/")}
+        files = {_entry_name(b.name, self.prefix): b.size for b in blobs if not b.name.endswith("/")}
         files = {k: v for k, v in files.items() if k}
         if not files:
             raise UserError(f"{self.uri}: no files under this prefix")
@@ -252,7 +260,10 @@ class HfStore:
         files = []
         for s in info.siblings or []:
             name = s.rfilename
-            if "/" in name or not (name in HF_WANTED_NAMES or name.endswith(HF_WANTED_SUFFIXES)):
+            # Subfolders and unwanted files are skipped; a malformed name (`../x`, `/etc/x`) is not:
+            # it goes on to the transfer, which refuses the listing and names it.
+            if unsafe_reason(name) is None and (
+                    "/" in name or not (name in HF_WANTED_NAMES or name.endswith(HF_WANTED_SUFFIXES))):
                 continue
             sha = s.lfs.sha256 if s.lfs else None  # small git files carry only a git blob id
             files.append(RemoteFile(name, s.size if s.size is not None else s.lfs.size, sha))

@@ -6,6 +6,10 @@ is the chunk size, so a resume with another setting still maps indices to the sa
 fetch resumes where it stopped. When every chunk is there the file is hashed (by one verifier thread,
 from the page cache, while the next file downloads), compared with the manifest, and only then renamed
 over NAME. A verified file is never replaced by an unverified one.
+
+Every remote source (S3, GCS, the Hub) hands its file list to a Transfer, so this is where entry
+names are checked (Transfer.check): a name that is not a plain relative path, or that resolves
+outside the destination through a symlink already there, is refused before anything is written.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioning.weights.manifest import CHUNK, sha256_of
+from provisioning.weights.manifest import ALLOWED_NAMES, CHUNK, sha256_of, unsafe_reason
+from runtime.errors import UserError
 
 # read_into(name, start, end_exclusive, buffer) -> bytes written into buffer (end - start when whole)
 ReadInto = Callable[[str, int, int, memoryview], int]
@@ -37,16 +42,37 @@ class ChecksumMismatch(Exception):
 class Transfer:
     """Moves a set of files into one directory; reports bytes to a progress callback."""
 
-    def __init__(self, read_into: ReadInto, dest: Path, *, chunk_bytes: int = 16 * 2**20,
+    def __init__(self, read_into: ReadInto, dest: Path, *, source: str = "", chunk_bytes: int = 16 * 2**20,
                  concurrency: int = 8, on_bytes: Callable[[int], None] = lambda n: None):
-        self.read_into, self.dest = read_into, dest
+        self.read_into, self.dest, self.source = read_into, dest, source
         self.chunk_bytes, self.concurrency, self.on_bytes = chunk_bytes, concurrency, on_bytes
         self.moved = 0
         self._lock = threading.Lock()
         self._buffers = threading.local()   # one chunk buffer per download thread, reused
 
+    def check(self, files: list[RemoteFile]) -> None:
+        """Refuse the whole list if any entry could land outside the destination: before any byte is
+        read or written, so a bad listing or a tampered manifest leaves no trace anywhere."""
+        root = os.path.realpath(self.dest)
+        for f in files:
+            reason = unsafe_reason(f.name)
+            if reason is None:
+                # Symlinks already in the destination: the file, its parent folders and our own
+                # transfer files must all resolve inside it (realpath follows every existing link).
+                final = self.dest / f.name
+                for path in (final, final.with_name(final.name + ".partial"),
+                             final.with_name(final.name + ".partial.chunks")):
+                    real = os.path.realpath(path)
+                    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+                        reason = f"{path.relative_to(self.dest)} resolves to {real}, outside {self.dest}"
+                        break
+            if reason:
+                raise UserError(f"{self.source or 'weights'}: entry {f.name!r} refused: {reason} "
+                                f"(allowed: {ALLOWED_NAMES}, inside {self.dest}); nothing was written")
+
     def needed(self, files: list[RemoteFile]) -> list[RemoteFile]:
         """Files not already present and verified (a present file of the wrong size is refetched)."""
+        self.check(files)
         return [f for f in files if not self._verified(f)]
 
     def _verified(self, f: RemoteFile) -> bool:
@@ -62,6 +88,7 @@ class Transfer:
     def fetch(self, files: list[RemoteFile]) -> int:
         """Fetch every file not yet verified; returns bytes moved. Raises ChecksumMismatch for the first
         file that did not verify (the others are in place)."""
+        self.check(files)
         self.dest.mkdir(parents=True, exist_ok=True)
         # Hashing apart from the download threads keeps them at one copy per byte; one file's hash
         # overlaps the next file's download.
@@ -100,13 +127,20 @@ class Transfer:
     def _download(self, f: RemoteFile, pool: futures.ThreadPoolExecutor) -> None:
         _, partial, log = self._paths(f)
         chunk, done = self._resume_state(f)
+        # O_NOFOLLOW throughout: check() refused symlinks leading out, and a link planted since then
+        # fails here instead of being written through.
         if not done:
             partial.unlink(missing_ok=True)
-            log.write_text(f"chunk={chunk}\n")
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+            log.unlink(missing_ok=True)
+            log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(log_fd, f"chunk={chunk}\n".encode())
+            finally:
+                os.close(log_fd)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             os.ftruncate(fd, f.size)
-            log_fd = os.open(log, os.O_WRONLY | os.O_APPEND, 0o644)
+            log_fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW, 0o644)
             try:
                 todo = [i for i in range(self._chunk_count(f, chunk)) if i not in done]
                 jobs = [pool.submit(self._chunk, f, i, chunk, fd, log_fd) for i in todo]

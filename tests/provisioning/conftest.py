@@ -90,6 +90,7 @@ class FakeHub:
     def __init__(self):
         self.repos: dict[str, Path] = {}
         self.gated: set[str] = set()
+        self.extra_siblings: dict[str, list[dict]] = {}   # listed entries with no file behind them
         self.token: str | None = None
         self.requests: list[str] = []
         hub = self
@@ -139,6 +140,7 @@ class FakeHub:
                         entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                                         "pointerSize": 134}
                     siblings.append(entry)
+                siblings += hub.extra_siblings.get(repo, [])
                 body = json.dumps({"id": repo, "modelId": repo, "sha": "0" * 40, "private": False,
                                    "siblings": siblings}).encode()
                 self.send_response(200)

@@ -4,16 +4,24 @@
 # (key-only, root). Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves
 # the machine. `restart I` brings host I's sshd back after everything in it was killed; its disks
 # (the overlay upper dirs) persist, like a rebooted machine's.
+# HERD_HOSTS_TAG (namespaces TAG-hI, bridge TAGbr0) and HERD_HOSTS_NET (the /24) let test files that
+# may run at the same time on one machine keep separate sets of hosts: `down` removes only its own.
 set -euo pipefail
 ACTION=${1:?up N | down | restart I}
 N=${2:-3}
 DIR=${HERD_HOSTS_DIR:-/tmp/herd-test-hosts}
-NS=herdt-h BR=herdtbr0 VETH=herdt-v NET=10.250.0
+TAG=${HERD_HOSTS_TAG:-herdt}
+NS=$TAG-h BR=${TAG}br0 VETH=$TAG-v NET=${HERD_HOSTS_NET:-10.250.0}
 
 down() {
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS}[0-9]+$" || true); do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
+  done
+  # A deleted namespace is freed by the kernel later (seconds, on a busy machine); until then its veth
+  # pair lingers here and blocks the next `up`. Deleting our end removes the pair now.
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^${VETH}[0-9]+$" || true); do
+    ip link del "$link" 2>/dev/null || true
   done
   ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR"
   rm -rf "$DIR"

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from provisioning.boot import NODE_ADDR, USER_DATA_LIMIT, BootSources, aws_sources, boot_script
 from provisioning.bundle import node_bundle
-from provisioning.steps import HostProfile, plan_host
+from provisioning.steps import HostProfile, herd_version, plan_host
 from runtime.plan_spec import request_from_spec
 from runtime.planner import plan
 from runtime.spec import load_spec
@@ -56,7 +56,10 @@ def test_a_node_fetches_its_bundle_and_key_learns_its_address_and_runs_every_ste
     assert "50-venv: would run:" in done.stdout and "60-weights: would run:" in done.stdout
     assert sorted(p.name for p in (home / "steps").iterdir()) == sorted(p.name for p in
                                                                         (ROOT / "provisioning/steps").glob("*.sh"))
-    assert list((home / "wheels").glob("herd-*.whl")) and (home / "environment.yaml").read_bytes() == ENV.read_bytes()
+    # The one file the 50-venv step installs by path (herd-VERSION-*.whl), never `herd==VERSION`.
+    assert len(list((home / "wheels").glob(f"herd-{herd_version()}-*.whl"))) == 1
+    assert (home / "environment.yaml").read_bytes() == ENV.read_bytes()
+    assert "herd==" not in done.stdout
     key = home / "secrets" / "api-key"
     assert key.read_text() == "sk-boot-test-key" and stat.S_IMODE(key.stat().st_mode) == 0o600
     assert "sk-boot-test-key" not in done.stdout + done.stderr

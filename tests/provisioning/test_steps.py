@@ -62,9 +62,23 @@ def test_gpu_steps_in_dry_run_print_the_exact_commands(tmp_path):
 def test_vllm_is_installed_pinned_on_gpu_hosts_only(tmp_path):
     steps = gpu_host_steps()
     gpu = run_step("50-venv", steps.env, tmp_path)
-    assert "vllm==0.33.0" in gpu.stdout and "herd==" in gpu.stdout
+    wheel = f"{tmp_path}/home/wheels/herd-{steps.env['HERD_VERSION']}-py3-none-any.whl"
+    assert "vllm==0.33.0" in gpu.stdout and wheel in gpu.stdout
     cpu = run_step("50-venv", {**steps.env, "HERD_GPU": "0"}, tmp_path)
-    assert "vllm==" not in cpu.stdout and "herd==" in cpu.stdout
+    assert "vllm==" not in cpu.stdout and wheel in cpu.stdout
+
+
+def test_herd_is_installed_by_its_wheel_path_never_by_name(tmp_path):
+    """The public index's `herd` is another project: the step names our wheel file; on-prem hosts (the
+    whole bundle uploaded) use no index and none of pip's configuration."""
+    steps = gpu_host_steps()
+    wheels = f"{tmp_path}/home/wheels"
+    cloud = run_step("50-venv", steps.env, tmp_path)
+    assert f"--find-links {wheels} {wheels}/herd-" in cloud.stdout and "herd==" not in cloud.stdout
+    onprem = run_step("50-venv", {**steps.env, "HERD_PIP_OFFLINE": "1"}, tmp_path)
+    herd_line = next(line for line in onprem.stdout.splitlines() if f"{wheels}/herd-" in line)
+    assert "env PIP_CONFIG_FILE=/dev/null" in herd_line and "--isolated install" in herd_line
+    assert f"--no-index --find-links {wheels} {wheels}/herd-" in herd_line and "herd==" not in onprem.stdout
 
 
 def test_driver_step_refuses_an_unsupported_os(tmp_path):

@@ -1,0 +1,148 @@
+"""Only our package: the real 50-venv step installs herd from the bundled wheel, by path, into a fresh
+venv. The bundle here is small (a wheel named herd with a console script, and one dependency) so the
+test is fast; the step and its install function are the ones every host runs.
+
+Decoys everywhere pip could look: a wheel named like ours (a higher version, and the same version with
+other contents) in an extra find-links folder from PIP_FIND_LINKS, and in a package index on loopback
+(PIP_EXTRA_INDEX_URL, or PIP_INDEX_URL); the default index is unreachable (127.0.0.1:9)."""
+import base64
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from provisioning.steps import STEPS_DIR
+
+pytestmark = pytest.mark.slow
+VERSION = "0.1.0"
+
+
+def make_wheel(folder: Path, name: str, version: str, origin: str, requires=(), script=False) -> Path:
+    """A minimal pure-Python wheel: module `{name}_probe` saying where it came from."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}_probe/__init__.py": f"ORIGIN = {origin!r}\n\ndef main():\n    print('herd probe', ORIGIN)\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+                            + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: herd-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    if script:
+        files[f"{dist}/entry_points.txt"] = f"[console_scripts]\nherd = {name}_probe:main\n"
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(out, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return out
+
+
+class DecoyIndex:
+    """A PEP 503 index on loopback (directory listings are simple-index pages) that records requests."""
+
+    def __init__(self, root: Path):
+        self.requests: list[str] = []
+        index = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                index.requests.append(self.path)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def decoys(tmp_path):
+    links = tmp_path / "decoy-links"
+    make_wheel(links, "herd", "99.0", "decoy find-links", requires=["tinydep>=1.0"], script=True)
+    make_wheel(links / "same", "herd", VERSION, "decoy same version", requires=["tinydep>=1.0"], script=True)
+    make_wheel(links, "tinydep", "9.9", "decoy find-links")
+    simple = tmp_path / "index" / "simple"
+    make_wheel(simple / "herd", "herd", "99.0", "decoy index", requires=["tinydep>=1.0"], script=True)
+    make_wheel(simple / "tinydep", "tinydep", "9.9", "index")
+    index = DecoyIndex(tmp_path / "index")
+    yield {"links": [links, links / "same"], "index": index}
+    index.close()
+
+
+def run_venv_step(home: Path, offline: bool, pip_env: dict) -> subprocess.CompletedProcess:
+    # A host's environment: no pip settings of this machine, and no PYTHONPATH (the test runner's
+    # points at the checkout, whose herd.egg-info would look like an installed herd to pip).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env.update(pip_env, HERD_HOME=str(home), HERD_VERSION=VERSION, HERD_GPU="0", HERD_PYTHON=sys.executable,
+               HERD_PIP_OFFLINE="1" if offline else "0", PIP_DISABLE_PIP_VERSION_CHECK="1",
+               PIP_DEFAULT_TIMEOUT="5", PIP_RETRIES="0")
+    return subprocess.run(["bash", str(STEPS_DIR / "50-venv.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def installed(home: Path, name: str) -> tuple[str, str]:
+    """(version, ORIGIN) of a package in the step's venv."""
+    code = (f"import importlib.metadata as m, {name}_probe as p; print(m.version({name!r})); print(p.ORIGIN)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    out = subprocess.run([str(home / "venv" / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                         env=env, check=True).stdout.splitlines()
+    return out[0], out[1]
+
+
+def test_offline_bundle_installs_with_no_index_and_ignores_every_other_source(tmp_path, decoys):
+    home = tmp_path / "home"
+    make_wheel(home / "wheels", "herd", VERSION, "bundle", requires=["tinydep>=1.0"], script=True)
+    make_wheel(home / "wheels", "tinydep", "1.0", "bundle")
+    done = run_venv_step(home, offline=True, pip_env={
+        "PIP_INDEX_URL": "http://127.0.0.1:9/",                  # unreachable
+        "PIP_EXTRA_INDEX_URL": decoys["index"].url,
+        "PIP_FIND_LINKS": " ".join(str(p) for p in decoys["links"]),
+    })
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ok: herd {VERSION} in" in done.stdout
+    assert installed(home, "herd") == (VERSION, "bundle")
+    assert installed(home, "tinydep") == ("1.0", "bundle")     # not 9.9 from the extra find-links or index
+    assert decoys["index"].requests == [], "an offline install asked a package index"
+    probe = subprocess.run([str(home / "venv" / "bin" / "herd"), "--help"], capture_output=True, text=True)
+    assert probe.stdout.strip() == "herd probe bundle"
+    # A second run finds it installed and does nothing.
+    again = run_venv_step(home, offline=True, pip_env={"PIP_INDEX_URL": "http://127.0.0.1:9/"})
+    assert again.returncode == 0 and f"ok: herd {VERSION} installed" in again.stdout
+
+
+def test_cloud_node_takes_dependencies_from_the_index_but_herd_only_from_the_bundle(tmp_path, decoys):
+    home = tmp_path / "home"
+    make_wheel(home / "wheels", "herd", VERSION, "bundle", requires=["tinydep>=1.0"], script=True)
+    done = run_venv_step(home, offline=False, pip_env={
+        "PIP_INDEX_URL": decoys["index"].url,
+        "PIP_FIND_LINKS": " ".join(str(p) for p in decoys["links"]),
+    })
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert installed(home, "herd") == (VERSION, "bundle")
+    assert installed(home, "tinydep")[0] == "9.9"               # dependencies: the index's best, by design
+    assert not any(r.startswith("/simple/herd") for r in decoys["index"].requests), decoys["index"].requests
+
+
+def test_a_missing_or_ambiguous_wheel_fails_the_step_clearly(tmp_path):
+    home = tmp_path / "home"
+    (home / "wheels").mkdir(parents=True)
+    done = run_venv_step(home, offline=True, pip_env={})
+    assert done.returncode == 1
+    assert f"FAILED: expected one herd-{VERSION}-*.whl in {home}/wheels, found 0" in done.stderr
+    first = make_wheel(home / "wheels", "herd", VERSION, "bundle")
+    first.rename(home / "wheels" / f"herd-{VERSION}-0-py3-none-any.whl")   # a build tag: another file
+    make_wheel(home / "wheels", "herd", VERSION, "bundle")
+    done = run_venv_step(home, offline=True, pip_env={})
+    assert done.returncode == 1 and "found 2" in done.stderr
