@@ -85,6 +85,44 @@ def _route_of(app: FastAPI, scope) -> str:
     return UNMATCHED_ROUTE
 
 
+class _Gate:
+    """API key, body limit and request counting, as plain ASGI: the endpoint keeps the server's own
+    `receive`, so it learns at once when a client disconnects (Starlette's BaseHTTPMiddleware hides it)."""
+
+    def __init__(self, app, *, cfg: ServerConfig, metrics: Metrics, route_of):
+        self.app, self.cfg, self.metrics, self.route_of = app, cfg, metrics, route_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        status = {"code": 499}   # stays 499 when the client leaves before any response starts
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+        refusal = None
+        if self.cfg.api_key and not path.startswith(PUBLIC_PREFIXES):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
+                refusal = ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                   "authentication_error", code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if refusal is None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            refusal = ApiError(413, f"request body is {int(length)} bytes; at most {MAX_BODY_BYTES}",
+                               code="body_too_large")
+        try:
+            if refusal is not None:
+                await refusal.response()(scope, receive, counted_send)
+            else:
+                await self.app(scope, receive, counted_send)
+        finally:
+            if not path.startswith("/health"):
+                self.metrics.request(self.route_of(scope), status["code"])
+
+
 async def _watch_loop_lag(metrics: Metrics, every_s: float = 0.1) -> None:
     """How late the event loop wakes up: work blocking the loop (tokenizing, detokenizing) shows here."""
     while True:
@@ -121,26 +159,7 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     async def _invalid(request: Request, err: RequestValidationError):
         return _validation_error(err).response()
 
-    @app.middleware("http")
-    async def _auth_limit_and_count(request: Request, call_next):
-        path = request.url.path
-        public = path.startswith(PUBLIC_PREFIXES)
-        response = None
-        if cfg.api_key and not public:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-                response = ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                    "authentication_error", code="invalid_api_key").response()
-        if response is None:
-            length = request.headers.get("content-length", "")
-            if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                response = ApiError(413, f"request body is {int(length)} bytes; at most {MAX_BODY_BYTES}",
-                                    code="body_too_large").response()
-        if response is None:
-            response = await call_next(request)
-        if not path.startswith("/health"):
-            metrics.request(_route_of(app, request.scope), response.status_code)
-        return response
+    app.add_middleware(_Gate, cfg=cfg, metrics=metrics, route_of=lambda scope: _route_of(app, scope))
 
     def _health_body() -> dict:
         h = backend.health
@@ -309,7 +328,7 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         task = asyncio.ensure_future(consume())
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=0.5)
+                await asyncio.wait({task}, timeout=0.2)
                 if not task.done() and await request.is_disconnected():
                     task.cancel()   # closes `events`: the supervisor cancels the row on the engine
                     with contextlib.suppress(asyncio.CancelledError):

@@ -349,3 +349,25 @@ def test_metrics_survive_hostile_paths_and_parse(server):
     assert before.get("other", 0) >= 8                  # every hostile path counted, under one label
     generated = [s.value for s in families["herd_generated_tokens"].samples if s.name.endswith("_total")]
     assert generated and generated[0] >= 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_cancels_its_row(server, stream):
+    """The engine stops generating for a client that left (streaming or not): the generated-token
+    counter stops short of the request's max_tokens and the queue drains."""
+    import time
+    before = metric(server.url, "herd_generated_tokens_total")
+    body = {"model": "tiny", "prompt": [5, 6], "max_tokens": 250, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")   # streaming has begun; then the client hangs up
+    else:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.4)
+    deadline = time.monotonic() + 10
+    while metric(server.url, "herd_queue_depth") != 0:
+        assert time.monotonic() < deadline, "the cancelled row is still in the engine after 10 s"
+        time.sleep(0.1)
+    assert metric(server.url, "herd_generated_tokens_total") - before < 250
