@@ -48,6 +48,8 @@ def add_plan(sub) -> None:
     p.add_argument("--context", type=positive_int, default=8192, help="max_model_len")
     p.add_argument("--concurrency", type=positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--svg", metavar="FILE", help="also draw per-device memory (this configuration and the "
+                                                "suggestions side by side) into an SVG file")
     p.set_defaults(func=cmd_plan)
 
 
@@ -89,7 +91,7 @@ def request_from_flags(args):
 
 
 def cmd_plan(args) -> int:
-    from runtime.plan_report import render
+    from runtime.plan_report import render, write_svg
     from runtime.plan_spec import request_from_spec
     from runtime.planner import plan
     from runtime.spec import load_spec
@@ -99,10 +101,17 @@ def cmd_plan(args) -> int:
     else:
         req = request_from_flags(args)
     result = plan(req)
+    if args.svg:
+        try:
+            write_svg(args.svg, result, req)
+        except OSError as err:
+            raise UserError(f"--svg: {args.svg!r}: {err.strerror}") from None
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        render(result, Console())
+        render(result, Console(), req)
+        if args.svg:
+            Console(highlight=False).print(f"wrote {args.svg}", markup=False)
     return 0 if result.fits else 1
 
 
@@ -130,7 +139,12 @@ def _add_generate(sub) -> None:
     add_generate(sub)
 
 
-RUNTIME_COMMANDS = [add_plan, _add_serve, _add_smoke, _add_generate]
+def _add_monitoring(sub) -> None:
+    from runtime.monitoring import add_monitoring
+    add_monitoring(sub)
+
+
+RUNTIME_COMMANDS = [add_plan, _add_serve, _add_smoke, _add_generate, _add_monitoring]
 
 
 def run(argv, registrars) -> int:

@@ -183,10 +183,16 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
 
     @app.get("/metrics", tags=["metrics"], response_class=PlainTextResponse)
     async def prometheus():
-        return PlainTextResponse(metrics.render(backend.queue_depth, backend.health.ready,
-                                                getattr(backend, "batches", 0),
-                                                getattr(backend, "batched_rows", 0)),
-                                 media_type=CONTENT_TYPE)
+        # An external engine's own families follow herd's (one scrape target per node); fetched
+        # first, with a short deadline, so that a hung engine cannot hold herd's metrics back.
+        scrape = getattr(backend, "scrape_metrics", None)
+        engine = await scrape() if scrape is not None else None
+        h = backend.health
+        # Rendered off the event loop: GPU readings go through NVML (milliseconds per device).
+        text = await asyncio.to_thread(metrics.render, backend.queue_depth, h.ready,
+                                       getattr(backend, "batches", 0), getattr(backend, "batched_rows", 0),
+                                       phase=h.phase, loaded=h.loaded, world=h.world, engine=engine)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
     return app
 
 
@@ -445,11 +451,14 @@ def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) 
     from fastapi.responses import Response
 
     from runtime.engine.external import EngineLost
-    app = _front(engine, cfg, metrics or Metrics())
+    from runtime.metrics import GENERATION_PATHS, RelayedGeneration
+    metrics = metrics or Metrics()
+    app = _front(engine, cfg, metrics)
     passed_headers = ("content-type", "accept", "authorization")
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request):
+        started = time.monotonic()
         if not engine.health.ready:
             raise not_ready_error(engine.health.reason)
         headers = {k: v for k, v in request.headers.items() if k.lower() in passed_headers}
@@ -460,21 +469,34 @@ def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) 
             raise ApiError(503, f"engine unreachable ({type(err).__name__})", "service_unavailable",
                            code="engine_lost") from None
         media = out_headers.get("content-type", "application/json")
+        # herd's request histograms for the generations the engine answers (what herd's own engine
+        # records itself); a compressed body is relayed as it is, and not read.
+        meter = (RelayedGeneration(metrics, started)
+                 if request.method == "POST" and f"/v1/{path}" in GENERATION_PATHS and status == 200
+                 and not out_headers.get("content-encoding") else None)
         if not media.startswith("text/event-stream"):
             try:
                 data = b"".join([c async for c in chunks])
             except EngineLost as err:
                 raise ApiError(503, f"generation failed: {err}", "service_unavailable", code="engine_lost") from None
+            if meter is not None:
+                meter.body(data)
+                meter.close()
             return Response(data, status_code=status, media_type=media)
 
         async def relay():
             try:
                 async for chunk in chunks:
+                    if meter is not None:
+                        meter.feed(chunk)
                     yield chunk
             except EngineLost as err:
                 error = {"message": f"generation failed: {err}", "type": "service_unavailable",
                          "param": None, "code": "engine_lost"}
                 yield f"data: {json.dumps({'error': error})}\n\n".encode()
+            finally:   # also when the client goes away mid-stream
+                if meter is not None:
+                    meter.close()
         return StreamingResponse(relay(), status_code=status, media_type=media)
 
     return app

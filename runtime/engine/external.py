@@ -33,6 +33,10 @@ class ExternalEngineConfig:
     canary_interval_s: float = 10.0
     canary_timeout_s: float = 10.0
     startup_timeout_s: float = 1800.0    # 405B takes minutes to load; vLLM does not listen meanwhile
+    # Fetching the engine's /metrics on each scrape of herd's: short, so that a hung engine costs a
+    # scrape this long at most (Prometheus' default scrape timeout is 10 s) and herd's own still render.
+    metrics_timeout_s: float = 2.0
+    metrics_max_bytes: int = 32 * 2**20
 
 
 class ExternalEngine:
@@ -46,6 +50,7 @@ class ExternalEngine:
         self._client = httpx.AsyncClient(base_url=cfg.engine_url, timeout=httpx.Timeout(None, connect=5))
         self._lost = asyncio.Event()
         self.on_restart = None
+        self._metrics_failing: str | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -155,6 +160,45 @@ class ExternalEngine:
         self.health.last_canary_s = time.monotonic() - started
         return True, "ok"
 
+    async def scrape_metrics(self):
+        """The engine's own Prometheus exposition (vLLM's `vllm:` families), for herd's /metrics to
+        carry after its own: one scrape target per node. Never raises: a dead, hung or failing engine
+        gives an EngineScrape without text (herd_engine_metrics_up 0) and herd's metrics render anyway."""
+        from runtime.metrics import EngineScrape
+        started = time.monotonic()
+        headers = {}
+        key = self.cfg.env.get("VLLM_API_KEY")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+
+        async def fetch() -> str:
+            async with self._client.stream("GET", "/metrics", headers=headers) as r:
+                if r.status_code != 200:
+                    raise _ScrapeFailed(f"HTTP {r.status_code}")
+                body = bytearray()
+                async for part in r.aiter_bytes():
+                    body += part
+                    if len(body) > self.cfg.metrics_max_bytes:
+                        raise _ScrapeFailed(f"exposition larger than {self.cfg.metrics_max_bytes} bytes")
+                return body.decode("utf-8", errors="replace")
+        error = text = None
+        try:
+            # A total deadline: httpx's timeouts bound each read, not an engine that trickles bytes.
+            text = await asyncio.wait_for(fetch(), self.cfg.metrics_timeout_s)
+        except asyncio.TimeoutError:
+            error = f"timed out after {self.cfg.metrics_timeout_s:g}s"
+        except _ScrapeFailed as err:
+            error = str(err)
+        except (httpx.HTTPError, RuntimeError) as err:   # RuntimeError: the client closed (stopping)
+            error = f"unreachable ({type(err).__name__})"
+        if error != self._metrics_failing:   # log changes, not every scrape
+            if error:
+                log.warning("engine /metrics: %s; herd's own metrics are served without it", error)
+            elif self._metrics_failing:
+                log.info("engine /metrics answers again")
+            self._metrics_failing = error
+        return EngineScrape(text, time.monotonic() - started, error)
+
     async def forward(self, method: str, path: str, headers: dict, body: bytes):
         """Send one request to the engine; returns (status, headers, async byte iterator)."""
         lost = self._lost
@@ -188,4 +232,8 @@ class ExternalEngine:
 
 
 class EngineLost(Exception):
+    pass
+
+
+class _ScrapeFailed(Exception):
     pass
