@@ -3,7 +3,9 @@
 Secure by default: ingress to the API port and SSH only from the spec's allowed_cidrs (all traffic
 only among the nodes themselves, which NCCL over EFA needs), IMDSv2 required, encrypted gp3 root
 volumes, a private artifacts bucket and the API key as an SSM SecureString (never in user data), both
-encrypted with the deployment's own KMS key. The nodes' role holds one inline policy naming only this
+encrypted with the deployment's own KMS key. The endpoint is HTTPS: the head's certificate and key
+reach it as SecureStrings too (or from the parameters the spec names), signed for its Elastic IP,
+which is therefore allocated before the node. The nodes' role holds one inline policy naming only this
 deployment's resources: its parameters, its buckets, its key. Session Manager is off unless the stack
 config asks for it (`pulumi config set herd:sessionManager true`).
 """
@@ -18,6 +20,7 @@ import pulumi_aws as aws
 
 from infra.efa import interface_layout
 from infra.nodes import disk_gb, node_boot
+from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import aws_sources
 from runtime.planner import Plan
 from runtime.spec import Spec
@@ -41,6 +44,7 @@ class AwsClusterArgs:
     api_key: pulumi.Input[str] | None = None       # secret
     hf_token: pulumi.Input[str] | None = None      # secret
     session_manager: bool | None = None            # None: the stack config herd:sessionManager (off)
+    tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
 def choose_zone(instance_type: str, wanted: list[str], offered: list[str],
@@ -109,7 +113,12 @@ class AwsCluster(pulumi.ComponentResource):
         self.key = aws.kms.Key(f"{name}-key", description=f"herd {spec.name}: secrets and node bundle",
                                enable_key_rotation=True, deletion_window_in_days=7, tags=tags, opts=child)
         bucket, bundle_key = self._artifacts(name, args.bundle, tags, child)
-        secrets = self._secrets(name, spec, args, tags, child)
+        # The public addresses first: the head's certificate names its own, and the head reads that
+        # certificate at boot. (Several network cards: AWS assigns no public address, so each node
+        # gets an Elastic IP, associated once the node exists.)
+        eips = [aws.ec2.Eip(f"{name}-ip-{rank}", domain="vpc", tags=tags, opts=child) for rank in range(plan.nodes)]
+        self.tls = args.tls or stack_tls(spec, spec.name)
+        secrets = self._secrets(name, spec, args, eips[0], tags, child)
         session_manager = args.session_manager
         if session_manager is None:
             session_manager = bool(pulumi.Config("herd").get_bool("sessionManager"))
@@ -145,23 +154,28 @@ class AwsCluster(pulumi.ComponentResource):
         bundle_uri = pulumi.Output.concat("s3://", bucket.bucket, "/", bundle_key)
         nodes, addresses = [], []
         for rank in range(plan.nodes):
-            user_data = node_boot(spec, plan, rank, lambda uri: aws_sources(uri, section.region, secrets),
+            # Only the head serves HTTPS: workers are not handed its certificate and key.
+            node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
+            user_data = node_boot(spec, plan, rank,
+                                  lambda uri, known=node_secrets: aws_sources(uri, section.region, known),
                                   bundle_uri, nodes[0].private_ip if rank else None)
+            # The parameters exist before the node boots and reads them.
             node = aws.ec2.Instance(
                 f"{name}-node-{rank}", launch_template={"id": template.id, "version": template.latest_version},
                 user_data=user_data, user_data_replace_on_change=True,
                 tags={**tags, "Name": f"{spec.name}-node-{rank}", "herd:node-rank": str(rank)},
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[template]))
-            # Several network cards: AWS assigns no public address, so each node gets an Elastic IP.
-            eip = aws.ec2.Eip(f"{name}-ip-{rank}", domain="vpc",
-                              network_interface=node.primary_network_interface_id, tags=tags, opts=child)
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[template, *self.parameters]))
+            eip = eips[rank]
+            aws.ec2.EipAssociation(f"{name}-ip-{rank}-attach", allocation_id=eip.allocation_id,
+                                   network_interface_id=node.primary_network_interface_id, opts=child)
             nodes.append(node)
             addresses.append(eip.public_ip)
         self.nodes = nodes
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
         self.private_addresses = pulumi.Output.all(*[n.private_ip for n in nodes])
-        self.endpoint = pulumi.Output.concat("http://", addresses[0], f":{spec.serving.port}")
+        scheme = "https://" if self.tls.enabled else "http://"
+        self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
     # ------------------------------------------------------------------ parts
@@ -202,17 +216,22 @@ class AwsCluster(pulumi.ComponentResource):
         self.artifacts_bucket = bucket
         return bucket, key
 
-    def _secrets(self, name: str, spec: Spec, args: AwsClusterArgs, tags: dict, child) -> dict:
+    def _secrets(self, name: str, spec: Spec, args: AwsClusterArgs, head_eip, tags: dict, child) -> dict:
         """secret file name on the node -> SSM parameter name (SecureString, the deployment's key), all
-        under the deployment's own path /herd/NAME/, which is all the nodes may read."""
+        under the deployment's own path /herd/NAME/, which is all the nodes may read; plus the TLS
+        parameters the spec names, if it does (the node role may read those two as well)."""
         out = {}
-        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):
+        self.parameters = []
+        tls_values = self.tls.secrets(pulumi.Output.all(head_eip.public_ip, head_eip.public_dns))
+        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token), *tls_values.items()):
             if value is None:
                 continue
             param_name = f"{parameter_path(spec)}{file}"
-            aws.ssm.Parameter(f"{name}-{file}", name=param_name, type="SecureString", key_id=self.key.arn,
-                              value=pulumi.Output.secret(value), tags=tags, opts=child)
+            self.parameters.append(aws.ssm.Parameter(
+                f"{name}-{file}", name=param_name, type="SecureString", key_id=self.key.arn,
+                value=pulumi.Output.secret(value), tags=tags, opts=child))
             out[file] = param_name
+        out.update(self.tls.references)
         return out
 
     def _role(self, name: str, spec: Spec, artifacts, bundle_key: str, secrets: dict, session_manager: bool,
@@ -246,10 +265,13 @@ class AwsCluster(pulumi.ComponentResource):
                      "Resource": [f"{arn}/*" for arn in arns]},
                 ]
             if secrets:
-                # The deployment's parameters, by the ARN prefix of its own path.
+                # The deployment's parameters, by the ARN prefix of its own path, and the certificate
+                # parameters the spec names, each by its own ARN.
+                named = [f"arn:{partition}:ssm:{region}:{account}:parameter{'' if n.startswith('/') else '/'}{n}"
+                         for n in self.tls.references.values()]
                 statements.append({"Sid": "Secrets", "Effect": "Allow", "Action": ["ssm:GetParameter"],
                                    "Resource": [f"arn:{partition}:ssm:{region}:{account}:parameter"
-                                                f"{parameter_path(spec)}*"]})
+                                                f"{parameter_path(spec)}*", *named]})
             if session_manager:
                 statements.append({"Sid": "SessionManager", "Effect": "Allow", "Action": SESSION_MANAGER_ACTIONS,
                                    "Resource": "*"})

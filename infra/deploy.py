@@ -36,7 +36,10 @@ def manual_commands(spec: Spec, env_path: str, action: str) -> list[str]:
         if (spec.model.source or "").startswith("hf://"):
             lines.append("printenv HF_TOKEN | pulumi config set --secret herd:hfToken")
         key = f" --api-key-env {spec.serving.api_key_env}" if spec.serving.api_key_env else ""
-        lines += ["pulumi up", f'herd smoke --endpoint "$(pulumi stack output endpoint)"{key}']
+        # The program writes the deployment CA it made (or the spec's serving.tls.ca) as this output.
+        pinned = spec.serving.tls_enabled and (not spec.serving.tls.cert or spec.serving.tls.ca)
+        ca = ' --ca-file "$(pulumi stack output ca_file)"' if pinned else ""
+        lines += ["pulumi up", f'herd smoke --endpoint "$(pulumi stack output endpoint)"{ca}{key}']
     elif action == "down":
         lines.append("pulumi destroy")
     else:
@@ -75,9 +78,12 @@ def up_cloud(spec: Spec, env_path: str, console: Console, smoke: bool = True) ->
         return 0
     from runtime.serve import read_api_key
     from runtime.smoke import render, run_smoke
+    from runtime.tls import client_ca, client_verify
     api_key = read_api_key(spec.serving.api_key_env, None)
-    # Nodes install drivers, the engine and hundreds of GB of weights before they are ready.
-    report = run_smoke(endpoint, api_key, 3 * 3600, console)
+    # Nodes install drivers, the engine and hundreds of GB of weights before they are ready. The
+    # endpoint's certificate is checked against the deployment CA only (the spec's CA, if it names one).
+    verify = client_verify(client_ca(spec)) if endpoint.startswith("https://") else True
+    report = run_smoke(endpoint, api_key, 3 * 3600, console, verify=verify)
     render(report, console)
     return 0 if report.passed else 1
 

@@ -4,7 +4,9 @@ The same policy as on AWS: all traffic among the nodes, the API port and SSH onl
 allowed_cidrs; GPUs force `on_host_maintenance: TERMINATE`; the API key lives in Secret Manager and
 only the nodes' service account may read it; the artifacts bucket is private (uniform access, public
 access prevention enforced); the weights bucket is read-only to the nodes. The service account has
-no project-level role: every binding is on the one bucket or secret it is for.
+no project-level role: every binding is on the one bucket or secret it is for. The endpoint is HTTPS:
+the head's certificate and key are Secret Manager secrets too (or the ones the spec names), signed for
+its static external address, which is therefore reserved before the node.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pulumi_gcp as gcp
 
 from infra.gcp_types import gpu_type, region_of
 from infra.nodes import disk_gb, node_boot
+from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import gcp_sources
 from runtime import catalog
 from runtime.planner import Plan
@@ -31,6 +34,7 @@ class GcpClusterArgs:
     bundle: Path
     api_key: pulumi.Input[str] | None = None
     hf_token: pulumi.Input[str] | None = None
+    tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
 def weight_buckets(spec: Spec) -> list[str]:
@@ -91,24 +95,37 @@ class GcpCluster(pulumi.ComponentResource):
             gcp.storage.BucketIAMMember(f"{name}-{label}-read", bucket=bucket_name,
                                         role="roles/storage.objectViewer", member=member, opts=child)
 
-        secrets = {}
-        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token)):
+        # Static external addresses, reserved first: the head's certificate names its own.
+        ips = [gcp.compute.Address(f"{name}-ip-{rank}", name=f"{spec.name}-node-{rank}", region=region,
+                                   address_type="EXTERNAL", labels=labels, opts=child) for rank in range(plan.nodes)]
+        self.tls = args.tls or stack_tls(spec, spec.name)
+        tls_values = self.tls.secrets(pulumi.Output.all(ips[0].address))
+        secrets, versions = {}, []
+        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token), *tls_values.items()):
             if value is None:
                 continue
             secret_id = f"herd-{spec.name}-{file}"
             secret = gcp.secretmanager.Secret(f"{name}-{file}", secret_id=secret_id, replication={"auto": {}},
                                               labels=labels, opts=child)
-            gcp.secretmanager.SecretVersion(f"{name}-{file}-v", secret=secret.id,
-                                            secret_data=pulumi.Output.secret(value), opts=child)
+            versions.append(gcp.secretmanager.SecretVersion(f"{name}-{file}-v", secret=secret.id,
+                                                            secret_data=pulumi.Output.secret(value), opts=child))
             gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", secret_id=secret.id, member=member,
                                               role="roles/secretmanager.secretAccessor", opts=child)
+            secrets[file] = secret_id
+        for file, secret_id in self.tls.references.items():
+            # The spec's own certificate secrets: the nodes may read those two, nothing more.
+            gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", project=section.project, secret_id=secret_id,
+                                              member=member, role="roles/secretmanager.secretAccessor", opts=child)
             secrets[file] = secret_id
 
         bundle_uri = pulumi.Output.concat("gs://", bucket.name, "/", bundle_key)
         instance = catalog.instance(section.machine_type)
         nodes, addresses = [], []
         for rank in range(plan.nodes):
-            startup = node_boot(spec, plan, rank, lambda uri: gcp_sources(uri, section.project, secrets),
+            # Only the head serves HTTPS: workers are not handed its certificate and key.
+            node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
+            startup = node_boot(spec, plan, rank,
+                                lambda uri, known=node_secrets: gcp_sources(uri, section.project, known),
                                 bundle_uri, nodes[0].network_interfaces[0].network_ip if rank else None)
             node = gcp.compute.Instance(
                 f"{name}-node-{rank}", name=f"{spec.name}-node-{rank}", machine_type=section.machine_type,
@@ -118,18 +135,22 @@ class GcpCluster(pulumi.ComponentResource):
                     "size": section.boot_disk_gb or disk_gb(plan), "type": gpus.boot_disk_type}},
                 guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
                 scheduling=self._scheduling(section.spot),
-                network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC", "access_configs": [{}]}],
+                network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC",
+                                     "access_configs": [{"nat_ip": ips[rank].address}]}],
                 service_account={"email": account.email, "scopes": ["cloud-platform"]},
                 metadata={"startup-script": startup, "enable-oslogin": "TRUE",
                           "block-project-ssh-keys": "TRUE"},
                 resource_policies=placement.id if placement else None,
-                allow_stopping_for_update=True, opts=child)
+                allow_stopping_for_update=True,
+                # The secrets' values exist before the node boots and reads them.
+                opts=pulumi.ResourceOptions(parent=self, depends_on=versions))
             nodes.append(node)
             addresses.append(node.network_interfaces[0].access_configs[0].nat_ip)
         self.nodes = nodes
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
-        self.endpoint = pulumi.Output.concat("http://", addresses[0], f":{spec.serving.port}")
+        scheme = "https://" if self.tls.enabled else "http://"
+        self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
     @staticmethod

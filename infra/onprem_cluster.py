@@ -13,6 +13,7 @@ from pathlib import Path
 import pulumi
 from pulumi_command import remote
 
+from infra.stack import StackTls, stack_tls
 from provisioning.boot import BootSources, boot_script
 from provisioning.steps import plan_host, profiles_for
 from runtime.planner import Plan
@@ -26,6 +27,7 @@ class OnpremClusterArgs:
     bundle: Path                     # node bundle: steps, herd wheel, environment
     wheels: Path                     # herd's dependencies as wheels (hosts usually have no index)
     api_key: pulumi.Input[str] | None = None
+    tls: StackTls | None = None      # the head's certificate (None: stack_tls(spec))
 
 
 def pinned_host_key(known_hosts: Path, host: OnpremHost) -> str:
@@ -55,6 +57,9 @@ class OnpremCluster(pulumi.ComponentResource):
         private_key = pulumi.Output.secret(key_file.read_text())
         known_hosts = Path(section.known_hosts).expanduser()
         head = section.hosts[0].address
+        self.tls = args.tls or stack_tls(spec, spec.name)
+        # The head's certificate names every host address the spec lists (and serving.tls.sans).
+        tls_values = self.tls.secrets([h.address for h in section.hosts])
         commands = []
         for profile, host in zip(profiles_for(spec, plan), section.hosts):
             child = pulumi.ResourceOptions(parent=self)
@@ -69,13 +74,16 @@ class OnpremCluster(pulumi.ComponentResource):
                                          source=pulumi.FileArchive(str(args.wheels)),
                                          remote_path=f"{home}/wheels", opts=child)
             depends = [bundle, wheels]
-            if args.api_key is not None:
-                # The key travels on stdin into a 0600 file: never in argv, logs or the command text.
+            handed = {"api-key": args.api_key} if args.api_key is not None else {}
+            if rank == 0:
+                handed.update(tls_values)     # only the head serves HTTPS
+            for file, value in handed.items():
+                # Secrets travel on stdin into 0600 files: never in argv, logs or the command text.
                 depends.append(remote.Command(
-                    f"{name}-api-key-{rank}", connection=connection, stdin=pulumi.Output.secret(args.api_key),
+                    f"{name}-{file}-{rank}", connection=connection, stdin=pulumi.Output.secret(value),
                     create=f"mkdir -p {home}/secrets && chmod 700 {home}/secrets && "
-                           f"(umask 077; cat > {home}/secrets/api-key)",
-                    delete=f"rm -f {home}/secrets/api-key", logging="none", opts=child))
+                           f"(umask 077; cat > {home}/secrets/{file})",
+                    delete=f"rm -f {home}/secrets/{file}", logging="none", opts=child))
             steps = plan_host(spec, plan, profile, head, f"{home}/models/{spec.model.id}", spec.model.source,
                               f"{home}/environment.yaml")
             sources = BootSources(fetch_bundle='cp /tmp/herd-node-bundle.tar.gz "$bundle"',
@@ -89,5 +97,6 @@ class OnpremCluster(pulumi.ComponentResource):
         self.install_commands = commands
         self.head_address = pulumi.Output.from_input(head)
         self.node_addresses = pulumi.Output.from_input([h.address for h in section.hosts[:plan.nodes]])
-        self.endpoint = pulumi.Output.from_input(f"http://{head}:{spec.serving.port}")
+        scheme = "https" if self.tls.enabled else "http"
+        self.endpoint = pulumi.Output.from_input(f"{scheme}://{head}:{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint})

@@ -28,6 +28,7 @@ import httpx
 from rich.console import Console
 
 from provisioning.weights import fetch
+from runtime import tls
 from runtime.errors import EXIT_USER_ERROR, UserError
 from runtime.paths import model_dir_for
 from runtime.plan_report import render as render_plan
@@ -47,8 +48,21 @@ def state_dir(spec: Spec) -> Path:
 
 
 def endpoint(spec: Spec) -> str:
-    host = "127.0.0.1" if spec.serving.host in ("0.0.0.0", "localhost") else spec.serving.host
-    return f"http://{host}:{spec.serving.port}"
+    """https:// whenever the deployment serves TLS (always off loopback); a wildcard bind is reached
+    through 127.0.0.1, which the generated certificate names."""
+    return tls.endpoint_for(spec)
+
+
+def server_tls(spec: Spec, env_path: str, state: Path):
+    """The certificate herd serve will load (the spec's files, or the deployment CA's, made or renewed
+    under state/tls), or None for plain HTTP on loopback. Made here, before the start, so that `herd up`
+    prints the CA's fingerprint to the person deploying and waits on it."""
+    named = tls.named_material(spec, env_path)
+    if named is not None or not spec.serving.tls_enabled:
+        return named
+    material, _ = tls.deployment_material(state / "tls", tls.server_sans(spec.serving.host, tls.spec_sans(spec)),
+                                          spec.name)
+    return material
 
 
 def _running_pid(state: Path) -> int | None:
@@ -95,6 +109,11 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     # 3. The runtime, as a background process that outlives this command, kept running.
     cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()),
            "--model-dir", str(model_dir), "--state-dir", str(state)]
+    material = server_tls(spec, env_path, state)
+    if material is not None:
+        console.print(tls.announce(material), markup=False, highlight=False, soft_wrap=True)
+        # Absolute paths: the keeper runs from another directory than this command.
+        cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
     pid = start_managed(cmd, state, cwd=Path(env_path).resolve().parent.parent)
     console.print(f"started herd serve under its keeper (pid {pid}); log: {state / LOG_NAME}")
     return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
@@ -114,8 +133,9 @@ def start_managed(cmd: list[str], state: Path, cwd: Path, policy: KeepAlive | No
 
 def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
     url = endpoint(spec)
+    verify = tls.client_verify(tls.client_ca(spec) if url.startswith("https://") else None)
     try:
-        with httpx.Client(base_url=url, timeout=5) as client:
+        with httpx.Client(base_url=url, timeout=5, verify=verify) as client:
             waited = wait_ready(client, ready_timeout, console,
                                 exited=lambda: _running_pid(state) is None or _reaped(pid))
     except ServerExited:
@@ -127,7 +147,7 @@ def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
         return 1
     console.print(f"[green]ready[/] after {waited:.1f}s")
     if smoke:
-        report = run_smoke(url, None, 60, console)
+        report = run_smoke(url, None, 60, console, verify=verify)
         render_smoke(report, console)
         if not report.passed:
             return 1
@@ -151,14 +171,20 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def status_local(spec: Spec, env_path: str, console: Console, as_json: bool = False) -> int:
+def status_local(spec: Spec, env_path: str, console: Console, as_json: bool = False,
+                 ca_file: str | None = None) -> int:
     state = state_dir(spec)
     pid = _running_pid(state)
-    info = {"environment": spec.name, "running": pid is not None, "pid": pid, "endpoint": endpoint(spec),
+    url = endpoint(spec)
+    info = {"environment": spec.name, "running": pid is not None, "pid": pid, "endpoint": url,
             "log": str(state / LOG_NAME)}
+    ca = ca_file or (tls.client_ca(spec) if url.startswith("https://") else None)
+    verify = tls.client_verify(ca, url, "--ca-file" if ca_file else "deployment CA")
+    if ca is not None:
+        info["ca_file"] = str(ca)
     if pid is not None:
         try:
-            r = httpx.get(f"{endpoint(spec)}/health/ready", timeout=5)
+            r = httpx.get(f"{url}/health/ready", timeout=5, verify=verify)
             info["health"] = r.json()
         except (httpx.TransportError, ValueError) as err:
             info["health"] = {"status": "unreachable", "reason": str(err)}

@@ -81,6 +81,12 @@ def serve_argv(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, env
     if spec.serving.api_key_env or spec.serving.api_key_file:
         # The key reaches the node as a 0600 file the installer writes; argv holds only its path.
         args += ["--api-key-file", f"{profile.home}/secrets/api-key"]
+    if spec.serving.tls_enabled and profile.node_rank == 0:
+        # The head serves HTTPS with the certificate and key its installer placed next to the API key
+        # (0600 files); workers serve no HTTP. Every target hands them over: the cloud's secret store
+        # at boot, stdin over SSH on-prem.
+        args += ["--tls-certfile", f"{profile.home}/secrets/tls-cert",
+                 "--tls-keyfile", f"{profile.home}/secrets/tls-key"]
     return args
 
 

@@ -93,6 +93,7 @@ class Settings:
     temperature: float = 0.0
     logprobs: int | None = None
     api_key: str | None = None
+    verify: object = True            # httpx's verify: True (system trust) or a context pinning a CA
     max_attempts: int = 8            # for 429/503 phases
     max_transient_attempts: int = 4  # for connection errors and other 5xx
     backoff_s: float = 0.5
@@ -396,7 +397,7 @@ async def _run(rows: list[Row], s: Settings, out: Appender, summary: Summary, co
                                 rate=f"{summary.completion_tokens / elapsed:.1f}" if elapsed else "0")
 
         async with httpx.AsyncClient(base_url=s.endpoint.rstrip("/"), headers=headers, limits=limits,
-                                     timeout=s.timeout_s) as client:
+                                     timeout=s.timeout_s, verify=s.verify) as client:
             await asyncio.gather(*(worker(client) for _ in range(min(s.concurrency, len(rows)) or 1)))
     summary.wall_s = time.monotonic() - started
 
@@ -405,8 +406,12 @@ def check_endpoint(s: Settings) -> str:
     """Fail before starting if the endpoint cannot be reached; return the model to use."""
     headers = {"Authorization": f"Bearer {s.api_key}"} if s.api_key else {}
     try:
-        r = httpx.get(f"{s.endpoint.rstrip('/')}/v1/models", headers=headers, timeout=10)
+        r = httpx.get(f"{s.endpoint.rstrip('/')}/v1/models", headers=headers, timeout=10, verify=s.verify)
     except httpx.TransportError as err:
+        from runtime.tls import verify_failure
+        if (failed := verify_failure(err)) is not None:
+            raise UserError(f"--endpoint: {s.endpoint}: its certificate is not trusted: {failed} (pass --ca-file "
+                            "with the deployment CA that herd serve / herd up printed)") from None
         raise UserError(f"--endpoint: {s.endpoint}: unreachable ({type(err).__name__}: {err})") from None
     if r.status_code == 401:
         raise UserError(f"--endpoint: {s.endpoint}: the API key was refused (set --api-key-env)")
@@ -455,7 +460,8 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="batch generation from a JSONL file against an endpoint",
                        epilog="exit status: 0 every row has a result; 1 some row failed or some input line "
                               "was unusable (rerun to retry transient failures); 2 bad arguments or endpoint")
-    p.add_argument("--endpoint", required=True)
+    from runtime.smoke import add_client_options
+    add_client_options(p, "to send to")
     p.add_argument("--input", required=True, type=Path, help="JSONL: id + prompt or messages per line")
     p.add_argument("--output", required=True, type=Path, help="JSONL, appended; rerun to resume")
     p.add_argument("--model", help="served model name (default: the endpoint's first)")
@@ -473,11 +479,11 @@ def add_generate(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from runtime.serve import key_from_env
-    key = key_from_env(args.api_key_env, "--api-key-env") if args.api_key_env else None
+    from runtime.smoke import client_settings
+    endpoint, verify, key = client_settings(args)
     console = Console(stderr=True)
-    s = Settings(endpoint=args.endpoint, model=args.model, concurrency=args.concurrency,
-                 max_tokens=args.max_tokens, temperature=args.temperature, logprobs=args.logprobs, api_key=key)
+    s = Settings(endpoint=endpoint, model=args.model, concurrency=args.concurrency, max_tokens=args.max_tokens,
+                 temperature=args.temperature, logprobs=args.logprobs, api_key=key, verify=verify)
     summary = generate(args.input, args.output, s, console, retry_failed=args.retry_failed)
     result = {"rows": summary.rows, "skipped": summary.skipped, "retried": summary.retried,
               "kept_failed": summary.kept_failed, "succeeded": summary.succeeded, "failed": summary.failed,

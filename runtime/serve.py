@@ -60,6 +60,34 @@ def _front_settings(args, spec) -> tuple[str, int, str | None]:
     return host, port, api_key
 
 
+def _tls_settings(args, spec, host: str, state_dir: Path):
+    """The certificate the front serves, or None for plain HTTP (loopback binds only).
+
+    Off loopback, without a certificate named, herd makes the deployment's own CA and server certificate
+    rather than refusing to start: what Elasticsearch 8 does on first start and kube-apiserver does
+    without --tls-cert-file. Refusing would make the secure path the harder one, and the usual way out,
+    a flag to serve plain HTTP, is exactly what lets the bearer key cross the network in clear (the
+    key is already required there). The CA's fingerprint and path are printed for clients to pin."""
+    from runtime import tls
+    from runtime.spec import ServingSection
+    if args.tls_certfile or args.tls_keyfile:
+        if not (args.tls_certfile and args.tls_keyfile):
+            given, missing = ("--tls-certfile", "--tls-keyfile") if args.tls_certfile else ("--tls-keyfile",
+                                                                                          "--tls-certfile")
+            raise UserError(f"{given}: needs {missing} too (a certificate and its key)")
+        tls.check_pair(args.tls_certfile, args.tls_keyfile, "--tls-certfile", "--tls-keyfile")
+        return tls.ServerTls(Path(args.tls_certfile), Path(args.tls_keyfile))
+    named = tls.named_material(spec, args.environment) if spec else None
+    if named is not None:
+        return named
+    wanted = args.tls or (spec is not None and spec.serving.tls.mode == "on")
+    if not wanted and ServingSection(host=host).loopback_only:
+        return None
+    material, _ = tls.deployment_material(state_dir / "tls", tls.server_sans(host, tls.spec_sans(spec) if spec else []),
+                                          spec.name if spec else "")
+    return material
+
+
 def model_dir_from_spec(spec: Spec) -> Path:
     source = spec.model.source or ""
     if source.startswith("file:") or source.startswith("/"):
@@ -108,6 +136,11 @@ def add_serve(sub) -> None:
     p.add_argument("--served-model-name")
     p.add_argument("--api-key-env", help="environment variable holding the API key")
     p.add_argument("--api-key-file", help="file holding the API key (mode 0600)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve HTTPS on a loopback bind too (off loopback it always does)")
+    p.add_argument("--tls-certfile", help="server certificate chain (PEM); default: serving.tls in the spec, "
+                                          "else one signed by the deployment CA herd makes in --state-dir/tls")
+    p.add_argument("--tls-keyfile", help="its private key (PEM, mode 0600)")
     p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
     p.add_argument("--max-restarts", type=count, default=3,
                    help="worker group restarts allowed within --restart-window; when spent, herd serve "
@@ -143,6 +176,9 @@ def cmd_serve(args) -> int:
     tp = args.tp or (spec.parallelism.tensor if spec and spec.parallelism.tensor != "auto" else 1)
     nnodes = args.nnodes or (spec.parallelism.nodes if spec and spec.parallelism.nodes != "auto" else 1)
     host, port, api_key = _front_settings(args, spec)
+    state_dir = Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd"))
+    # Workers serve no HTTP: only the head's front needs a certificate.
+    tls = _tls_settings(args, spec, host, state_dir) if args.role == "head" else None
     if nnodes > 1 and not args.rdzv_endpoint:
         raise UserError("--rdzv-endpoint: required when --nnodes is above 1 (the head's ADDR:PORT)")
     concurrency = args.concurrency or (spec.context.concurrency if spec else 8)
@@ -151,7 +187,7 @@ def cmd_serve(args) -> int:
         model_dir=model_dir, dtype=args.dtype or (spec.model.dtype if spec else "auto"),
         nproc_per_node=tp, nnodes=nnodes, rdzv_endpoint=args.rdzv_endpoint, node_addr=args.node_addr,
         is_head=args.role == "head", max_batch=concurrency, threads_per_rank=threads,
-        state_dir=Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd")),
+        state_dir=state_dir,
         max_restarts=args.max_restarts, restart_window_s=args.restart_window,
         canary_interval_s=args.canary_interval, canary_timeout_s=args.canary_timeout,
         canary_retries=args.canary_retries, batch_window_s=args.batch_window_ms / 1000,
@@ -160,18 +196,38 @@ def cmd_serve(args) -> int:
     max_len = cfg.max_model_len
     name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id)) or model_dir.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _announce(tls)
     if args.engine_cmd or (spec and spec.serving.engine == "vllm"):
         external = _external_config(args, spec, model_dir, name, api_key)
         if args.role == "worker":  # a headless vLLM node: supervised, no front
             asyncio.run(_supervise_only(external))
         else:
-            asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
+            asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
         return 0
     if cfg.is_head:
-        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue))
+        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls))
     else:
         supervisor = asyncio.run(_serve_worker(cfg))
     return exit_code(supervisor)
+
+
+def _announce(tls) -> None:
+    """The CA's path and SHA-256 fingerprint, on stderr (the terminal, or the service's log): what an
+    operator checks out of band and gives clients (--ca-file)."""
+    if tls is not None:
+        from runtime.tls import announce
+        print(f"herd serve: {announce(tls)}", file=sys.stderr, flush=True)
+
+
+def _url(host: str, port: int, tls) -> str:
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def _uvicorn_config(app, host: str, port: int, tls):
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                          **(tls.uvicorn_args() if tls else {}))
 
 
 def exit_code(supervisor) -> int:
@@ -192,7 +248,7 @@ async def _until_stopped_or_given_up(supervisor, stopped) -> None:
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
-                      max_queue: int | None) -> None:
+                      max_queue: int | None, tls=None) -> None:
     import uvicorn
 
     from runtime.metrics import Metrics
@@ -206,10 +262,9 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
     metrics = Metrics()
     supervisor.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
     app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await supervisor.start()
-    log.info("serving %s on http://%s:%d (%d ranks)", name, host, port, cfg.world_size)
+    log.info("serving %s on %s (%d ranks)", name, _url(host, port, tls), cfg.world_size)
     serving = asyncio.create_task(server.serve())
     try:
         await _until_stopped_or_given_up(supervisor, serving)
@@ -229,9 +284,12 @@ def _serve_own_engine(args, spec) -> int:
     if not name:
         raise UserError("--served-model-name: required with --engine-cmd (the canary names the model)")
     max_len = args.max_model_len or (spec.context.max_model_len if spec else 2048)
+    state_dir = Path(args.state_dir or (spec.local.state_dir if spec and spec.local else ".herd"))
+    tls = _tls_settings(args, spec, host, state_dir)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _announce(tls)
     external = _external_config(args, spec, None, name, api_key)
-    asyncio.run(_serve_external(external, host, port, name, max_len, api_key))
+    asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
     return 0
 
 
@@ -274,7 +332,7 @@ async def _supervise_only(external) -> None:
     await engine.stop()
 
 
-async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key) -> None:
+async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key, tls=None) -> None:
     import uvicorn
 
     from runtime.engine.external import ExternalEngine
@@ -284,10 +342,9 @@ async def _serve_external(external, host: str, port: int, name: str, max_len: in
     metrics = Metrics()
     engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
     app = create_proxy_app(engine, ServerConfig(name, max_len, api_key), metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await engine.start()
-    log.info("serving %s on http://%s:%d in front of %s", name, host, port, external.argv[0])
+    log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])
     try:
         await server.serve()
     finally:

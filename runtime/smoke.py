@@ -36,9 +36,46 @@ class SmokeReport:
     checks: list[Check] = field(default_factory=list)
 
 
+def add_client_options(p, what: str) -> None:
+    """The deployment, endpoint and trust options every client command shares (smoke, generate)."""
+    p.add_argument("environment", nargs="?", help="environments/NAME.yaml: its endpoint (local, on-prem), "
+                                                  "API key and CA are the defaults")
+    p.add_argument("--endpoint", help=f"base URL {what}, e.g. https://10.0.0.11:8000 (default: from the "
+                                      "environment, local and on-prem targets)")
+    p.add_argument("--ca-file", help="CA certificate (PEM) to trust, and only it, for an https:// endpoint "
+                                     "(default: the deployment CA in the environment's state; else the "
+                                     "system's trust store)")
+
+
+def client_settings(args) -> tuple[str, object, str | None]:
+    """(endpoint, httpx verify, API key) from a client command's options and, where given, its
+    environment file: flags first, then the spec and the deployment's state."""
+    from runtime import tls
+    from runtime.serve import key_from_env, read_api_key
+    spec = None
+    if args.environment:
+        from runtime.spec import load_spec
+        spec = load_spec(args.environment)
+    endpoint = args.endpoint or (tls.endpoint_for(spec) if spec else None)
+    if not endpoint:
+        why = (f" (target {spec.target!r}: its address is the stack output `endpoint`, see herd status)"
+               if spec else " (or give the environment file)")
+        raise UserError(f"--endpoint: required{why}")
+    if not endpoint.lower().startswith(("http://", "https://")):
+        raise UserError(f"--endpoint: {endpoint!r}: not a URL (allowed: http://HOST:PORT on loopback, "
+                        "https://HOST:PORT)")
+    ca = args.ca_file or (tls.client_ca(spec) if spec and endpoint.lower().startswith("https://") else None)
+    verify = tls.client_verify(ca, endpoint, "--ca-file" if args.ca_file else "deployment CA")
+    if args.api_key_env:
+        key = key_from_env(args.api_key_env, "--api-key-env")
+    else:
+        key = read_api_key(spec.serving.api_key_env, spec.serving.api_key_file) if spec else None
+    return endpoint, verify, key
+
+
 def add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="send real prompts to an endpoint and check the answers")
-    p.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    add_client_options(p, "to smoke")
     p.add_argument("--api-key-env", help="environment variable holding the API key")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
     p.add_argument("--json", action="store_true")
@@ -46,10 +83,9 @@ def add_smoke(sub) -> None:
 
 
 def cmd_smoke(args) -> int:
-    from runtime.serve import key_from_env
-    key = key_from_env(args.api_key_env, "--api-key-env") if args.api_key_env else None
+    endpoint, verify, key = client_settings(args)
     console = Console(stderr=args.json)
-    report = run_smoke(args.endpoint, key, args.timeout, console)
+    report = run_smoke(endpoint, key, args.timeout, console, verify=verify)
     if args.json:
         print(json.dumps(asdict(report), indent=2))
     else:
@@ -78,6 +114,11 @@ def wait_ready(client: httpx.Client, timeout: float, console: Console, exited=No
                 if r.json().get("phase") == "failed":
                     raise UserError(f"endpoint gave up: {reason}")
             except httpx.TransportError as err:
+                # A certificate that does not verify will not start verifying: say so now, not at the timeout.
+                from runtime.tls import verify_failure
+                if (failed := verify_failure(err)) is not None:
+                    raise UserError(f"TLS: the endpoint's certificate is not trusted: {failed} (pass "
+                                    "--ca-file with the deployment CA that herd serve / herd up printed)")
                 reason = f"not answering yet ({type(err).__name__})"
             except ValueError:
                 reason = f"HTTP {r.status_code} without a JSON body"
@@ -122,10 +163,12 @@ def _streamed(client, model, prompt, max_tokens=32) -> tuple[str, float | None, 
     return "".join(pieces), ttft, rate
 
 
-def run_smoke(endpoint: str, api_key: str | None, timeout: float, console: Console) -> SmokeReport:
+def run_smoke(endpoint: str, api_key: str | None, timeout: float, console: Console,
+              verify=True) -> SmokeReport:
+    """`verify`: httpx's, e.g. runtime.tls.client_verify(ca_file) to trust a deployment CA only."""
     report = SmokeReport(endpoint=endpoint)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=endpoint.rstrip("/"), headers=headers, timeout=120) as client:
+    with httpx.Client(base_url=endpoint.rstrip("/"), headers=headers, timeout=120, verify=verify) as client:
         try:
             report.ready_after_s = wait_ready(client, timeout, console)
         except (TimeoutError, UserError) as err:

@@ -50,6 +50,44 @@ class ParallelismSection(Strict):
     nodes: Union[Auto, Annotated[int, Field(ge=1)]] = "auto"
 
 
+class TlsSection(Strict):
+    """How the endpoint serves TLS. Without a certificate named here herd makes the deployment's own CA
+    and server certificate (runtime/tls.py). Each of cert, key and ca is a PEM file on the machine that
+    deploys (herd hands it to the node the way it hands over the API key), or, for cert and key, the
+    name of the cloud's secret holding it: ssm:NAME (an SSM SecureString, aws) or secretmanager:NAME
+    (Secret Manager, gcp), which the node reads at boot."""
+    # auto: HTTPS whenever the bind address is not loopback, plain HTTP on loopback; on: HTTPS always.
+    mode: Literal["auto", "on"] = "auto"
+    cert: str | None = Field(None, description="server certificate chain: PEM file, ssm:NAME or secretmanager:NAME")
+    key: str | None = Field(None, description="its private key: PEM file (0600), ssm:NAME or secretmanager:NAME")
+    ca: str | None = Field(None, description="PEM file of the CA that signed cert, for herd's clients "
+                                             "(default: the system's trust store)")
+    sans: list[str] = Field([], description="more DNS names or IP addresses for the generated certificate")
+
+    @field_validator("sans")
+    @classmethod
+    def _sans(cls, values: list[str]) -> list[str]:
+        from runtime.tls import check_san
+        return [check_san(v) for v in values]
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if bool(self.cert) != bool(self.key):
+            given, missing = ("cert", "key") if self.cert else ("key", "cert")
+            raise ValueError(f"serving.tls.{given} needs serving.tls.{missing} too (a certificate and its key, "
+                             "or neither: then herd makes the deployment's own CA)")
+        if self.ca and not self.cert:
+            raise ValueError("serving.tls.ca applies only with serving.tls.cert (herd's own CA is kept in the "
+                             "deployment's state)")
+        if self.sans and self.cert:
+            raise ValueError("serving.tls.sans applies only to the certificate herd makes; the named "
+                             "serving.tls.cert carries its own names")
+        from runtime.tls import is_secret_reference
+        if self.ca and is_secret_reference(self.ca):
+            raise ValueError(f"serving.tls.ca: {self.ca!r}: must be a PEM file (clients read it locally)")
+        return self
+
+
 class ServingSection(Strict):
     engine: Engine = "transformers"
     # transformers engine: continuous batching, or a static KV cache with CUDA-graph decode (GPUs).
@@ -60,6 +98,7 @@ class ServingSection(Strict):
     api_key_file: str | None = Field(None, description="file holding the API key")
     gpu_memory_utilization: Annotated[float, Field(gt=0.1, le=0.98)] = 0.90
     served_model_name: str | None = None
+    tls: TlsSection = TlsSection()
 
     @field_validator("host")
     @classmethod
@@ -74,6 +113,12 @@ class ServingSection(Strict):
     @property
     def loopback_only(self) -> bool:
         return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def tls_enabled(self) -> bool:
+        """HTTPS: off loopback always (the bearer key would cross the network in clear), and wherever
+        the spec asks for it or names a certificate. Plain HTTP remains only on loopback binds."""
+        return not self.loopback_only or self.tls.mode == "on" or self.tls.cert is not None
 
 
 class LocalSection(Strict):
@@ -302,6 +347,17 @@ def check_against_catalog(spec: Spec, where: str) -> None:
         if nodes != "auto" and nodes > len(section.hosts):
             raise UserError(f"{where}: parallelism.nodes: {nodes} is more than the {len(section.hosts)} "
                             f"hosts listed in onprem.hosts")
+    from runtime.tls import SECRET_PREFIXES
+    for field in ("cert", "key"):
+        value = getattr(spec.serving.tls, field) or ""
+        for prefix, cloud in SECRET_PREFIXES.items():
+            if value.startswith(prefix) and spec.target != cloud:
+                raise UserError(f"{where}: serving.tls.{field}: {value!r}: {prefix}NAME is the {cloud} target's "
+                                f"secret store, and the target is {spec.target!r} (allowed: a PEM file"
+                                + (f", or {next(p for p, c in SECRET_PREFIXES.items() if c == spec.target)}NAME"
+                                   if spec.target in SECRET_PREFIXES.values() else "") + ")")
+            if value == prefix:
+                raise UserError(f"{where}: serving.tls.{field}: {value!r}: names no secret (allowed: {prefix}NAME)")
     if not spec.serving.loopback_only and not (spec.serving.api_key_env or spec.serving.api_key_file):
         raise UserError(f"{where}: serving.host: {spec.serving.host!r} is not loopback, so an API key is "
                         "required: set serving.api_key_env or serving.api_key_file")

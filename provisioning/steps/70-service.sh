@@ -2,7 +2,7 @@
 # The runtime as a systemd service, run by the unprivileged system user `herd` in a sandbox.
 # The unit itself is rendered (and every value escaped) by provisioning/steps.py: HERD_SERVICE_UNIT.
 # This step makes what the unit assumes: the user, its GPU device groups, the directories it may
-# write, the API key readable by it alone; then installs and enables the unit.
+# write, the API key (and the head's TLS key) readable by it alone; then installs and enables the unit.
 # Hosts without systemd (containers, test namespaces) run the runtime as a managed process instead:
 # there the unit is only kept for reference and the host's users are left alone.
 # shellcheck source=common.sh
@@ -47,10 +47,12 @@ fi
 if [ -d "$HERD_HOME/secrets" ]; then
   as_root chown "$user:$user" "$HERD_HOME/secrets"
   as_root chmod 0700 "$HERD_HOME/secrets"
-  if [ -f "$HERD_HOME/secrets/api-key" ]; then
-    as_root chown "$user:$user" "$HERD_HOME/secrets/api-key"
-    as_root chmod 0600 "$HERD_HOME/secrets/api-key"
-  fi
+  # The API key and the head's TLS certificate and key: the service reads them.
+  for secret in api-key tls-cert tls-key; do
+    [ -f "$HERD_HOME/secrets/$secret" ] || continue
+    as_root chown "$user:$user" "$HERD_HOME/secrets/$secret"
+    as_root chmod 0600 "$HERD_HOME/secrets/$secret"
+  done
 fi
 
 if [ -f "$unit" ] && [ "$(cat "$unit")" = "${content%$'\n'}" ]; then ok "user $user ready; unit up to date"; fi

@@ -28,6 +28,7 @@ class CloudMocks(pulumi.runtime.Mocks):
 
     def __post_init__(self):
         self._ips = itertools.count(10)
+        self._public = itertools.count(10)     # reserved public addresses: their own range
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         self.resources.append(Recorded(args.typ, args.name, dict(args.inputs), None))
@@ -37,7 +38,11 @@ class CloudMocks(pulumi.runtime.Mocks):
             n = next(self._ips)
             state.update(privateIp=f"10.42.0.{n}", primaryNetworkInterfaceId=f"eni-{n}")
         elif args.typ == "aws:ec2/eip:Eip":
-            state["publicIp"] = f"198.51.100.{next(self._ips)}"
+            n = next(self._public)
+            state.update(publicIp=f"198.51.100.{n}", allocationId=f"eipalloc-{n}",
+                         publicDns=f"ec2-198-51-100-{n}.compute-1.amazonaws.com")
+        elif args.typ == "gcp:compute/address:Address":
+            state["address"] = f"203.0.113.{100 + next(self._public)}"
         elif args.typ == "aws:s3/bucket:Bucket":
             state.update(bucket=f"{args.name}-4f2a", arn=f"arn:aws:s3:::{args.name}-4f2a")
         elif args.typ == "aws:ec2/launchTemplate:LaunchTemplate":
@@ -52,8 +57,10 @@ class CloudMocks(pulumi.runtime.Mocks):
         elif args.typ == "gcp:compute/instance:Instance":
             n = next(self._ips)
             nics = state.get("networkInterfaces", [{}])
+            # A reserved address given as natIp stays; an ephemeral one is assigned.
+            nat = (nics[0].get("accessConfigs") or [{}])[0].get("natIp") or f"203.0.113.{n}"
             state["networkInterfaces"] = [{**nics[0], "networkIp": f"10.42.0.{n}",
-                                           "accessConfigs": [{"natIp": f"203.0.113.{n}"}]}]
+                                           "accessConfigs": [{"natIp": nat}]}]
         elif args.typ == "gcp:serviceaccount/account:Account":
             state["email"] = f"{state['accountId']}@my-project.iam.gserviceaccount.com"
         elif args.typ == "gcp:storage/bucket:Bucket":
@@ -83,6 +90,13 @@ class CloudMocks(pulumi.runtime.Mocks):
         found = self.of_type(typ)
         assert len(found) == 1, f"expected one {typ}, got {[r.name for r in found]}"
         return found[0]
+
+
+@pytest.fixture(autouse=True)
+def deployment_state(tmp_path, monkeypatch):
+    """The operator's state home (where the programs keep each deployment's CA), per test."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "herd" / "deployments"
 
 
 @pytest.fixture

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pulumi
 import pytest
 import yaml
+from cryptography import x509
 
 from infra.efa import efa_device_count, interface_layout
 from provisioning.boot import USER_DATA_LIMIT
 from runtime.plan_spec import request_from_spec
 from runtime.planner import plan
 from runtime.spec import load_spec
+from runtime.tls import fingerprint
 from tests.conftest import ROOT
 from tests.infra.conftest import CloudMocks, is_secret, plain_text, write_env
 
@@ -85,18 +88,27 @@ def test_each_node_boots_with_its_rank_and_the_heads_address(run_stack):
     for node in (head, worker):
         assert len(node.inputs["userData"].encode()) < USER_DATA_LIMIT
         assert node.inputs["userDataReplaceOnChange"] is True
+    # Each Elastic IP is allocated before its node (the head's certificate names it), then attached.
     eips = mocks.of_type("aws:ec2/eip:Eip")
-    assert [e.inputs["networkInterface"] for e in eips] == ["eni-10", "eni-12"]
-    assert outputs["endpoint"] == f"http://{outputs['node_addresses'][0]}:8000"
+    assert all("networkInterface" not in e.inputs for e in eips)
+    attached = [(a.inputs["allocationId"], a.inputs["networkInterfaceId"])
+                for a in mocks.of_type("aws:ec2/eipAssociation:EipAssociation")]
+    assert attached == [("eipalloc-10", "eni-10"), ("eipalloc-11", "eni-11")]
+    assert outputs["endpoint"] == f"https://{outputs['node_addresses'][0]}:8000"
     assert outputs["head_address"] == outputs["node_addresses"][0] and len(outputs["node_addresses"]) == 2
     assert outputs["ssh"] == [f"ssh ubuntu@{ip}" for ip in outputs["node_addresses"]]
-    assert outputs["smoke"] == f"herd smoke --endpoint {outputs['endpoint']} --api-key-env HERD_API_KEY"
+    assert outputs["smoke"] == (f"herd smoke --endpoint {outputs['endpoint']} --ca-file {outputs['ca_file']} "
+                                "--api-key-env HERD_API_KEY")
+    # Only the head serves HTTPS: only it reads the certificate and key, and its serve has them.
+    assert "fetch_secret tls-key" in head.inputs["userData"] and "tls-key" not in worker.inputs["userData"]
+    assert "--tls-certfile /opt/herd/secrets/tls-cert --tls-keyfile /opt/herd/secrets/tls-key" \
+        in head.inputs["userData"]
     assert outputs["plan"]["nodes"] == 2 and outputs["plan"]["cost_usd_per_hour"] == pytest.approx(2 * 27.45)
 
 
 def test_the_api_key_is_a_secret_securestring_and_nowhere_in_the_clear(run_stack):
     mocks, _ = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
-    param = mocks.one("aws:ssm/parameter:Parameter")
+    (param,) = [p for p in mocks.of_type("aws:ssm/parameter:Parameter") if p.name.endswith("-api-key")]
     assert param.inputs["type"] == "SecureString" and is_secret(param.inputs["value"])
     assert param.inputs["value"]["value"] == API_KEY
     for resource in mocks.resources:
@@ -106,6 +118,66 @@ def test_the_api_key_is_a_secret_securestring_and_nowhere_in_the_clear(run_stack
     key = mocks.one("aws:kms/key:Key")
     assert param.inputs["keyId"] == f"arn:aws:kms:us-east-1:123456789012:key/{key.name}-0c5e"
     assert param.inputs["name"].startswith("/herd/aws-p5-405b-fp8/")
+
+
+def parameters(mocks) -> dict[str, dict]:
+    """The SSM parameters the program creates, by their name's last part (api-key, tls-cert, ...)."""
+    return {p.inputs["name"].rsplit("/", 1)[1]: p.inputs for p in mocks.of_type("aws:ssm/parameter:Parameter")}
+
+
+def test_the_endpoint_is_https_with_a_certificate_for_the_heads_address_from_the_deployment_ca(
+        run_stack, deployment_state):
+    mocks, outputs = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+    ip = outputs["head_address"]
+    assert outputs["endpoint"] == f"https://{ip}:8000"
+    params = parameters(mocks)
+    for file in ("tls-cert", "tls-key"):
+        assert params[file]["type"] == "SecureString" and is_secret(params[file]["value"])
+        assert params[file]["name"] == f"/herd/aws-p5-405b-fp8/{file}"    # under the path the nodes may read
+    cert = x509.load_pem_x509_certificate(params["tls-cert"]["value"]["value"].encode())
+    sans = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+    assert {ip, f"ec2-{ip.replace('.', '-')}.compute-1.amazonaws.com", "127.0.0.1", "localhost"} <= sans
+    # Signed by the deployment CA, which stays on this machine (its key 0600) and is what clients pin.
+    tls_dir = deployment_state / "aws-p5-405b-fp8" / "tls"
+    assert outputs["ca_file"] == str(tls_dir / "ca.pem")
+    ca = x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert stat.S_IMODE((tls_dir / "ca.key").stat().st_mode) == 0o600
+    assert outputs["ca_fingerprint"] == fingerprint(tls_dir / "ca.pem")
+    assert outputs["ca_certificate"] == (tls_dir / "ca.pem").read_text()
+    key = params["tls-key"]["value"]["value"]
+    ca_key = (tls_dir / "ca.key").read_text()
+    for resource in mocks.resources:
+        assert key not in plain_text(resource.inputs) and "PRIVATE KEY" not in plain_text(resource.inputs)
+    assert ca_key not in json.dumps(outputs)
+    # A second run (pulumi up again) keeps the CA and the certificate: nothing churns on the node.
+    mocks_again, outputs_again = run_stack(ENVS / "aws-p5-405b-fp8.yaml")
+    assert outputs_again["ca_fingerprint"] == outputs["ca_fingerprint"]
+    assert parameters(mocks_again)["tls-cert"]["value"] == params["tls-cert"]["value"]
+
+
+def test_certificate_parameters_the_spec_names_are_read_by_the_head_and_granted_by_arn(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "own-cert", base, serving={"tls": {"cert": "ssm:/team/tls/cert",
+                                                                 "key": "ssm:/team/tls/key"}})
+    mocks, outputs = run_stack(env)
+    assert set(parameters(mocks)) == {"api-key"}          # herd makes no certificate of its own
+    (node,) = mocks.of_type("aws:ec2/instance:Instance")
+    assert "--name /team/tls/cert --with-decryption" in node.inputs["userData"]
+    assert "--name /team/tls/key --with-decryption" in node.inputs["userData"]
+    assert node_policy(mocks)["Secrets"]["Resource"] == [
+        "arn:aws:ssm:us-east-1:123456789012:parameter/herd/own-cert/*",
+        "arn:aws:ssm:us-east-1:123456789012:parameter/team/tls/cert",
+        "arn:aws:ssm:us-east-1:123456789012:parameter/team/tls/key"]
+    assert outputs["endpoint"].startswith("https://") and "ca_file" not in outputs   # the system's trust store
+
+
+def test_a_named_certificate_file_that_is_missing_stops_the_program_naming_it(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "lost-cert", base, serving={"tls": {"cert": str(tmp_path / "gone.pem"),
+                                                                  "key": str(tmp_path / "gone.key")}})
+    with pytest.raises(pulumi.RunError, match=rf"serving.tls.cert: '{tmp_path}/gone.pem': no such file"):
+        run_stack(env)
 
 
 def node_policy(mocks) -> dict[str, dict]:

@@ -30,7 +30,8 @@ def test_up_runs_preflight_then_prints_the_pulumi_commands_when_the_cli_is_missi
                         "pulumi config set herd:environment ../environments/gcp-a3-405b-fp8.yaml",
                         "printenv HERD_API_KEY | pulumi config set --secret herd:apiKey",
                         "pulumi up",
-                        'herd smoke --endpoint "$(pulumi stack output endpoint)" --api-key-env HERD_API_KEY']
+                        'herd smoke --endpoint "$(pulumi stack output endpoint)" '
+                        '--ca-file "$(pulumi stack output ca_file)" --api-key-env HERD_API_KEY']
     assert (ROOT / "infra" / "Pulumi.gcp-a3-405b-fp8.yaml").read_text().strip().endswith(
         "herd:environment: ../environments/gcp-a3-405b-fp8.yaml")
     assert "sk-deploy-test" not in done.stdout + done.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.conftest import ROOT
 from tests.infra.conftest import is_secret, plain_text, write_env
@@ -39,7 +40,11 @@ def test_the_a3_node_has_its_gpus_terminates_on_maintenance_and_boots_the_steps(
     assert "run_step 30-efa" not in startup          # EFA is AWS's
     assert node["metadata"]["block-project-ssh-keys"] == "TRUE"
     assert "resourcePolicies" not in node            # one node: nothing to place together
-    assert outputs["endpoint"] == "http://203.0.113.10:8000"
+    # The head's reserved external address (the mocks' first), which its certificate names.
+    assert outputs["endpoint"] == "https://203.0.113.110:8000"
+    address = mocks.one("gcp:compute/address:Address").inputs
+    assert address["addressType"] == "EXTERNAL" and address["region"] == "us-central1"
+    assert node["networkInterfaces"][0]["accessConfigs"] == [{"natIp": "203.0.113.110"}]
 
 
 def test_firewall_opens_the_api_and_ssh_to_the_named_cidrs_and_everything_among_nodes(run_stack):
@@ -61,10 +66,12 @@ def test_nodes_read_the_weights_and_the_key_through_their_service_account_only(r
     readers = {r.inputs["bucket"]: r.inputs for r in mocks.of_type("gcp:storage/bucketIAMMember:BucketIAMMember")}
     assert readers["my-weights-bucket"] == {"bucket": "my-weights-bucket", "member": account,
                                             "role": "roles/storage.objectViewer"}
-    version = mocks.one("gcp:secretmanager/secretVersion:SecretVersion").inputs
+    versions = {r.name: r.inputs for r in mocks.of_type("gcp:secretmanager/secretVersion:SecretVersion")}
+    assert set(versions) == {f"gcp-a3-405b-fp8-{f}-v" for f in ("api-key", "tls-cert", "tls-key")}
+    version = versions["gcp-a3-405b-fp8-api-key-v"]
     assert is_secret(version["secretData"]) and version["secretData"]["value"] == API_KEY
-    access = mocks.one("gcp:secretmanager/secretIamMember:SecretIamMember").inputs
-    assert access["member"] == account and access["role"] == "roles/secretmanager.secretAccessor"
+    for access in mocks.of_type("gcp:secretmanager/secretIamMember:SecretIamMember"):
+        assert access.inputs["member"] == account and access.inputs["role"] == "roles/secretmanager.secretAccessor"
     for resource in mocks.resources:
         assert API_KEY not in plain_text(resource.inputs), resource.name
     node = mocks.one("gcp:compute/instance:Instance").inputs
@@ -105,13 +112,50 @@ def test_the_node_account_holds_no_project_role_only_grants_on_its_own_bucket_an
     grants = sorted((r.type.split(":")[-1], r.inputs.get("bucket") or r.inputs.get("secretId"), r.inputs["role"])
                     for r in mocks.resources if "role" in r.inputs and r.inputs.get("member") == account)
     artifacts = mocks.one("gcp:storage/bucket:Bucket").name
-    secret = mocks.one("gcp:secretmanager/secret:Secret").name
+    secrets = [r.name for r in mocks.of_type("gcp:secretmanager/secret:Secret")]
+    assert secrets == [f"gcp-two-buckets-{f}" for f in ("api-key", "tls-cert", "tls-key")]
     assert grants == sorted([
         ("BucketIAMMember", f"{artifacts}-9e1b", "roles/storage.objectViewer"),
         ("BucketIAMMember", "my-weights-bucket", "roles/storage.objectViewer"),
         ("BucketIAMMember", "team-models", "roles/storage.objectViewer"),
-        ("SecretIamMember", f"{secret}-id", "roles/secretmanager.secretAccessor"),
+        *(("SecretIamMember", f"{secret}-id", "roles/secretmanager.secretAccessor") for secret in secrets),
     ])
     # Every IAM resource in the stack is one of those: nothing else is granted to anyone.
     iam = [r for r in mocks.resources if "iam" in r.type.lower() and r.type != "gcp:serviceaccount/account:Account"]
     assert len(iam) == len(grants)
+
+
+def test_the_head_reads_its_certificate_from_secret_manager_signed_for_its_address(run_stack, deployment_state,
+                                                                                  two_a2_nodes):
+    mocks, outputs = run_stack(two_a2_nodes)
+    versions = {r.name.rsplit("-", 1)[0].removeprefix("gcp-a2-405b-bf16-"): r.inputs["secretData"]
+                for r in mocks.of_type("gcp:secretmanager/secretVersion:SecretVersion")}
+    assert is_secret(versions["tls-key"]) and is_secret(versions["tls-cert"])
+    cert = x509.load_pem_x509_certificate(versions["tls-cert"]["value"].encode())
+    head_ip = outputs["head_address"]
+    assert outputs["endpoint"] == f"https://{head_ip}:8000"
+    sans = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+    assert head_ip in sans and outputs["node_addresses"][1] not in sans
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(
+        (deployment_state / "gcp-a2-405b-bf16" / "tls" / "ca.pem").read_bytes()))
+    head, worker = mocks.of_type("gcp:compute/instance:Instance")
+    assert "--secret herd-gcp-a2-405b-bf16-tls-key" in head.inputs["metadata"]["startup-script"]
+    assert "tls-key" not in worker.inputs["metadata"]["startup-script"]
+    for resource in mocks.resources:
+        assert "PRIVATE KEY" not in plain_text(resource.inputs), resource.name
+
+
+def test_certificate_secrets_the_spec_names_are_granted_to_the_nodes_alone(run_stack, tmp_path):
+    base = yaml.safe_load((ENVS / "gcp-a3-405b-fp8.yaml").read_text())
+    env = write_env(tmp_path, "own-cert", base, serving={"tls": {"cert": "secretmanager:team-cert",
+                                                                 "key": "secretmanager:team-key"}})
+    mocks, outputs = run_stack(env)
+    assert [r.inputs["secretId"] for r in mocks.of_type("gcp:secretmanager/secret:Secret")] == ["herd-own-cert-api-key"]
+    granted = {r.inputs["secretId"]: r.inputs for r in mocks.of_type("gcp:secretmanager/secretIamMember:SecretIamMember")}
+    for name in ("team-cert", "team-key"):
+        assert granted[name]["project"] == "my-project"
+        assert granted[name]["role"] == "roles/secretmanager.secretAccessor"
+        assert granted[name]["member"] == "serviceAccount:herd-own-cert@my-project.iam.gserviceaccount.com"
+    startup = mocks.one("gcp:compute/instance:Instance").inputs["metadata"]["startup-script"]
+    assert "--secret team-cert" in startup and "--secret team-key" in startup
+    assert outputs["endpoint"].startswith("https://")

@@ -5,6 +5,7 @@ import paramiko
 import pulumi
 import pytest
 import yaml
+from cryptography import x509
 
 from tests.conftest import ROOT
 from tests.infra.conftest import is_secret, plain_text, write_env
@@ -50,7 +51,31 @@ def test_every_host_runs_the_steps_over_ssh_with_its_key_pinned(run_stack, racks
         assert API_KEY not in plain_text(resource.inputs), resource.name
     copies = {r.inputs["remotePath"] for r in mocks.of_type("command:remote:CopyToRemote")}
     assert copies == {"/tmp/herd-node-bundle.tar.gz", "/opt/herd/wheels"}
-    assert outputs["endpoint"] == "http://10.0.0.11:8000"
+    assert outputs["endpoint"] == "https://10.0.0.11:8000"
+
+
+def test_the_head_gets_its_certificate_and_key_on_stdin_signed_for_the_hosts(run_stack, racks, deployment_state):
+    env, _, _ = racks
+    mocks, outputs = run_stack(env)
+    writers = {r.name.rsplit("-", 1)[0].removeprefix("racks-"): r.inputs
+               for r in mocks.of_type("command:remote:Command") if "-tls-" in r.name}
+    assert set(writers) == {"tls-cert", "tls-key"}
+    for file, writer in writers.items():
+        assert is_secret(writer["stdin"]) and "umask 077" in writer["create"]
+        assert writer["create"].endswith(f"cat > /opt/herd/secrets/{file})") and writer["logging"] == "none"
+    cert = x509.load_pem_x509_certificate(writers["tls-cert"]["stdin"]["value"].encode())
+    sans = {str(n.value) for n in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value}
+    assert {"10.0.0.11", "10.0.0.12", "127.0.0.1"} <= sans
+    ca_file = deployment_state / "racks" / "tls" / "ca.pem"
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_file.read_bytes()))
+    assert outputs["ca_file"] == str(ca_file)
+    assert outputs["smoke"] == f"herd smoke --endpoint https://10.0.0.11:8000 --ca-file {ca_file} " \
+                               "--api-key-env HERD_API_KEY"
+    install = next(r for r in mocks.of_type("command:remote:Command") if "-install-" in r.name)
+    assert "--tls-certfile /opt/herd/secrets/tls-cert --tls-keyfile /opt/herd/secrets/tls-key" \
+        in install.inputs["create"]
+    for resource in mocks.resources:
+        assert "PRIVATE KEY" not in plain_text(resource.inputs), resource.name
 
 
 def test_a_host_without_a_recorded_key_is_refused(run_stack, racks, tmp_path):
