@@ -10,6 +10,12 @@ from tests.infra.conftest import is_secret, plain_text, write_env
 
 ENVS = ROOT / "environments"
 API_KEY = "sk-herd-test-77e0b2"
+GIB = 2**30
+# Published sizes, not the planner's: vLLM measured 57.75 GiB of weights per GPU at TP 8 for Meta's
+# FP8 405B (vllm issue 6746); BF16 is Meta's 405.85 B parameters x 2 bytes.
+FP8_405B_BYTES = 8 * 57.75 * GIB
+BF16_405B_BYTES = 405.85e9 * 2
+PD_SSD_MAX_GB = 64 * 1024   # a persistent disk (pd-ssd) holds at most 64 TB
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +41,9 @@ def test_the_a3_node_has_its_gpus_terminates_on_maintenance_and_boots_the_steps(
     assert node["scheduling"]["onHostMaintenance"] == "TERMINATE"
     assert node["bootDisk"]["initializeParams"]["image"] == \
         "projects/deeplearning-platform-release/global/images/family/common-cu128-ubuntu-2204-nvidia-570"
+    # The boot disk (GB, GCP's binary gigabytes) holds the checkpoint and a partial second copy.
+    disk = node["bootDisk"]["initializeParams"]
+    assert disk["type"] == "pd-ssd" and 2 * FP8_405B_BYTES <= disk["size"] * GIB and disk["size"] <= PD_SSD_MAX_GB
     startup = node["metadata"]["startup-script"]
     assert "HERD_NODE_RANK=0" in startup and "HERD_CLOUD=gcp" in startup
     assert "run_step 30-efa" not in startup          # EFA is AWS's
@@ -89,6 +98,8 @@ def test_two_nodes_are_placed_compactly_and_the_worker_knows_the_head(run_stack,
     for node in (head, worker):
         assert node.inputs["resourcePolicies"] == "gcp-a2-405b-bf16-compact-id"
         assert node.inputs["guestAccelerators"] == [{"type": "nvidia-a100-80gb", "count": 8}]
+        # Each node fetches the whole BF16 checkpoint (811.7 GB), though it loads one pipeline stage.
+        assert 2 * BF16_405B_BYTES <= node.inputs["bootDisk"]["initializeParams"]["size"] * GIB
     assert "--rdzv-endpoint 10.42.0.10:29400" in worker.inputs["metadata"]["startup-script"]
     assert "--role worker" in worker.inputs["metadata"]["startup-script"]
     assert len(outputs["node_addresses"]) == 2

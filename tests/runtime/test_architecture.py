@@ -20,11 +20,15 @@ def test_smollm2_parameter_count_is_exact():
     assert catalog.model("smollm2-135m-instruct").architecture.total_params == 134_515_008
 
 
-@pytest.mark.parametrize("model_id, kv_bytes", [
-    ("llama-3.1-8b", 131_072), ("llama-3.1-70b", 327_680), ("llama-3.1-405b", 516_096),
+@pytest.mark.parametrize("model_id, layers, kv_heads, head_dim", [
+    ("llama-3.1-8b", 32, 8, 128), ("llama-3.1-70b", 80, 8, 128), ("llama-3.1-405b", 126, 8, 128),
 ])
-def test_bf16_kv_bytes_per_token(model_id, kv_bytes):
-    assert catalog.model(model_id).architecture.kv_bytes_per_token(2) == kv_bytes
+def test_bf16_kv_bytes_per_token(model_id, layers, kv_heads, head_dim):
+    """K and V for every layer and KV head, 2 bytes each, from Meta's published config.json figures:
+    128 KiB (8B), 320 KiB (70B), 504 KiB (405B) per token."""
+    expected = 2 * layers * kv_heads * head_dim * 2
+    assert catalog.model(model_id).architecture.kv_bytes_per_token(2) == expected
+    assert catalog.model(model_id).architecture.kv_bytes_per_token(1) == expected // 2   # an FP8 KV cache
 
 
 @pytest.mark.parametrize("model_id", sorted(catalog.models()))

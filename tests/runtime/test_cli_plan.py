@@ -1,9 +1,14 @@
 """`herd plan`: the contract other tools script against (exit codes, JSON keys)."""
 import json
+import re
 
 import pytest
+import yaml
 
-from tests.conftest import ENVIRONMENTS
+from tests.conftest import ENVIRONMENTS, ROOT
+
+# Every test runs `herd` in a child process (about 1-3 s each here); each call also has run_herd's own limit.
+pytestmark = pytest.mark.timeout(60)
 
 JSON_KEYS = {"fits", "nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "per_gpu_bytes",
              "max_kv_tokens", "decode_ms_per_token_floor", "cost_usd_per_hour", "reasons", "suggestions"}
@@ -44,7 +49,29 @@ def test_plan_reads_any_config_json(herd, tmp_path):
         "num_key_value_heads": 8, "intermediate_size": 29568, "max_position_embeddings": 32768}))
     out = herd("plan", "--model", str(tmp_path / "config.json"), "--instance", "p5.48xlarge", "--json")
     assert out.returncode == 0, out.stderr
-    assert 72e9 < json.loads(out.stdout)["parameters"] < 73e9  # a Qwen2-72B-shaped config
+    # A Qwen2-72B-shaped config: the Qwen2 technical report gives 72.71 B parameters (its q/k/v biases,
+    # 0.8 M, are the difference the planner leaves out).
+    assert json.loads(out.stdout)["parameters"] == pytest.approx(72.71e9, rel=0.001)
+
+
+def test_plan_refuses_an_onprem_host_with_too_little_ram_and_disk_and_says_so(herd, tmp_path):
+    """Llama 3.1 70B in BF16 is 141 GB (70.55 B published parameters x 2 bytes): 64 GiB hosts can
+    neither stage a node's shards in RAM nor hold the checkpoint on disk."""
+    data = yaml.safe_load((ROOT / "environments" / "onprem-example.yaml").read_text())
+    data["onprem"].update(host_ram_gib=64, disk_gib=64)
+    env = tmp_path / "small-hosts.yaml"
+    env.write_text(yaml.safe_dump(data))
+    out = herd("plan", str(env), "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    ram, disk = result["reasons"]
+    assert ram.startswith("host RAM") and "64 GiB RAM" in ram
+    assert int(re.search(r"loads (\d+) GiB", ram).group(1)) == round(70.55e9 * 2 / 2**30)      # 131
+    assert disk.startswith("local disk") and "the node has 69 GB" in disk                     # 64 GiB
+    assert int(re.search(r"checkpoint is (\d+) GB", disk).group(1)) == round(70.55e9 * 2 / 1e9)  # 141
+    table = herd("plan", str(env))
+    assert table.returncode == 1 and "DOES NOT FIT" in table.stdout
+    assert "reason: host RAM" in table.stdout and "reason: local disk" in table.stdout
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -12,7 +12,11 @@ from tests.conftest import ENVIRONMENTS, ROOT
 def test_every_shipped_environment_is_valid(path):
     spec = load_spec(path)
     assert spec.name == path.stem
-    assert spec.target_section is not None
+    # The section that applies is the target's own, as written in the file.
+    section = spec.target_section
+    assert type(section).__name__ == {"local": "LocalSection", "onprem": "OnpremSection", "aws": "AwsSection",
+                                      "gcp": "GcpSection"}[spec.target]
+    assert section is getattr(spec, spec.target)
 
 
 def test_there_is_an_environment_for_every_target():
