@@ -16,7 +16,7 @@ from provisioning.steps import plan_host, profiles_for
 from runtime.spec import OnpremHost, load_spec
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]   # each test: seconds to ~40 s here
 HOSTS_SCRIPT = ROOT / "tests" / "provisioning" / "netns_hosts.sh"
 # Hosts of their own (namespaces hc6-h*, 10.253.14.0/24): test_onprem's may be up at the same time.
 TAG, NET = "hc6", "10.253.14"

@@ -20,7 +20,7 @@ import pytest
 
 from provisioning.steps import STEPS_DIR
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]   # fresh venvs and wheel installs
 VERSION = "0.1.0"
 
 

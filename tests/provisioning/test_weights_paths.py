@@ -17,7 +17,7 @@ from provisioning.weights.manifest import MANIFEST, unsafe_reason, verify
 from runtime.errors import UserError
 from tests.provisioning.conftest import make_model_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]   # each test: seconds to ~40 s here
 QUIET = Console(quiet=True)
 PAYLOAD = b"bytes that must never land outside the model directory\n"
 

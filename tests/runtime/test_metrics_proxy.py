@@ -65,7 +65,7 @@ def front(serve_module, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ tests
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]   # real servers: 15-60 s here
 
 
 def test_front_carries_the_engines_families_alongside_its_own(front):

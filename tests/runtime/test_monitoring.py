@@ -270,6 +270,7 @@ def prometheus(tmp_path):
 
 @needs_prometheus
 @pytest.mark.slow
+@pytest.mark.timeout(360)   # two servers and a real Prometheus: ~70 s here
 def test_prometheus_scrapes_herd_and_every_dashboard_query_and_alert_works(tmp_path, tiny_model, serve, prometheus):
     env = {"HERD_MON_KEY": KEY}
     herd = serve("--model-dir", str(tiny_model), "--served-model-name", "tiny", "--api-key-env", "HERD_MON_KEY",

@@ -214,6 +214,7 @@ def printed_fingerprint(server) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)   # a real server (and SmolLM2 for smoke): up to ~160 s under load
 def test_the_openai_client_trusts_the_generated_ca_and_refuses_without_it(serve, tiny_model, tmp_path):
     import openai
     server = serve("--model-dir", str(tiny_model), "--tp", "1", "--tls")   # bound to 127.0.0.1
@@ -266,6 +267,7 @@ def test_the_openai_client_trusts_the_generated_ca_and_refuses_without_it(serve,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)   # a real server (and SmolLM2 for smoke): up to ~160 s under load
 def test_serving_off_loopback_without_a_certificate_makes_the_deployment_ca(serve, tiny_model):
     server = serve("--model-dir", str(tiny_model), "--tp", "1", "--host", "0.0.0.0", "--api-key-env", "K",
                    env={"K": "sk-tls-test"})
@@ -277,6 +279,7 @@ def test_serving_off_loopback_without_a_certificate_makes_the_deployment_ca(serv
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)   # a real server (and SmolLM2 for smoke): up to ~160 s under load
 def test_herd_smoke_passes_over_tls_with_the_ca_file_and_fails_fast_without(serve):
     smollm = model_dir_for("smollm2-135m-instruct")
     if not (smollm / "config.json").is_file():
