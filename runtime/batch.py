@@ -456,7 +456,7 @@ def generate(input_path: Path, output_path: Path, s: Settings, console: Console,
 
 # ------------------------------------------------------------------ CLI
 def add_generate(sub) -> None:
-    from runtime.cli import positive_int
+    from runtime.arg_types import positive_int
     p = sub.add_parser("generate", help="batch generation from a JSONL file against an endpoint",
                        epilog="exit status: 0 every row has a result; 1 some row failed or some input line "
                               "was unusable (rerun to retry transient failures); 2 bad arguments or endpoint")

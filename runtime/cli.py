@@ -7,6 +7,7 @@ import sys
 
 from rich.console import Console
 
+from runtime.arg_types import auto_or_int, positive_int  # noqa: F401 - the parsers below use them
 from runtime.errors import EXIT_USER_ERROR, UserError
 
 
@@ -16,20 +17,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse's hook
         sys.stderr.write(f"herd: error: {self.prog}: {message} (see --help)\n")
         raise SystemExit(EXIT_USER_ERROR)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return value
-
-
-def auto_or_int(text: str):
-    return "auto" if text == "auto" else positive_int(text)
 
 
 # ------------------------------------------------------------------ plan

@@ -5,42 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from runtime.api_keys import read_api_key  # noqa: F401 - installers import it from here
 from runtime.errors import UserError
 from runtime.launch import LaunchConfig
 from runtime.paths import model_dir_for
 from runtime.spec import Spec, load_spec
 
 log = logging.getLogger("herd.serve")
-
-
-def key_from_env(env_var: str, field: str, hint: str = "") -> str:
-    """An API key from an environment variable; `field` names where the variable was given."""
-    value = os.environ.get(env_var, "").strip()
-    if not value:
-        raise UserError(f"{field}: {env_var!r} is not set in the environment{hint}")
-    return value
-
-
-def read_api_key(env_var: str | None, file: str | None) -> str | None:
-    """The API key, from the variable or file the spec names. Never logged."""
-    if env_var:
-        return key_from_env(env_var, "serving.api_key_env", " (export it, or use serving.api_key_file)")
-    if file:
-        path = Path(file).expanduser()
-        try:
-            value = path.read_text().strip()
-        except OSError as err:
-            raise UserError(f"serving.api_key_file: {file!r}: {err.strerror}") from None
-        if not value:
-            raise UserError(f"serving.api_key_file: {file!r} is empty")
-        return value
-    return None
 
 
 def _front_settings(args, spec) -> tuple[str, int, str | None]:
@@ -117,7 +93,7 @@ def count(text: str) -> int:
 
 
 def add_serve(sub) -> None:
-    from runtime.cli import positive_int
+    from runtime.arg_types import positive_int
     p = sub.add_parser("serve", help="run this node's ranks (and, on the head, the HTTP API)")
     p.add_argument("environment", nargs="?", help="environments/NAME.yaml (flags override it)")
     p.add_argument("--model-dir", help="model directory (config.json, safetensors, tokenizer)")

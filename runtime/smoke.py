@@ -51,7 +51,7 @@ def client_settings(args) -> tuple[str, object, str | None]:
     """(endpoint, httpx verify, API key) from a client command's options and, where given, its
     environment file: flags first, then the spec and the deployment's state."""
     from runtime import tls
-    from runtime.serve import key_from_env, read_api_key
+    from runtime.api_keys import key_from_env, read_api_key
     spec = None
     if args.environment:
         from runtime.spec import load_spec

@@ -10,7 +10,6 @@ Everything else (prefill, models without grouped heads) goes to transformers' ow
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 NAME = "herd_sdpa"
