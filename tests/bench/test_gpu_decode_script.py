@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]   # a tiny CPU run: ~10 s here
 
 
 def test_gpu_decode_benchmark_runs_on_cpu_with_a_tiny_config(tmp_path):

@@ -127,6 +127,7 @@ def ready(url: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)   # a real serve, a kill and the relaunch: ~40 s here
 def test_local_target_brings_back_a_serve_that_spent_its_budget(herd, tiny_model, tmp_path):
     """herd serve under the local target's keeper, with no restart allowed: kill -9 a rank, herd serve
     exits 75, the keeper starts it again, it is ready again; then `herd down` leaves nothing behind."""

@@ -12,7 +12,7 @@ import yaml
 from tests.conftest import ROOT
 from tests.runtime.conftest import alive, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]   # real SmolLM2 over 3 ranks: ~90 s alone, several minutes under load
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ def tp2(tiny_model, serve):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_fifty_rows_at_concurrency_eight_complete_with_logprobs(tp2, tmp_path):
     srv = tp2()
     prompts = write_prompts(tmp_path / "in.jsonl", 50)
@@ -69,6 +70,7 @@ def test_fifty_rows_at_concurrency_eight_complete_with_logprobs(tp2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_killed_job_resumes_without_duplicates_or_gaps(tp2, tmp_path):
     srv = tp2()
     prompts = write_prompts(tmp_path / "in.jsonl", 40)
@@ -95,6 +97,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(tp2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_a_full_queue_429_phase_is_ridden_out(tp2, tmp_path):
     srv = tp2("--max-queue", "2")
     prompts = write_prompts(tmp_path / "in.jsonl", 16)
@@ -108,6 +111,7 @@ def test_a_full_queue_429_phase_is_ridden_out(tp2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_a_503_phase_while_a_rank_restarts_is_ridden_out(tp2, tmp_path):
     srv = tp2()
     prompts = write_prompts(tmp_path / "in.jsonl", 30)
@@ -126,6 +130,7 @@ def test_a_503_phase_while_a_rank_restarts_is_ridden_out(tp2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_bad_rows_are_reported_by_line_and_the_rest_runs(tp2, tmp_path):
     srv = tp2()
     lines = ['{"id": "a", "prompt": "Hello"}', "{not json", '{"prompt": "no id"}', '{"id": "a", "prompt": "dup"}',
@@ -143,6 +148,7 @@ def test_bad_rows_are_reported_by_line_and_the_rest_runs(tp2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_unreachable_endpoint_is_a_clear_error_before_starting(tmp_path):
     from tests.runtime.conftest import free_port
     prompts = write_prompts(tmp_path / "in.jsonl", 2)
@@ -228,6 +234,7 @@ def error(status, message):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)   # real servers and kills: 75-190 s under load
 def test_resume_retries_transient_failures_and_retry_failed_the_rest(stand_in, tmp_path):
     prompts = write_rows(tmp_path / "in.jsonl", ["ok-1", "busy", "bad", "garbled", "ok-2"])
     out = tmp_path / "out.jsonl"

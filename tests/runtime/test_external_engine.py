@@ -12,7 +12,7 @@ import pytest
 
 from tests.runtime.conftest import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]   # a fake engine restarted under herd: 100-150 s under load
 
 
 def engine_pid(state_dir) -> int:

@@ -40,6 +40,7 @@ def test_a_rank_that_cannot_be_placed_is_refused_with_the_reason(devices, local_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)   # two torchrun ranks: ~10 s here
 def test_two_cpu_ranks_decode_what_one_process_decodes(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -146,6 +146,7 @@ def healing(tiny_model, serve_module):
 
 # ------------------------------------------------------------------ healing, on the shared server
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_chaos_kill_a_rank_under_streaming_load(healing):
     """8 streams and a plain request in flight; kill -9 a rank: each ends within 10 s (an SSE error
     event, or 503 engine_lost), readiness drops within 5 s, and the group comes back."""
@@ -178,6 +179,7 @@ def test_chaos_kill_a_rank_under_streaming_load(healing):
 
 
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_kills_spaced_past_the_window_always_heal(healing):
     """More kills than --max-restarts (and, counting the other tests, than the old lifetime limit of
     3): each one spaced past the window is restarted, counted as the only one in it, backoff reset."""
@@ -195,6 +197,7 @@ def test_kills_spaced_past_the_window_always_heal(healing):
 
 
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_a_stopped_rank_is_noticed_by_its_heartbeat_and_restarted(healing):
     """SIGSTOP (not kill) rank 1 while idle: its process lives, but its heartbeat stops; readiness
     drops, the group restarts (the stopped rank is killed) and becomes ready again."""
@@ -216,6 +219,7 @@ def test_a_stopped_rank_is_noticed_by_its_heartbeat_and_restarted(healing):
 
 
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_a_canary_timeout_is_retried_then_restarts_and_readiness_never_sticks(healing):
     """SIGSTOP the driver (rank 0) while idle: no rank reports anything, only the canary sees it.
     Resumed after one timed-out canary: the retry answers and it is ready with no restart. Left
@@ -258,6 +262,7 @@ def control_address(srv) -> tuple[str, int]:
 
 
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_the_control_channel_refuses_a_wrong_token(healing):
     """Connections posing as the driver (wrong token, no token, not JSON) are closed and counted;
     the real driver keeps the channel: the server stays ready and answers."""
@@ -283,6 +288,7 @@ def test_the_control_channel_refuses_a_wrong_token(healing):
 
 # ------------------------------------------------------------------ a spent budget
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_a_spent_budget_fails_the_stream_and_exits_with_the_documented_code(tiny_model, serve):
     """--max-restarts 1: the first kill is restarted, the second inside the window spends the budget:
     the stream in flight gets its error event, and herd serve exits 75 with a one-line reason."""
@@ -313,6 +319,7 @@ def test_a_spent_budget_fails_the_stream_and_exits_with_the_documented_code(tiny
 
 # ------------------------------------------------------------------ startup and multi-node
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_requests_before_ready_get_503_with_the_reason(tiny_model, serve):
     srv = serve("--model-dir", str(tiny_model), "--tp", "2", "--served-model-name", "tiny")
     seen, refused = set(), 0
@@ -339,6 +346,7 @@ def test_requests_before_ready_get_503_with_the_reason(tiny_model, serve):
 
 
 @slow
+@pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_two_node_launch_on_loopback_serves_the_same_tokens(tiny_model, serve):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
