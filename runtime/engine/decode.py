@@ -14,6 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from runtime.engine.kv_slots import SlotLayer, slot_cache
 
 from runtime.engine.request import Row
 from runtime.engine.sampling import logprobs as row_logprobs
@@ -62,7 +65,7 @@ class RunningBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _prefill(self, rows: list[Row]):
+    def _prefill(self, rows: list[Row], cache=None):
         longest = max(len(r.input_ids) for r in rows)
         ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -71,18 +74,29 @@ class RunningBatch:
             mask[i, longest - len(row.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = cache if cache is not None else DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1, :]
         return cache, mask, positions[:, -1:], logits
 
+    def _new_cache(self):
+        """Slot layers (no copy per step or join) for models whose layers are all plain attention."""
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            cache = slot_cache(self.model.config)
+        return cache
+
     def join(self, rows: list[Row]) -> None:
-        cache, mask, positions, logits = self._prefill(rows)
         if not self.rows:
+            cache, mask, positions, logits = self._prefill(rows, self._new_cache())
             self.rows, self.cache, self.mask, self.positions, self.logits = list(rows), cache, mask, positions, logits
             return
+        cache, mask, positions, logits = self._prefill(rows)
         length = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
+            if isinstance(mine, SlotLayer):    # new rows go into free slots; nothing already there moves
+                mine.join(theirs.keys, theirs.values)
+                continue
             mine.keys = torch.cat([_pad_left(mine.keys, length, -2), _pad_left(theirs.keys, length, -2)])
             mine.values = torch.cat([_pad_left(mine.values, length, -2), _pad_left(theirs.values, length, -2)])
         self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
@@ -98,14 +112,21 @@ class RunningBatch:
             return
         index = torch.tensor(indices, device=self.device)
         self.rows = [self.rows[i] for i in indices]
-        self.cache.batch_select_indices(index)
+        for layer in self.cache.layers:
+            if isinstance(layer, SlotLayer):
+                layer.keep_rows(index)
+            else:
+                layer.batch_select_indices(index)
         self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
         # Columns that are padding for every remaining row cost attention work for nothing.
         unused = int((self.mask.cumsum(-1) == 0).all(0).sum())
         if unused:
             self.mask = self.mask[:, unused:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+                if isinstance(layer, SlotLayer):
+                    layer.drop_left(unused)
+                else:
+                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
 
     def step(self, tokens: list[int]) -> None:
         self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], dim=-1)
