@@ -117,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=128, help="model size in MB (4 shards)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stores", default="s3,gs,hf", help="which stores to measure (comma-separated)")
     parser.add_argument("--skip-ranks", action="store_true", help="skip the per-rank load figures")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -159,117 +160,121 @@ def main() -> int:
 
     procs = []
     try:
-        # S3 on moto's server
-        port = free_port()
-        procs.append(start([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                           f"http://127.0.0.1:{port}"))
-        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-        import boto3
-        boto3.session.Session().client("s3").create_bucket(Bucket="bench")
-        publish(model, "s3://bench/m", quiet)
+        stores = set(args.stores.split(","))
+        if "s3" in stores:
+            # S3 on moto's server
+            port = free_port()
+            procs.append(start([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               f"http://127.0.0.1:{port}"))
+            os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+            import boto3
+            boto3.session.Session().client("s3").create_bucket(Bucket="bench")
+            publish(model, "s3://bench/m", quiet)
 
-        def s3_manager(d):   # boto3's transfer manager (s3transfer: ranged, threaded)
-            s3 = boto3.session.Session().client("s3")
-            for n in names:
-                s3.download_file("bench", f"m/{n}", str(d / n))
+            def s3_manager(d):   # boto3's transfer manager (s3transfer: ranged, threaded)
+                s3 = boto3.session.Session().client("s3")
+                for n in names:
+                    s3.download_file("bench", f"m/{n}", str(d / n))
 
-        def s3_manager_sha256(d):
-            s3 = boto3.session.Session().client("s3")
-            for n in names:
-                with open(d / n, "wb") as f:
-                    s3.download_fileobj("bench", f"m/{n}", HashingWriter(f, hashlib.sha256()))
-        compare("s3 (moto server)", "s3://bench/m",
-                {"boto3 download_file (transfer manager)": s3_manager,
-                 "boto3 download_fileobj + sha256": s3_manager_sha256},
-                headline="boto3 download_fileobj + sha256")
-        stop(procs)   # each store's server goes once measured: an idle one still holds the model in RAM
+            def s3_manager_sha256(d):
+                s3 = boto3.session.Session().client("s3")
+                for n in names:
+                    with open(d / n, "wb") as f:
+                        s3.download_fileobj("bench", f"m/{n}", HashingWriter(f, hashlib.sha256()))
+            compare("s3 (moto server)", "s3://bench/m",
+                    {"boto3 download_file (transfer manager)": s3_manager,
+                     "boto3 download_fileobj + sha256": s3_manager_sha256},
+                    headline="boto3 download_fileobj + sha256")
+            stop(procs)   # each store's server goes once measured: an idle one still holds the model in RAM
 
-        # GCS on the emulator
-        port = free_port()
-        # The emulator is one thread behind http.server's listen backlog of 5: more concurrent connects
-        # than that wait out 1-s SYN retransmits, a property of the emulator, not of GCS. Start it with
-        # a backlog of 64 (still one thread, so parallel reads cannot beat one stream here).
-        emulator = ("import http.server, sys; http.server.HTTPServer.request_queue_size = 64; "
-                    "from gcp_storage_emulator.__main__ import main; sys.argv[0] = 'gcp-storage-emulator'; main()")
-        procs.append(start([sys.executable, "-c", emulator, "start", "--host", "127.0.0.1", "--port",
-                            str(port), "--in-memory"], f"http://127.0.0.1:{port}", cwd=work))
-        os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-        from google.cloud.storage import transfer_manager
-        storage.Client(credentials=AnonymousCredentials(), project="bench").create_bucket("bench")
-        publish(model, "gs://bench/m", quiet)
+        if "gs" in stores:
+            # GCS on the emulator
+            port = free_port()
+            # The emulator is one thread behind http.server's listen backlog of 5: more concurrent connects
+            # than that wait out 1-s SYN retransmits, a property of the emulator, not of GCS. Start it with
+            # a backlog of 64 (still one thread, so parallel reads cannot beat one stream here).
+            emulator = ("import http.server, sys; http.server.HTTPServer.request_queue_size = 64; "
+                        "from gcp_storage_emulator.__main__ import main; sys.argv[0] = 'gcp-storage-emulator'; main()")
+            procs.append(start([sys.executable, "-c", emulator, "start", "--host", "127.0.0.1", "--port",
+                                str(port), "--in-memory"], f"http://127.0.0.1:{port}", cwd=work))
+            os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+            from google.cloud.storage import transfer_manager
+            storage.Client(credentials=AnonymousCredentials(), project="bench").create_bucket("bench")
+            publish(model, "gs://bench/m", quiet)
 
-        def gcs_bucket():
-            return storage.Client(credentials=AnonymousCredentials(), project="bench").bucket("bench")
+            def gcs_bucket():
+                return storage.Client(credentials=AnonymousCredentials(), project="bench").bucket("bench")
 
-        def gcs_plain(d):
-            bucket = gcs_bucket()
-            for n in names:
-                bucket.blob(f"m/{n}").download_to_filename(str(d / n))
+            def gcs_plain(d):
+                bucket = gcs_bucket()
+                for n in names:
+                    bucket.blob(f"m/{n}").download_to_filename(str(d / n))
 
-        def gcs_plain_sha256(d):
-            bucket = gcs_bucket()
-            for n in names:
-                with open(d / n, "wb") as f:
-                    bucket.blob(f"m/{n}").download_to_file(HashingWriter(f, hashlib.sha256()))
+            def gcs_plain_sha256(d):
+                bucket = gcs_bucket()
+                for n in names:
+                    with open(d / n, "wb") as f:
+                        bucket.blob(f"m/{n}").download_to_file(HashingWriter(f, hashlib.sha256()))
 
-        def gcs_manager(d, verify=False):   # the transfer manager: ranged chunks, 8 threads
-            bucket = gcs_bucket()
-            for n in names:
-                blob = bucket.blob(f"m/{n}")
-                blob.reload()
-                transfer_manager.download_chunks_concurrently(blob, str(d / n), chunk_size=8 * 2**20,
-                                                              max_workers=8, worker_type="thread")
-                if verify:
-                    sha256_file(d / n)
-        compare("gs (gcp-storage-emulator)", "gs://bench/m",
-                {"google-cloud-storage download_to_filename": gcs_plain,
-                 "download_to_file + sha256": gcs_plain_sha256,
-                 "transfer_manager.download_chunks_concurrently": gcs_manager,
-                 "transfer_manager + sha256 after": lambda d: gcs_manager(d, verify=True)},
-                headline="download_to_file + sha256")
-        stop(procs)
+            def gcs_manager(d, verify=False):   # the transfer manager: ranged chunks, 8 threads
+                bucket = gcs_bucket()
+                for n in names:
+                    blob = bucket.blob(f"m/{n}")
+                    blob.reload()
+                    transfer_manager.download_chunks_concurrently(blob, str(d / n), chunk_size=8 * 2**20,
+                                                                  max_workers=8, worker_type="thread")
+                    if verify:
+                        sha256_file(d / n)
+            compare("gs (gcp-storage-emulator)", "gs://bench/m",
+                    {"google-cloud-storage download_to_filename": gcs_plain,
+                     "download_to_file + sha256": gcs_plain_sha256,
+                     "transfer_manager.download_chunks_concurrently": gcs_manager,
+                     "transfer_manager + sha256 after": lambda d: gcs_manager(d, verify=True)},
+                    headline="download_to_file + sha256")
+            stop(procs)
 
-        # The loopback hub (API + CDN) in its own process: a remote hub does not share this GIL.
-        hub_code = ("import sys, time; from pathlib import Path; from tests.provisioning.conftest import FakeHub; "
-                    "hub = FakeHub(); hub.repos['org/model'] = Path(sys.argv[1]); print(hub.url, flush=True); "
-                    "time.sleep(86400)")
-        hub = subprocess.Popen([sys.executable, "-c", hub_code, str(model)], cwd=ROOT, stdout=subprocess.PIPE,
-                               text=True)
-        procs.append(hub)
-        hub_url = hub.stdout.readline().strip()
-        os.environ["HF_ENDPOINT"] = hub_url
-        from huggingface_hub import constants, hf_hub_download
-        # huggingface_hub read its settings when imported (by a store client above, perhaps): the
-        # values a fresh process would read.
-        constants.ENDPOINT = hub_url
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = hub_url + "/{repo_id}/resolve/{revision}/{filename}"
-        constants.HF_HOME, constants.HF_HUB_CACHE = os.environ["HF_HOME"], os.environ["HF_HUB_CACHE"]
-        def hub_stream(d, hasher=None):
-            plain = httpx.Client(timeout=120, follow_redirects=True)   # LFS files redirect to the CDN
-            for n in names:
-                with plain.stream("GET", f"{hub_url}/org/model/resolve/main/{n}") as r, open(d / n, "wb") as f:
-                    r.raise_for_status()
-                    digest = hashlib.sha256() if hasher else None
-                    for chunk in r.iter_bytes(2**20):
-                        f.write(chunk)
-                        if digest is not None:
-                            digest.update(chunk)
-            plain.close()
+        if "hf" in stores:
+            # The loopback hub (API + CDN) in its own process: a remote hub does not share this GIL.
+            hub_code = ("import sys, time; from pathlib import Path; from tests.provisioning.conftest import FakeHub; "
+                        "hub = FakeHub(); hub.repos['org/model'] = Path(sys.argv[1]); print(hub.url, flush=True); "
+                        "time.sleep(86400)")
+            hub = subprocess.Popen([sys.executable, "-c", hub_code, str(model)], cwd=ROOT, stdout=subprocess.PIPE,
+                                   text=True)
+            procs.append(hub)
+            hub_url = hub.stdout.readline().strip()
+            os.environ["HF_ENDPOINT"] = hub_url
+            from huggingface_hub import constants, hf_hub_download
+            # huggingface_hub read its settings when imported (by a store client above, perhaps): the
+            # values a fresh process would read.
+            constants.ENDPOINT = hub_url
+            constants.HUGGINGFACE_CO_URL_TEMPLATE = hub_url + "/{repo_id}/resolve/{revision}/{filename}"
+            constants.HF_HOME, constants.HF_HUB_CACHE = os.environ["HF_HOME"], os.environ["HF_HUB_CACHE"]
+            def hub_stream(d, hasher=None):
+                plain = httpx.Client(timeout=120, follow_redirects=True)   # LFS files redirect to the CDN
+                for n in names:
+                    with plain.stream("GET", f"{hub_url}/org/model/resolve/main/{n}") as r, open(d / n, "wb") as f:
+                        r.raise_for_status()
+                        digest = hashlib.sha256() if hasher else None
+                        for chunk in r.iter_bytes(2**20):
+                            f.write(chunk)
+                            if digest is not None:
+                                digest.update(chunk)
+                plain.close()
 
-        def hub_client(d, verify=False):   # the Hub's own client, one file at a time into a folder
-            for n in names:
-                hf_hub_download("org/model", n, local_dir=d)
-                if verify:
-                    sha256_file(d / n)
-        compare("hf (loopback hub + CDN)", "hf://org/model",
-                {"httpx streaming GET": hub_stream,
-                 "httpx streaming GET + sha256": lambda d: hub_stream(d, hasher=True),
-                 "hf_hub_download(local_dir)": hub_client,
-                 "hf_hub_download + sha256 after": lambda d: hub_client(d, verify=True)},
-                headline="httpx streaming GET + sha256")
+            def hub_client(d, verify=False):   # the Hub's own client, one file at a time into a folder
+                for n in names:
+                    hf_hub_download("org/model", n, local_dir=d)
+                    if verify:
+                        sha256_file(d / n)
+            compare("hf (loopback hub + CDN)", "hf://org/model",
+                    {"httpx streaming GET": hub_stream,
+                     "httpx streaming GET + sha256": lambda d: hub_stream(d, hasher=True),
+                     "hf_hub_download(local_dir)": hub_client,
+                     "hf_hub_download + sha256 after": lambda d: hub_client(d, verify=True)},
+                    headline="httpx streaming GET + sha256")
     finally:
         stop(procs)
         shutil.rmtree(work, ignore_errors=True)

@@ -224,25 +224,28 @@ class _Quiet:
 
 class _Incoming:
     """The partial file http_get writes into, hashing what arrives (after the bytes kept from an
-    interrupted run). http_get rewinds and truncates it when a server ignores the Range."""
+    interrupted run) with the one hash the listing gives for it: sha256 for LFS files, the git blob id
+    for the others. http_get rewinds and truncates it when a server ignores the Range."""
 
-    def __init__(self, f, f_size: int, on_bytes):
-        self.f, self.size, self.on_bytes = f, f_size, on_bytes
-        self.sha256 = hashlib.sha256()
-        self.git = hashlib.sha1(b"blob %d\0" % f_size, usedforsecurity=False)
+    def __init__(self, out, file: RemoteFile, on_bytes):
+        self.f, self.file, self.on_bytes = out, file, on_bytes
+        self.digest = self._fresh()
         self.received = 0
+
+    def _fresh(self):
+        if self.file.sha256 is None and self.file.git_sha1 is not None:
+            return hashlib.sha1(b"blob %d\0" % self.file.size, usedforsecurity=False)
+        return hashlib.sha256()
 
     def absorb_prefix(self) -> int:
         self.f.seek(0)
         while block := self.f.read(CHUNK):
-            self.sha256.update(block)
-            self.git.update(block)
+            self.digest.update(block)
         return self.f.tell()
 
     def write(self, data) -> int:
         n = self.f.write(data)
-        self.sha256.update(data)
-        self.git.update(data)
+        self.digest.update(data)
         self.received += n
         self.on_bytes(n)
         return n
@@ -256,8 +259,7 @@ class _Incoming:
     def truncate(self, size: int | None = None) -> int:
         at = self.f.truncate(size)
         if self.f.tell() == 0:
-            self.sha256 = hashlib.sha256()
-            self.git = hashlib.sha1(b"blob %d\0" % self.size, usedforsecurity=False)
+            self.digest = self._fresh()
         return at
 
     def flush(self) -> None:
@@ -344,7 +346,7 @@ class HubTransfer:
     def _copy_verified(self, f: RemoteFile, cached: Path, partial: Path) -> None:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "wb") as out, open(cached, "rb") as src:
-            incoming = _Incoming(out, f.size, lambda n: None)
+            incoming = _Incoming(out, f, lambda n: None)
             while block := src.read(CHUNK):
                 incoming.write(block)
         if not self._hash_ok(f, incoming):
@@ -403,7 +405,7 @@ class HubTransfer:
         with os.fdopen(fd, "r+b") as out:
             if os.fstat(fd).st_size > f.size:   # longer than the file: not a prefix of it
                 out.truncate(0)
-            incoming = _Incoming(out, f.size, self._count)
+            incoming = _Incoming(out, f, self._count)
             have = incoming.absorb_prefix() if resume else 0
             self.on_bytes(have)
             try:
@@ -420,7 +422,7 @@ class HubTransfer:
         if not self._hash_ok(f, incoming):
             partial.unlink(missing_ok=True)
             log.unlink(missing_ok=True)
-            raise ChecksumMismatch(self._mismatch(f, incoming.sha256.hexdigest()))
+            raise ChecksumMismatch(self._mismatch(f, incoming.digest.hexdigest()))
 
     def _download_xet(self, f: RemoteFile, meta, headers: dict, partial: Path, log: Path, etag: str) -> None:
         """hf_xet writes the whole file itself (its chunks deduplicated and cached by hf_xet): no byte
@@ -432,11 +434,11 @@ class HubTransfer:
                 expected_size=f.size, displayed_filename=f.name, tqdm_class=_Quiet)
         self._count(f.size)
         with open(partial, "rb") as src:
-            incoming = _Incoming(src, f.size, lambda n: None)
+            incoming = _Incoming(src, f, lambda n: None)
             incoming.absorb_prefix()
         if not self._hash_ok(f, incoming):
             partial.unlink(missing_ok=True)
-            raise ChecksumMismatch(self._mismatch(f, incoming.sha256.hexdigest()))
+            raise ChecksumMismatch(self._mismatch(f, incoming.digest.hexdigest()))
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -445,17 +447,14 @@ class HubTransfer:
 
     @staticmethod
     def _hash_ok(f: RemoteFile, incoming: _Incoming) -> bool:
-        if f.sha256 is not None:
-            return incoming.sha256.hexdigest() == f.sha256
-        if f.git_sha1 is not None:
-            return incoming.git.hexdigest() == f.git_sha1
-        return True
+        want = f.sha256 or f.git_sha1
+        return want is None or incoming.digest.hexdigest() == want
 
     @staticmethod
     def _mismatch(f: RemoteFile, got: str) -> str:
-        want = f.sha256 or f.git_sha1 or ""
-        return (f"{f.name}: sha256 {got[:12]}... does not match the Hub's {'sha256' if f.sha256 else 'git blob id'} "
-                f"{want[:12]}...; the download was discarded")
+        kind = "sha256" if f.sha256 else "git blob id"
+        return (f"{f.name}: {kind} {got[:12]}... does not match the Hub's {kind} "
+                f"{(f.sha256 or f.git_sha1 or '')[:12]}...; the download was discarded")
 
     # ------------------------------------------------------------------ all together
     def run(self, from_cache: dict[str, Path], download: list[RemoteFile]) -> None:
