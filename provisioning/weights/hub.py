@@ -3,8 +3,8 @@ manifest and sha256 verification on top.
 
 Everything the Hub's client knows is taken from it, never re-implemented: the endpoint (HF_ENDPOINT),
 the token (HF_TOKEN, or the one `hf auth login` saved), offline mode (HF_HUB_OFFLINE), proxies (the
-usual *_PROXY variables), the cache (HF_HUB_CACHE, or HF_HOME/hub). herd never reads, prints or logs
-the token itself.
+usual *_PROXY variables), the cache (HF_HUB_CACHE, or HF_HOME/hub). herd only asks whether a token
+exists (to word the gated-repo error); it never prints or logs one.
 
 1. Listing: `HfApi().model_info(files_metadata=True)`: each file's size, the sha256 of LFS files, the
    git blob id of the small ones, and the commit the revision points at. Offline (HF_HUB_OFFLINE=1, or
@@ -376,7 +376,7 @@ class HubTransfer:
         if meta.size is not None and meta.size != f.size:
             raise UserError(f"{self.source.uri}: {f.name}: the Hub lists {f.size} bytes but serves {meta.size}")
         etag = meta.etag or f.sha256 or f.git_sha1 or ""
-        headers = build_hf_headers()   # the token the library finds; never read or logged by herd
+        headers = build_hf_headers()   # with the token the library finds; never logged by herd
         from huggingface_hub.utils._runtime import is_xet_available
         if meta.xet_file_data is not None and is_xet_available():
             self._download_xet(f, meta, headers, partial, log, etag)
