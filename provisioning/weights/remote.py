@@ -2,8 +2,7 @@
 
 s3://bucket/prefix  boto3; endpoint from AWS_ENDPOINT_URL (moto in tests), credentials the usual way.
 gs://bucket/prefix  google-cloud-storage; STORAGE_EMULATOR_HOST selects the emulator.
-hf://org/repo[@rev] the Hub's metadata API (sha256 of LFS files) and its resolve endpoint, with
-                    HF_TOKEN (or HF_TOKEN_PATH's file); HF_ENDPOINT selects another hub.
+(hf:// goes through huggingface_hub instead: provisioning/weights/hub.py.)
 """
 from __future__ import annotations
 
@@ -16,11 +15,6 @@ from urllib.parse import quote, urlparse
 from provisioning.weights.manifest import MANIFEST, unsafe_reason
 from provisioning.weights.transfer import RemoteFile
 from runtime.errors import UserError
-
-# What serving needs from a Hugging Face repo (not the .bin/.pth duplicates or original/ folders).
-HF_WANTED_SUFFIXES = (".safetensors", ".safetensors.index.json", ".model", ".jinja")
-HF_WANTED_NAMES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"}
 
 
 def split_bucket(uri: str) -> tuple[str, str]:
@@ -221,86 +215,11 @@ class GcsStore:
         self._call(blob.upload_from_filename, str(path))
 
 
-# ------------------------------------------------------------------ Hugging Face Hub
-class HfStore:
-    def __init__(self, uri: str, concurrency: int = 16):
-        import urllib3
-        parsed = urlparse(uri)
-        repo = (parsed.netloc + parsed.path).strip("/")
-        self.repo, _, revision = repo.partition("@")
-        if self.repo.count("/") != 1:
-            raise UserError(f"model.source: {uri!r}: expected hf://ORG/REPO[@REVISION]")
-        self.revision = revision or "main"
-        self.uri = uri
-        self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        self.token = _hf_token()
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        # Ranged reads are read in one call (httpx hands a body over in small pieces, which several
-        # threads on a small machine pay for in the GIL). Redirects to the CDN drop the Authorization
-        # header (urllib3 does so across hosts).
-        self.pool = urllib3.PoolManager(
-            maxsize=concurrency * 2, headers=headers, timeout=urllib3.Timeout(connect=30, read=120),
-            retries=urllib3.Retry(total=5, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504)))
-
-    def list(self) -> list[RemoteFile]:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-        try:
-            info = HfApi(endpoint=self.endpoint, token=self.token or False).model_info(
-                self.repo, revision=self.revision, files_metadata=True)
-        except GatedRepoError:
-            raise UserError(f"{self.uri}: {self.repo} is gated: accept its licence at "
-                            f"https://huggingface.co/{self.repo} with your account, then set HF_TOKEN "
-                            "to a token of that account") from None
-        except RevisionNotFoundError:
-            raise UserError(f"{self.uri}: revision {self.revision!r} does not exist") from None
-        except RepositoryNotFoundError:
-            hint = "" if self.token else " (private? set HF_TOKEN)"
-            raise UserError(f"{self.uri}: repository {self.repo!r} not found{hint}") from None
-        files = []
-        for s in info.siblings or []:
-            name = s.rfilename
-            # Subfolders and unwanted files are skipped; a malformed name (`../x`, `/etc/x`) is not:
-            # it goes on to the transfer, which refuses the listing and names it.
-            if unsafe_reason(name) is None and (
-                    "/" in name or not (name in HF_WANTED_NAMES or name.endswith(HF_WANTED_SUFFIXES))):
-                continue
-            sha = s.lfs.sha256 if s.lfs else None  # small git files carry only a git blob id
-            files.append(RemoteFile(name, s.size if s.size is not None else s.lfs.size, sha))
-        if not any(f.name.endswith(".safetensors") for f in files):
-            raise UserError(f"{self.uri}: the repository has no .safetensors weights")
-        return sorted(files, key=lambda f: f.name)
-
-    def read_into(self, name: str, start: int, end: int, view: memoryview) -> int:
-        url = f"{self.endpoint}/{self.repo}/resolve/{self.revision}/{name}"
-        r = self.pool.request("GET", url, headers={**self.pool.headers, "Range": f"bytes={start}-{end - 1}"},
-                              preload_content=False)
-        try:
-            if r.status in (401, 403):
-                raise UserError(f"{self.uri}: {name}: HTTP {r.status}: set HF_TOKEN to a token with "
-                                "access (gated models need their licence accepted)")
-            if r.status >= 400:
-                raise IOError(f"{self.uri}: {name}: HTTP {r.status} for bytes {start}-{end - 1}")
-            return _fill(r, view)
-        finally:
-            r.release_conn()
-
-
-def _hf_token() -> str | None:
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        return token.strip()
-    path = os.environ.get("HF_TOKEN_PATH")
-    if path and Path(path).expanduser().is_file():
-        return Path(path).expanduser().read_text().strip()
-    return None
-
-
-STORES = {"s3": S3Store, "gs": GcsStore, "hf": HfStore}
+STORES = {"s3": S3Store, "gs": GcsStore}
 
 
 def open_store(uri: str, concurrency: int = 16):
     scheme = urlparse(uri).scheme
     if scheme not in STORES:
-        raise UserError(f"source: {uri!r}: unknown scheme {scheme!r} (allowed: s3://, gs://, hf://)")
+        raise UserError(f"source: {uri!r}: unknown scheme {scheme!r} (allowed: s3://, gs://)")
     return STORES[scheme](uri, concurrency)

@@ -10,18 +10,21 @@ over NAME. A verified file is never replaced by an unverified one.
 Every remote source (S3, GCS, the Hub) hands its file list to a Transfer, so this is where entry
 names are checked (Transfer.check): a name that is not a plain relative path, or that resolves
 outside the destination through a symlink already there, is refused before anything is written.
+The Hub's files move through huggingface_hub's own client (provisioning/weights/hub.py) but their
+names, the files already present and the partial files' paths still come from here.
 """
 from __future__ import annotations
 
 import concurrent.futures as futures
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from provisioning.weights.manifest import ALLOWED_NAMES, CHUNK, sha256_of, unsafe_reason
+from provisioning.weights.manifest import ALLOWED_NAMES, CHUNK, git_blob_sha1_of, sha256_of, unsafe_reason
 from runtime.errors import UserError
 
 # read_into(name, start, end_exclusive, buffer) -> bytes written into buffer (end - start when whole)
@@ -33,6 +36,9 @@ class RemoteFile:
     name: str
     size: int
     sha256: str | None   # None: the source published no checksum (sizes are still checked)
+    # The git blob id (sha1 of "blob SIZE\0" + bytes): the Hub's etag for files kept in git rather than
+    # LFS (config.json, tokenizer files); checked where no sha256 is published.
+    git_sha1: str | None = None
 
 
 class ChecksumMismatch(Exception):
@@ -42,7 +48,7 @@ class ChecksumMismatch(Exception):
 class Transfer:
     """Moves a set of files into one directory; reports bytes to a progress callback."""
 
-    def __init__(self, read_into: ReadInto, dest: Path, *, source: str = "", chunk_bytes: int = 16 * 2**20,
+    def __init__(self, read_into: ReadInto | None, dest: Path, *, source: str = "", chunk_bytes: int = 16 * 2**20,
                  concurrency: int = 8, on_bytes: Callable[[int], None] = lambda n: None):
         self.read_into, self.dest, self.source = read_into, dest, source
         self.chunk_bytes, self.concurrency, self.on_bytes = chunk_bytes, concurrency, on_bytes
@@ -76,10 +82,7 @@ class Transfer:
         return [f for f in files if not self._verified(f)]
 
     def _verified(self, f: RemoteFile) -> bool:
-        path = self.dest / f.name
-        if not path.is_file() or path.stat().st_size != f.size:
-            return False
-        return f.sha256 is None or sha256_of(path) == f.sha256
+        return matches(self.dest / f.name, f)
 
     def remaining_bytes(self, f: RemoteFile) -> int:
         chunk, done = self._resume_state(f)
@@ -105,6 +108,10 @@ class Transfer:
     @staticmethod
     def _chunk_count(f: RemoteFile, chunk: int) -> int:
         return max(1, -(-f.size // chunk))
+
+    def paths(self, f: RemoteFile) -> tuple[Path, Path, Path]:
+        """(final, NAME.partial, NAME.partial.chunks), their folder created: only for checked names."""
+        return self._paths(f)
 
     def _paths(self, f: RemoteFile) -> tuple[Path, Path, Path]:
         final = self.dest / f.name
@@ -182,8 +189,24 @@ class Transfer:
         self.on_bytes(got)
 
 
+def matches(path: Path, f: RemoteFile) -> bool:
+    """Whether the file at path (symlinks not followed) is the listed one: its size, and its sha256 or,
+    where only that is published, its git blob id."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+        return False
+    if f.sha256 is not None:
+        return sha256_of(path) == f.sha256
+    if f.git_sha1 is not None:
+        return git_blob_sha1_of(path) == f.git_sha1
+    return True
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-__all__ = ["CHUNK", "ChecksumMismatch", "ReadInto", "RemoteFile", "Transfer", "sha256_bytes"]
+__all__ = ["CHUNK", "ChecksumMismatch", "ReadInto", "RemoteFile", "Transfer", "matches", "sha256_bytes"]

@@ -1,4 +1,4 @@
-"""Weight fetching against real servers: moto's S3 server, the GCS emulator, a loopback hub.
+"""Weight fetching against real servers: moto's S3 server and the GCS emulator (the Hub: test_weights_hub.py).
 
 Every fetch is verified against a manifest; interrupted fetches resume; a corrupt file is fetched
 again; a verified copy is never replaced by a bad one; a second fetch moves nothing.
@@ -16,7 +16,7 @@ from rich.console import Console
 
 from provisioning.weights import fetch
 from provisioning.weights.fetching import FetchReport, publish
-from provisioning.weights.manifest import MANIFEST, sha256_of, verify
+from provisioning.weights.manifest import MANIFEST, verify
 from runtime.errors import UserError
 from tests.conftest import ROOT, run_herd
 from tests.provisioning.conftest import make_model_dir
@@ -127,37 +127,7 @@ def test_killed_fetch_resumes_and_finishes_verified(env, moto_s3, tmp_path):
     print(f"resumed: {report['bytes_moved']} of {total} bytes moved after the kill")
 
 
-def test_hub_fetch_takes_only_serving_files_and_checks_lfs_sha256(env, fake_hub, tmp_path):
-    repo = make_model_dir(tmp_path / "repo")
-    (repo / "pytorch_model.bin").write_bytes(b"duplicate weights nobody needs" * 1000)
-    fake_hub.repos["org/tiny"] = repo
-    env({"HF_ENDPOINT": fake_hub.url})
-    dest = fetch("hf://org/tiny@main", tmp_path / "dest", quiet=True)
-    assert not (dest / "pytorch_model.bin").exists()
-    assert sorted(p.name for p in dest.glob("*.safetensors")) == sorted(p.name for p in repo.glob("*.safetensors"))
-    manifest = json.loads((dest / MANIFEST).read_text())
-    for shard in repo.glob("*.safetensors"):
-        assert manifest["files"][shard.name]["sha256"] == sha256_of(shard)
-    assert any("/resolve/main/" in r for r in fake_hub.requests)
-
-
-def test_gated_hub_repo_explains_the_licence_and_works_with_a_token(env, fake_hub, tmp_path, monkeypatch):
-    fake_hub.repos["meta-llama/gated"] = make_model_dir(tmp_path / "repo")
-    fake_hub.gated.add("meta-llama/gated")
-    fake_hub.token = "hf_test_token"
-    env({"HF_ENDPOINT": fake_hub.url})
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(UserError, match="accept its licence"):
-        fetch("hf://meta-llama/gated", tmp_path / "dest", quiet=True)
-    env({"HF_TOKEN": "hf_test_token"})
-    assert verify(fetch("hf://meta-llama/gated", tmp_path / "dest", quiet=True)) == []
-
-
-def test_unknown_repo_missing_bucket_and_missing_credentials_are_clear(env, moto_s3, fake_hub, tmp_path,
-                                                                        monkeypatch):
-    env({"HF_ENDPOINT": fake_hub.url})
-    with pytest.raises(UserError, match="not found"):
-        fetch("hf://org/nothing", tmp_path / "d", quiet=True)
+def test_missing_bucket_and_missing_credentials_are_clear(env, moto_s3, tmp_path, monkeypatch):
     env(moto_s3)
     with pytest.raises(UserError, match="does not exist"):
         fetch("s3://no-such-bucket-herd/x", tmp_path / "d", quiet=True)

@@ -239,10 +239,10 @@ def test_a_link_where_the_manifest_is_written_is_replaced_not_followed(env, moto
     assert not (dest / MANIFEST).is_symlink() and verify(dest) == []
 
 
-def test_a_hub_listing_with_escaping_names_is_refused(env, fake_hub, area, tmp_path):
+def test_a_hub_listing_with_escaping_names_is_refused(hub_env, fake_hub, area, tmp_path):
     root, dest = area
     fake_hub.repos["org/tiny"] = make_model_dir(tmp_path / "repo", shards=1, shard_bytes=4096)
-    env({"HF_ENDPOINT": fake_hub.url})
+    hub_env()
     for name, why in [("../bait.safetensors", "a '..' path segment"), ("/etc/x.safetensors", "an absolute path"),
                       ("..\\x.safetensors", "a backslash")]:
         fake_hub.extra_siblings["org/tiny"] = [{"rfilename": name, "size": 10,
@@ -252,7 +252,8 @@ def test_a_hub_listing_with_escaping_names_is_refused(env, fake_hub, area, tmp_p
             fetch("hf://org/tiny", dest, quiet=True)
         assert f"entry {name!r} refused: {why}" in str(refused.value) and "hf://org/tiny" in str(refused.value)
         assert_untouched(root, dest, before)
-    assert not any("/resolve/" in r for r in fake_hub.requests), "not a byte is read before the check"
+    assert not any("/resolve/" in r["path"] for r in fake_hub.requests), "no file is asked for before the check"
+    assert fake_hub.content_bytes() == 0
 
 
 def test_the_cli_reports_a_refused_entry_in_one_line_with_exit_2(env, moto_s3, area, herd):
