@@ -23,16 +23,6 @@ TESTS = ROOT / "tests"
 PENDING = {
     "tests/provisioning/test_onprem.py::test_install_serve_rerun_repair_kill_and_down",
     "tests/provisioning/test_onprem.py::test_unknown_changed_and_refused_keys_and_unreachable_hosts",
-    "tests/provisioning/test_weights.py::test_a_bad_download_never_replaces_a_verified_copy",
-    "tests/provisioning/test_weights.py::test_corrupt_file_is_fetched_again_alone",
-    "tests/provisioning/test_weights.py::test_disk_too_small_names_the_shortfall_before_moving_bytes",
-    "tests/provisioning/test_weights.py::test_gated_hub_repo_explains_the_licence_and_works_with_a_token",
-    "tests/provisioning/test_weights.py::test_hub_fetch_takes_only_serving_files_and_checks_lfs_sha256",
-    "tests/provisioning/test_weights.py::test_killed_fetch_resumes_and_finishes_verified",
-    "tests/provisioning/test_weights.py::test_manifest_naming_a_missing_file_is_refused",
-    "tests/provisioning/test_weights.py::test_publish_then_fetch_verifies_and_a_second_fetch_moves_nothing",
-    "tests/provisioning/test_weights.py::test_unknown_repo_missing_bucket_and_missing_credentials_are_clear",
-    "tests/provisioning/test_weights.py::test_unknown_scheme_is_a_one_line_error",
 }
 
 

@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import ROOT, run_herd
 from tests.runtime.conftest import ServeProcess, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]   # loopback servers and emulators: 5-85 s here
 KEY = "sk-herd-key-from-a-file-0123456789"
 STAND_IN = """
 import json, sys

@@ -15,7 +15,7 @@ from provisioning.weights.transfer import RemoteFile, Transfer
 from tests.conftest import ROOT, run_herd
 from tests.provisioning.conftest import CountingProxy, make_model_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]   # loopback servers and emulators: 5-85 s here
 
 
 def one_line_error(out) -> str:

@@ -25,7 +25,7 @@ from runtime.errors import UserError
 from tests.conftest import ROOT, run_herd
 from tests.provisioning.conftest import CountingProxy, make_model_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]   # loopback servers and emulators: 5-85 s here
 REPO = "org/tiny"
 URI = f"hf://{REPO}"
 SECRET = "hf_loopbackSecretToken0123456789"
