@@ -23,9 +23,13 @@ def read_api_key(env_var: str | None, file: str | None) -> str | None:
     if file:
         path = Path(file).expanduser()
         try:
+            mode = path.stat().st_mode & 0o777
             value = path.read_text().strip()
         except OSError as err:
             raise UserError(f"serving.api_key_file: {file!r}: {err.strerror}") from None
+        if mode & 0o077:   # as ssh does with private keys: a secret others can read is already leaked
+            raise UserError(f"serving.api_key_file: {file!r} has mode {mode:04o}, readable by other users; "
+                            "allowed: 0600 or stricter (chmod 600)")
         if not value:
             raise UserError(f"serving.api_key_file: {file!r} is empty")
         return value

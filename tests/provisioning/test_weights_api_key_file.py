@@ -116,8 +116,6 @@ def test_a_missing_unreadable_or_empty_key_file_is_one_line(tmp_path):
     assert f"serving.api_key_file: '{empty}' is empty" in start_fails(tmp_path, empty)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime/serve.py read_api_key reads the key file whatever its mode; "
-                                       "refusing a group/world-readable key file is outside the weights work")
 def test_a_key_file_readable_by_others_is_refused(tmp_path):
     loose = write_key(tmp_path / "loose", mode=0o644)
     state = tmp_path / "state"
