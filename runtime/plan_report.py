@@ -14,7 +14,8 @@ def _gb(n: int | float) -> str:
 def render(plan: Plan, console: Console) -> None:
     verdict = "[bold green]FITS[/]" if plan.fits else "[bold red]DOES NOT FIT[/]"
     where = plan.instance or plan.accelerator
-    console.print(f"{verdict}  {plan.model} ({plan.quantization}, {plan.dtype}) on {plan.nodes} x {where}"
+    groups = f"{plan.replicas} replicas x " if plan.replicas > 1 else ""
+    console.print(f"{verdict}  {plan.model} ({plan.quantization}, {plan.dtype}) on {groups}{plan.nodes} x {where}"
                   f"  engine={plan.engine}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="dim")
@@ -37,6 +38,13 @@ def render(plan: Plan, console: Console) -> None:
     if plan.cost_usd_per_hour is not None:
         rows.append(("cost", f"${plan.cost_usd_per_hour:,.2f}/h, ${plan.cost_usd_per_million_tokens:,.2f} "
                              f"per M output tokens at the floor (prices of {plan.price_date})"))
+    if plan.replicas > 1:
+        # Everything above is one group; these are the deployment's totals.
+        rows.append(("replicas", f"{plan.replicas} groups: {plan.total_nodes} node(s), "
+                                 f"{plan.total_devices} device(s) in all"))
+        rows.append(("all replicas: ceiling", f"{plan.total_tokens_per_s_ceiling:,.0f} tok/s at full batch"))
+        if plan.total_cost_usd_per_hour is not None:
+            rows.append(("all replicas: cost", f"${plan.total_cost_usd_per_hour:,.2f}/h"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
