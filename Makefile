@@ -10,12 +10,12 @@ setup: $(VENV)/.installed
 # Debian packages the test suite uses: real sshd hosts in network namespaces, shellcheck for the
 # provisioning steps, systemd (systemd-analyze verify and systemd --test) for the runtime's unit.
 # Installed only when missing (needs root, as on CI).
-SYSTEM_TOOLS := /usr/sbin/sshd /usr/bin/ssh-keyscan /usr/sbin/ip /usr/bin/shellcheck /usr/bin/systemd-analyze
+SYSTEM_TOOLS := /usr/sbin/sshd /usr/bin/ssh-keyscan /usr/sbin/ip /usr/bin/shellcheck /usr/bin/systemd-analyze /usr/sbin/haproxy
 system:
 	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    openssh-server openssh-client iproute2 shellcheck systemd >/dev/null; fi
+	    openssh-server openssh-client iproute2 shellcheck systemd haproxy >/dev/null; fi
 
 # One venv with the runtime, the on-prem installer and the test tools. torch is pinned in
 # pyproject.toml (an unpinned torch would pull a multi-GB CUDA build).
