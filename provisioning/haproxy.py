@@ -4,7 +4,8 @@ installs it on the host `onprem.load_balancer` names.
 HAProxy (Debian's package; 2.6 on Debian 12) terminates TLS with one PEM bundle (certificate chain and
 private key), sends each request to the replica head with the fewest connections (`balance leastconn`)
 among those whose `/health/ready` answered 200 (every rank loaded and a canary generation answered:
-`option httpchk`, checked every second, out after 2 failures, back after 2 successes), and retries a
+`option httpchk`, checked every second, out after 2 failures, back after 2 successes; out at once after
+two 503 answers to real requests), and retries a
 request that could not reach a replica, or that a replica refused with 503 (not ready, or its engine
 was lost under it), on another replica (`retries`, `option redispatch`, `retry-on`). Generations are
 side-effect free, so a retry is safe; a streamed response that has started cannot be retried.
@@ -151,7 +152,10 @@ def render(config: BalancerConfig) -> str:
         "    option forwardfor",
         # A request that could not reach a replica, or that one refused with 503 (not ready; engine
         # lost under it), goes to another replica: generations have no side effect, so a retry is
-        # safe. Requests larger than one buffer (tune.bufsize, 16 KB) are not retried.
+        # safe. HAProxy can resend only a request it holds whole: http-buffer-request waits for the
+        # body before choosing a replica (without it a POST is not retried; measured). Requests larger
+        # than one buffer (tune.bufsize, 16 KB) are not retried.
+        "    option http-buffer-request",
         f"    retries {int(config.retries)}",
         "    option redispatch 1",
         "    retry-on conn-failure empty-response junk-response 503",
@@ -189,8 +193,11 @@ def render(config: BalancerConfig) -> str:
         "    http-check expect status 200",
         # A failed check is retried at the same interval (fastinter) so a dead replica leaves rotation
         # after fall x inter; one that is down is checked as often, so it comes back as fast.
+        # Real traffic counts too (observe layer7): a replica that answers 503 (not ready, engine lost)
+        # to two requests in a row is marked down at once. Without it, a replica failing fast has the
+        # fewest connections, so leastconn sends it the retries of the very requests it refused.
         f"    default-server check inter {inter} fastinter {inter} downinter {inter} "
-        f"fall {int(config.check_fall)} rise {int(config.check_rise)}",
+        f"fall {int(config.check_fall)} rise {int(config.check_rise)} observe layer7 error-limit 2 on-error mark-down",
     ]
     tls = ""
     if config.backend_ca_path:

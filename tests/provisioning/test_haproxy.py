@@ -122,7 +122,8 @@ def test_the_configuration_is_valid_for_real_haproxy_and_says_what_matters(tmp_p
     for expected in ("balance leastconn", "option httpchk",
                      "http-check send meth GET uri /health/ready ver HTTP/1.1 hdr Host herd-load-balancer",
                      "http-check expect status 200",
-                     "default-server check inter 1s fastinter 1s downinter 1s fall 2 rise 2",
+                     "default-server check inter 1s fastinter 1s downinter 1s fall 2 rise 2 observe layer7 error-limit 2 "
+                     "on-error mark-down",
                      "server replica-0 10.0.0.11:8000", "server replica-1 10.0.0.12:8000"):
         assert expected in backend, expected
     timeouts = {line.split()[1]: line.split()[2] for line in lines if line.startswith("timeout ")}
@@ -131,7 +132,8 @@ def test_the_configuration_is_valid_for_real_haproxy_and_says_what_matters(tmp_p
     assert timeouts["connect"] == "5s" and timeouts["http-request"] == "30s"
     assert f"bind 0.0.0.0:443 ssl crt {certs.bundle} alpn h2,http/1.1" in lines
     assert f"stats socket {tmp_path / 'admin.sock'} mode 600 level admin" in lines
-    assert {"retries 3", "option redispatch 1", "retry-on conn-failure empty-response junk-response 503"} <= set(lines)
+    assert {"retries 3", "option redispatch 1", "retry-on conn-failure empty-response junk-response 503",
+            "option http-buffer-request"} <= set(lines)
 
 
 @needs_haproxy
