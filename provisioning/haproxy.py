@@ -296,3 +296,47 @@ def set_state(socket_path: str, server: str, state: str, backend: str = BACKEND)
     if state not in ("ready", "drain", "maint"):
         raise ValueError(f"state {state!r}: allowed ready, drain, maint")
     return admin(socket_path, f"set server {backend}/{_word('replica name', server)} state {state}")
+
+
+def rolling_update(socket_path: str, names: list[str], replace, ready, drain_timeout: float = GENERATION_TIMEOUT_S,
+                   ready_timeout: float = 3600, poll_s: float = 0.2, say=lambda line: None,
+                   backend: str = BACKEND) -> list[dict]:
+    """Replace replicas one at a time behind HAProxy without failing a request: for each, check that every
+    other replica is UP (else stop: draining this one could leave none), drain it (no new requests; those
+    it has run to their end), wait until it has no session left, `replace(name)` (stop, update, start),
+    wait until `ready(name)` (its /health/ready is 200), put it back, and wait until HAProxy's checks say
+    UP before the next. Returns what happened to each, with timings."""
+    import time
+
+    def states() -> dict[str, ServerState]:
+        return {s.name: s for s in server_states(admin(socket_path, "show stat"), backend)}
+
+    def wait(what: str, condition, timeout: float) -> float:
+        started = time.monotonic()
+        while not condition():
+            if time.monotonic() - started > timeout:
+                raise UserError(f"rolling update: {what}: not within {timeout:.0f}s (stopped here; the other "
+                                "replicas serve)")
+            time.sleep(poll_s)
+        return time.monotonic() - started
+
+    done = []
+    for name in names:
+        others = {n: s.status for n, s in states().items() if n != name}
+        if not others or any(status != "UP" for status in others.values()):
+            raise UserError(f"rolling update: before {name}: the other replicas must be UP, they are {others} "
+                            "(draining it now could leave no replica in rotation)")
+        set_state(socket_path, name, "drain")
+        say(f"{name}: draining")
+        drained = wait(f"{name} draining", lambda: states()[name].active_sessions == 0, drain_timeout)
+        started = time.monotonic()
+        replace(name)
+        replaced = time.monotonic() - started
+        say(f"{name}: replaced; waiting until ready")
+        became_ready = wait(f"{name} ready", lambda: ready(name), ready_timeout)
+        set_state(socket_path, name, "ready")
+        back = wait(f"{name} back in rotation", lambda: states()[name].status == "UP", 60)
+        say(f"{name}: back in rotation")
+        done.append({"replica": name, "drain_s": round(drained, 2), "replace_s": round(replaced, 2),
+                     "ready_s": round(became_ready, 2), "up_s": round(back, 2)})
+    return done

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from provisioning.haproxy import (BACKEND, BalancerConfig, Replica, admin, balancer_config, balancer_steps,
-                                  render, server_states, set_state, step_env)
+                                  render, rolling_update, server_states, set_state, step_env)
 from provisioning.steps import STEPS_DIR
 from runtime.errors import UserError
 from runtime.plan_spec import request_from_spec
@@ -321,6 +321,11 @@ class Load:
         return self.outcomes
 
 
+def serve_args(model: Path, max_model_len: int) -> list[str]:
+    return ["--model-dir", str(model), "--tp", "1", "--served-model-name", "tiny", "--max-model-len",
+            str(max_model_len), "--concurrency", "4", "--canary-interval", "1", "--max-restarts", "10"]
+
+
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory):
     from tests.runtime.conftest import ServeProcess, make_tiny_model, stop_and_check
@@ -330,9 +335,7 @@ def two_replicas(tmp_path_factory):
     servers = []
     for i in range(2):
         state = tmp_path_factory.mktemp(f"replica-{i}")
-        servers.append(ServeProcess(["--model-dir", str(model), "--tp", "1", "--served-model-name", "tiny",
-                                     "--max-model-len", "512", "--concurrency", "4", "--canary-interval", "1",
-                                     "--max-restarts", "10"], state).start())
+        servers.append(ServeProcess(serve_args(model, 512), state).start())
     tmp = tmp_path_factory.mktemp("balancer")
     certs = make_certs(tmp)
     from tests.runtime.conftest import free_port
@@ -344,7 +347,7 @@ def two_replicas(tmp_path_factory):
         done = run_step(lb.env)
         assert done.returncode == 0, done.stdout + done.stderr
         wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=15)
-        yield servers, lb, certs
+        yield servers, lb, certs, model, tmp_path_factory
     finally:
         lb.stop()
         for server in servers:
@@ -363,7 +366,7 @@ def wait_states(lb: Balancer, want: dict, within: float) -> float:
 
 @slow
 def test_a_killed_replica_leaves_rotation_without_failed_requests_and_comes_back(two_replicas):
-    servers, lb, certs = two_replicas
+    servers, lb, certs, *_ = two_replicas
     victim_server = servers[1]
     load = Load(lb.url, certs.ca, threads=4, streams=1, limit=90)
     started = time.monotonic()
@@ -409,7 +412,7 @@ def test_a_killed_replica_leaves_rotation_without_failed_requests_and_comes_back
 
 @slow
 def test_a_drained_replica_gets_no_new_requests_and_comes_back_when_ready(two_replicas):
-    servers, lb, certs = two_replicas
+    servers, lb, certs, *_ = two_replicas
     wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=120)
     set_state(lb.socket, "replica-0", "drain")
     try:
@@ -420,3 +423,45 @@ def test_a_drained_replica_gets_no_new_requests_and_comes_back_when_ready(two_re
     finally:
         set_state(lb.socket, "replica-0", "ready")
     assert lb.states()["replica-0"].status == "UP"
+
+
+@slow
+def test_a_rolling_update_under_load_replaces_one_replica_at_a_time_without_a_failed_request(two_replicas):
+    """max_model_len 512 -> 256 on both replicas, one after the other (drain, stop, start, ready, back),
+    while 4 clients keep sending: no request fails, and while one is replaced the other answers all."""
+    from tests.runtime.conftest import ServeProcess, stop_and_check
+    servers, lb, certs, model, tmp_factory = two_replicas
+    wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=120)
+    windows = {}
+
+    def replace(name: str) -> None:
+        index = int(name.rsplit("-", 1)[1])
+        old = servers[index]
+        stop_and_check(old)
+        servers[index] = ServeProcess(serve_args(model, 256), tmp_factory.mktemp(f"{name}-v2"), port=old.port).start()
+
+    def ready(name: str) -> bool:
+        try:
+            return httpx.get(f"{servers[int(name.rsplit('-', 1)[1])].url}/health/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    load = Load(lb.url, certs.ca, threads=4, streams=1, limit=240)
+    try:
+        time.sleep(2)
+        # From "draining" to "back in rotation": the replica is out (its own requests run to their end).
+        steps = rolling_update(lb.socket, ["replica-0", "replica-1"], replace, ready, drain_timeout=60,
+                               ready_timeout=120, say=lambda line: windows.setdefault(line.split(":")[0], [])
+                               .append(time.monotonic()))
+        time.sleep(2)
+    finally:
+        outcomes = load.stop()
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, [(o.replica, o.detail) for o in failed]
+    for name, other in (("replica-0", "replica-1"), ("replica-1", "replica-0")):
+        begin, _, end = windows[name]     # draining, replaced, back in rotation
+        during = {o.replica for o in outcomes if o.started >= begin and o.ended <= end}
+        assert during == {other}, (name, during)
+    assert [s.args[s.args.index("--max-model-len") + 1] for s in servers] == ["256", "256"]
+    wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=30)
+    print(f"\nrolling update under load: {len(outcomes)} requests, 0 failed; {steps}")
