@@ -27,6 +27,7 @@ from runtime.spec import Spec
 
 VPC_CIDR = "10.42.0.0/16"
 SUBNET_CIDR = "10.42.0.0/20"
+LB_SUBNET_CIDR = "10.42.16.0/24"   # replicas: the load balancer's second zone (an ALB needs two)
 # What the SSM agent needs on the instance for Session Manager, as in AWS's own minimal instance
 # policy (AWSCloud9SSMInstanceProfile): the ssmmessages channel actions have no resource type to
 # scope them to, so AWS grants them on "*" (the policy rules allow exactly these on "*").
@@ -100,8 +101,10 @@ class AwsCluster(pulumi.ComponentResource):
         # Out to the internet: package index, the EFA installer, the weights bucket.
         aws.vpc.SecurityGroupEgressRule(f"{name}-out", security_group_id=sg.id, ip_protocol="-1",
                                         cidr_ipv4="0.0.0.0/0", opts=child)
+        # The API port: from allowed_cidrs to the one group; with replicas, from the load balancer only.
+        direct = ((spec.serving.port, "api"),) if spec.replicas == 1 else ()
         for i, cidr in enumerate(section.allowed_cidrs):
-            for port, what in ((spec.serving.port, "api"), (22, "ssh")):
+            for port, what in (*direct, (22, "ssh")):
                 aws.vpc.SecurityGroupIngressRule(f"{name}-{what}-{i}", security_group_id=sg.id,
                                                  ip_protocol="tcp", from_port=port, to_port=port,
                                                  cidr_ipv4=cidr, description=f"{what} from {cidr}", opts=child)
@@ -152,31 +155,74 @@ class AwsCluster(pulumi.ComponentResource):
         self.launch_template = template
 
         bundle_uri = pulumi.Output.concat("s3://", bucket.bucket, "/", bundle_key)
-        nodes, addresses = [], []
-        for rank in range(plan.nodes):
-            # Only the head serves HTTPS: workers are not handed its certificate and key.
-            node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
-            user_data = node_boot(spec, plan, rank,
-                                  lambda uri, known=node_secrets: aws_sources(uri, section.region, known),
-                                  bundle_uri, nodes[0].private_ip if rank else None)
-            # The parameters exist before the node boots and reads them.
-            node = aws.ec2.Instance(
-                f"{name}-node-{rank}", launch_template={"id": template.id, "version": template.latest_version},
-                user_data=user_data, user_data_replace_on_change=True,
-                tags={**tags, "Name": f"{spec.name}-node-{rank}", "herd:node-rank": str(rank)},
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[template, *self.parameters]))
-            eip = eips[rank]
-            aws.ec2.EipAssociation(f"{name}-ip-{rank}-attach", allocation_id=eip.allocation_id,
-                                   network_interface_id=node.primary_network_interface_id, opts=child)
-            nodes.append(node)
-            addresses.append(eip.public_ip)
-        self.nodes = nodes
+        groups, addresses = [], []
+        for replica in range(spec.replicas):
+            nodes = []
+            for rank in range(plan.nodes):
+                # Replica 0 keeps the names of a one-group deployment: adding replicas adds resources and
+                # replaces none.
+                label = f"node-{rank}" if replica == 0 else f"r{replica}-node-{rank}"
+                # Only heads serve HTTPS: workers are not handed the certificate and key.
+                node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
+                user_data = node_boot(spec, plan, rank,
+                                      lambda uri, known=node_secrets: aws_sources(uri, section.region, known),
+                                      bundle_uri, nodes[0].private_ip if rank else None)
+                # The parameters exist before the node boots and reads them.
+                node = aws.ec2.Instance(
+                    f"{name}-{label}", launch_template={"id": template.id, "version": template.latest_version},
+                    user_data=user_data, user_data_replace_on_change=True,
+                    tags={**tags, "Name": f"{spec.name}-{label}", "herd:node-rank": str(rank),
+                          **({"herd:replica": str(replica)} if spec.replicas > 1 else {})},
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[template, *self.parameters]))
+                if replica == 0:   # allocated before the nodes, so the head's certificate can name it
+                    eip = eips[rank]
+                    aws.ec2.EipAssociation(f"{name}-ip-{rank}-attach", allocation_id=eip.allocation_id,
+                                           network_interface_id=node.primary_network_interface_id, opts=child)
+                else:              # behind the load balancer: its certificate is the one clients see
+                    eip = aws.ec2.Eip(f"{name}-r{replica}-ip-{rank}", domain="vpc",
+                                      network_interface=node.primary_network_interface_id, tags=tags, opts=child)
+                nodes.append(node)
+                addresses.append(eip.public_ip)
+            groups.append(nodes)
+        self.replicas = groups
+        self.nodes = [node for group in groups for node in group]
+        nodes = self.nodes
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
         self.private_addresses = pulumi.Output.all(*[n.private_ip for n in nodes])
-        scheme = "https://" if self.tls.enabled else "http://"
-        self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
+        self.load_balancer = None
+        if spec.replicas > 1:
+            self.load_balancer = self._load_balancer(name, spec, vpc_id, subnet_id, [g[0] for g in groups], tags)
+            self.endpoint = self.load_balancer.endpoint
+        else:
+            scheme = "https://" if self.tls.enabled else "http://"
+            self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
+
+    def _load_balancer(self, name: str, spec: Spec, vpc_id, subnet_id, heads: list, tags: dict):
+        """The ALB in front of the replicas' heads, in the nodes' subnet and a second zone's subnet."""
+        from infra.load_balancer import certificate_from_config
+        from infra.load_balancer_aws import AwsLoadBalancer, AwsLoadBalancerArgs
+        if spec.aws.subnet_id:
+            raise pulumi.RunError(f"replicas: {spec.replicas} with aws.subnet_id: the load balancer needs a second "
+                                  "subnet in another zone, which herd makes only in a VPC of its own (remove "
+                                  "aws.subnet_id, or use one replica)")
+        child = pulumi.ResourceOptions(parent=self)
+        zones = aws.get_availability_zones(state="available").names
+        others = [z for z in sorted(zones) if z != self.zone]
+        if not others:
+            raise pulumi.RunError(f"aws.region: {spec.aws.region!r}: one zone only; an application load balancer "
+                                  "needs two")
+        lb_subnet = aws.ec2.Subnet(f"{name}-lb-subnet", vpc_id=vpc_id, cidr_block=LB_SUBNET_CIDR,
+                                   availability_zone=others[0], map_public_ip_on_launch=False, tags=tags,
+                                   opts=child)
+        aws.ec2.RouteTableAssociation(f"{name}-routes-lb-subnet", subnet_id=lb_subnet.id,
+                                      route_table_id=self.route_table.id, opts=child)
+        return AwsLoadBalancer(f"{name}-lb", AwsLoadBalancerArgs(
+            deployment=spec.name, vpc_id=vpc_id, subnet_ids=[subnet_id, lb_subnet.id],
+            node_security_group=self.security_group, api_port=spec.serving.port, heads=heads,
+            allowed_cidrs=spec.aws.allowed_cidrs, certificate=certificate_from_config("certificateArn", "aws"),
+            tags=tags), opts=child)
 
     # ------------------------------------------------------------------ parts
     def _network(self, name: str, spec: Spec, offered: list[str], tags: dict, child):
@@ -188,6 +234,7 @@ class AwsCluster(pulumi.ComponentResource):
                         f"aws.subnet_id: {spec.aws.subnet_id!r} (its zone)")
             return subnet.vpc_id, subnet.id
         zone = choose_zone(spec.aws.instance_type, spec.aws.availability_zones, offered)
+        self.zone = zone
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
                           enable_dns_support=True, tags=tags, opts=child)
         gateway = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
@@ -195,6 +242,7 @@ class AwsCluster(pulumi.ComponentResource):
                                 map_public_ip_on_launch=False, tags=tags, opts=child)
         routes = aws.ec2.RouteTable(f"{name}-routes", vpc_id=vpc.id, tags=tags, opts=child,
                                     routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}])
+        self.route_table = routes
         aws.ec2.RouteTableAssociation(f"{name}-routes-subnet", subnet_id=subnet.id, route_table_id=routes.id,
                                       opts=child)
         return vpc.id, subnet.id

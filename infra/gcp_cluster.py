@@ -65,16 +65,24 @@ class GcpCluster(pulumi.ComponentResource):
         self.internal_firewall = gcp.compute.Firewall(
             f"{name}-internal", network=network.id, direction="INGRESS", source_tags=[tag], target_tags=[tag],
             allows=[{"protocol": "tcp"}, {"protocol": "udp"}, {"protocol": "icmp"}], opts=child)
+        # The API port from allowed_cidrs to the one group; with replicas, only from the load balancer.
+        direct = [str(spec.serving.port)] if spec.replicas == 1 else []
         self.external_firewall = gcp.compute.Firewall(
-            f"{name}-api-ssh", network=network.id, direction="INGRESS", source_ranges=section.allowed_cidrs,
-            target_tags=[tag], allows=[{"protocol": "tcp", "ports": [str(spec.serving.port), "22"]}], opts=child)
+            f"{name}-api-ssh", network=network.id, direction="INGRESS",
+            source_ranges=section.allowed_cidrs, target_tags=[tag],
+            allows=[{"protocol": "tcp", "ports": [*direct, "22"]}], opts=child)
 
+        # One compact placement policy per replica (its vm_count is one group's nodes); replica 0 keeps
+        # the one-group name.
         placement = None
         if plan.nodes > 1:
-            placement = gcp.compute.ResourcePolicy(f"{name}-compact", region=region, opts=child,
-                                                   group_placement_policy={"collocation": "COLLOCATED",
-                                                                           "vm_count": plan.nodes})
-        self.placement_policy = placement
+            placement = [gcp.compute.ResourcePolicy(f"{name}-compact" if r == 0 else f"{name}-r{r}-compact",
+                                                    region=region, opts=child,
+                                                    group_placement_policy={"collocation": "COLLOCATED",
+                                                                            "vm_count": plan.nodes})
+                         for r in range(spec.replicas)]
+        self.placement_policy = placement[0] if placement else None
+        self.placement_policies = placement or []
 
         account = gcp.serviceaccount.Account(f"{name}-nodes", account_id=f"herd-{spec.name}"[:30].rstrip("-"),
                                              display_name=f"herd {spec.name} nodes", opts=child)
@@ -120,37 +128,56 @@ class GcpCluster(pulumi.ComponentResource):
 
         bundle_uri = pulumi.Output.concat("gs://", bucket.name, "/", bundle_key)
         instance = catalog.instance(section.machine_type)
-        nodes, addresses = [], []
-        for rank in range(plan.nodes):
-            # Only the head serves HTTPS: workers are not handed its certificate and key.
-            node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
-            startup = node_boot(spec, plan, rank,
-                                lambda uri, known=node_secrets: gcp_sources(uri, section.project, known),
-                                bundle_uri, nodes[0].network_interfaces[0].network_ip if rank else None)
-            node = gcp.compute.Instance(
-                f"{name}-node-{rank}", name=f"{spec.name}-node-{rank}", machine_type=section.machine_type,
-                zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank)},
-                boot_disk={"initialize_params": {
-                    "image": f"projects/{section.image_project}/global/images/family/{section.image_family}",
-                    "size": section.boot_disk_gb or disk_gb(plan), "type": gpus.boot_disk_type}},
-                guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
-                scheduling=self._scheduling(section.spot),
-                network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC",
-                                     "access_configs": [{"nat_ip": ips[rank].address}]}],
-                service_account={"email": account.email, "scopes": ["cloud-platform"]},
-                metadata={"startup-script": startup, "enable-oslogin": "TRUE",
-                          "block-project-ssh-keys": "TRUE"},
-                resource_policies=placement.id if placement else None,
-                allow_stopping_for_update=True,
-                # The secrets' values exist before the node boots and reads them.
-                opts=pulumi.ResourceOptions(parent=self, depends_on=versions))
-            nodes.append(node)
-            addresses.append(node.network_interfaces[0].access_configs[0].nat_ip)
-        self.nodes = nodes
+        groups, addresses = [], []
+        for replica in range(spec.replicas):
+            nodes = []
+            for rank in range(plan.nodes):
+                # Replica 0 keeps the names of a one-group deployment: adding replicas replaces nothing.
+                label = f"node-{rank}" if replica == 0 else f"r{replica}-node-{rank}"
+                # Only heads serve HTTPS: workers are not handed the certificate and key.
+                node_secrets = secrets if rank == 0 else {k: v for k, v in secrets.items() if k not in TLS_FILES}
+                startup = node_boot(spec, plan, rank,
+                                    lambda uri, known=node_secrets: gcp_sources(uri, section.project, known),
+                                    bundle_uri, nodes[0].network_interfaces[0].network_ip if rank else None)
+                replica_label = {"herd-replica": str(replica)} if spec.replicas > 1 else {}
+                # Replica 0's addresses are reserved before the nodes (its head's certificate names them);
+                # later replicas sit behind the load balancer, whose certificate clients see.
+                access = {"nat_ip": ips[rank].address} if replica == 0 else {}
+                node = gcp.compute.Instance(
+                    f"{name}-{label}", name=f"{spec.name}-{label}", machine_type=section.machine_type,
+                    zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank), **replica_label},
+                    boot_disk={"initialize_params": {
+                        "image": f"projects/{section.image_project}/global/images/family/{section.image_family}",
+                        "size": section.boot_disk_gb or disk_gb(plan), "type": gpus.boot_disk_type}},
+                    guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
+                    scheduling=self._scheduling(section.spot),
+                    network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC", "access_configs": [access]}],
+                    service_account={"email": account.email, "scopes": ["cloud-platform"]},
+                    metadata={"startup-script": startup, "enable-oslogin": "TRUE",
+                              "block-project-ssh-keys": "TRUE"},
+                    resource_policies=placement[replica].id if placement else None,
+                    allow_stopping_for_update=True,
+                    # The secrets' values exist before the node boots and reads them.
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=versions))
+                nodes.append(node)
+                addresses.append(node.network_interfaces[0].access_configs[0].nat_ip)
+            groups.append(nodes)
+        self.replicas = groups
+        self.nodes = [node for group in groups for node in group]
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
-        scheme = "https://" if self.tls.enabled else "http://"
-        self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
+        self.load_balancer = None
+        if spec.replicas > 1:
+            from infra.load_balancer import certificate_from_config
+            from infra.load_balancer_gcp import GcpLoadBalancer, GcpLoadBalancerArgs
+            self.load_balancer = GcpLoadBalancer(f"{name}-lb", GcpLoadBalancerArgs(
+                deployment=spec.name, zone=section.zone, network=network.id, node_tag=tag,
+                api_port=spec.serving.port, heads=[g[0] for g in groups],
+                certificate=certificate_from_config("sslCertificate", "gcp"), labels=labels), opts=child)
+            self.endpoint = self.load_balancer.endpoint
+        else:
+            scheme = "https://" if self.tls.enabled else "http://"
+            self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
     @staticmethod

@@ -98,8 +98,9 @@ def suggestion_plans(req: PlanRequest, result: Plan) -> list[tuple[Suggestion, P
 def render(result: Plan, console: Console, request: PlanRequest | None = None) -> None:
     verdict = "[bold green]FITS[/]" if result.fits else "[bold red]DOES NOT FIT[/]"
     where = result.instance or result.accelerator
-    console.print(f"{verdict}  {result.model} ({result.quantization}, {result.dtype}) on {result.nodes} x {where}"
-                  f"  engine={result.engine}")
+    groups = f"{result.replicas} replicas x " if result.replicas > 1 else ""
+    console.print(f"{verdict}  {result.model} ({result.quantization}, {result.dtype}) on {groups}{result.nodes} x "
+                  f"{where}  engine={result.engine}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="dim")
     table.add_column()
@@ -121,6 +122,13 @@ def render(result: Plan, console: Console, request: PlanRequest | None = None) -
     if result.cost_usd_per_hour is not None:
         rows.append(("cost", f"${result.cost_usd_per_hour:,.2f}/h, ${result.cost_usd_per_million_tokens:,.2f} "
                              f"per M output tokens at the floor (prices of {result.price_date})"))
+    if result.replicas > 1:
+        # Everything above is one group; these are the deployment's totals.
+        rows.append(("replicas", f"{result.replicas} groups: {result.total_nodes} node(s), "
+                                 f"{result.total_devices} device(s) in all"))
+        rows.append(("all replicas: ceiling", f"{result.total_tokens_per_s_ceiling:,.0f} tok/s at full batch"))
+        if result.total_cost_usd_per_hour is not None:
+            rows.append(("all replicas: cost", f"${result.total_cost_usd_per_hour:,.2f}/h"))
     for key, value in rows:
         table.add_row(key, value)
     # The bar fills what the value column has left on this console (80 columns when piped).

@@ -37,7 +37,8 @@ def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
             devices_per_node=section.gpus_per_host or section.cpu_ranks_per_host,
             host_ram_bytes=int(section.host_ram_gib * gib) if section.host_ram_gib else None,
             disk_bytes=int(section.disk_gib * gib) if section.disk_gib else None,
-            max_nodes=len(section.hosts))
+            # Each replica is its own group of hosts: a group may use at most its share of the list.
+            max_nodes=max(1, len(section.hosts) // spec.replicas), hosts=len(section.hosts))
     host = host or HostFacts.measure()
     return Hardware(accelerator=catalog.accelerator("cpu"), devices_per_node=_ranks(spec, host.cpus),
                     host_ram_bytes=host.ram_bytes, disk_bytes=host.free_disk_bytes, max_nodes=1)
@@ -68,4 +69,11 @@ def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
         concurrency=spec.context.concurrency, max_prefill_tokens=spec.context.max_prefill_tokens,
         tensor=spec.parallelism.tensor, pipeline=spec.parallelism.pipeline, nodes=spec.parallelism.nodes,
         memory_utilization=spec.serving.gpu_memory_utilization, engine=spec.serving.engine,
-        fp8_checkpoint=model.fp8_checkpoint if model else None)
+        fp8_checkpoint=model.fp8_checkpoint if model else None, replicas=spec.replicas)
+
+
+def replica_hosts(spec: Spec, plan) -> list[list]:
+    """On-prem: the hosts of each replica, in spec order: replica r is hosts[r*nodes:(r+1)*nodes]; its
+    first host is the replica's head (the one serving HTTP)."""
+    hosts, n = spec.onprem.hosts, plan.nodes
+    return [list(hosts[r * n:(r + 1) * n]) for r in range(spec.replicas)]

@@ -82,7 +82,8 @@ class Hardware:
     price_usd_per_hour: float | None = None   # per node
     price_date: str | None = None
     network_gbps: float | None = None
-    max_nodes: int = DEFAULT_MAX_NODES
+    max_nodes: int = DEFAULT_MAX_NODES         # per group (replica)
+    hosts: int | None = None                   # on-prem: every host listed, shared by all replicas
 
     @classmethod
     def from_instance(cls, instance_id: str, field: str = "instance", max_nodes: int = DEFAULT_MAX_NODES):
@@ -118,6 +119,7 @@ class PlanRequest:
     engine: str = "transformers"
     fp8_checkpoint: Fp8Checkpoint | None = None
     overhead: OverheadModel = OVERHEAD
+    replicas: int = 1                          # independent groups of this shape
 
 
 @dataclass
@@ -165,6 +167,12 @@ class Plan:
     cost_usd_per_million_tokens: float | None
     price_date: str | None
     cold_start_s: float
+    # Everything above is one group (replica); these count all of them.
+    replicas: int = 1
+    total_nodes: int = 0
+    total_devices: int = 0
+    total_cost_usd_per_hour: float | None = None
+    total_tokens_per_s_ceiling: float = 0.0
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
@@ -285,7 +293,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         notes.append(f"tensor parallel {tp} spans {nodes} CPU hosts over TCP (gloo): correct, not fast")
     if pp > arch.num_hidden_layers:
         reasons.append(f"pipeline parallel {pp} exceeds the model's {arch.num_hidden_layers} layers")
-    if nodes > hw.max_nodes:
+    if req.replicas > 1 and hw.hosts is not None and nodes * req.replicas > hw.hosts:
+        reasons.append(f"needs {nodes} nodes per replica x {req.replicas} replicas = {nodes * req.replicas}, "
+                       f"{hw.hosts} hosts available")
+    elif nodes > hw.max_nodes:
         reasons.append(f"needs {nodes} nodes, at most {hw.max_nodes} available")
     if total > capacity:
         reasons.append(
@@ -331,7 +342,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         max_kv_tokens=int(max_kv_tokens), kv_bytes_per_token_per_gpu=kv_per_token,
         decode_ms_per_token_floor=floor_s * 1000, tokens_per_s_ceiling=tokens_per_s,
         cost_usd_per_hour=cost, cost_usd_per_million_tokens=cost_per_m, price_date=hw.price_date,
-        cold_start_s=cold_start, reasons=reasons, notes=notes)
+        cold_start_s=cold_start, replicas=req.replicas, total_nodes=nodes * req.replicas,
+        total_devices=nodes * per_node * req.replicas,
+        total_cost_usd_per_hour=cost * req.replicas if cost is not None else None,
+        total_tokens_per_s_ceiling=tokens_per_s * req.replicas, reasons=reasons, notes=notes)
 
 
 def plan(req: PlanRequest, suggest: bool = True) -> Plan:
@@ -351,6 +365,15 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
             break
     if req.pipeline == "auto" and req.nodes == "auto" and not result.fits:
         result = _evaluate(req, tp, 1)  # report against the simplest shape
+        if req.replicas > 1 and hw.hosts:
+            # On-prem replicas share the hosts: when one group would fit on more of them, say that the
+            # replicas are what does not fit (rather than the memory of the simplest shape).
+            pooled = replace(req, hardware=replace(hw, max_nodes=hw.hosts))
+            for pp in range(hw.max_nodes + 1, min(hw.hosts, arch.num_hidden_layers) + 1):
+                wider = _evaluate(pooled, tp, pp)
+                if all("replicas" in reason for reason in wider.reasons):
+                    result = wider
+                    break
     if not result.fits and suggest:
         result.suggestions = suggestions(req)
     return result

@@ -182,8 +182,29 @@ class OnpremHost(Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 22
 
 
+class LoadBalancerSection(Strict):
+    """The on-prem host that runs HAProxy in front of the replicas (Debian's package, installed over SSH)."""
+    address: str
+    user: str = "root"
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(22, description="SSH port")
+    listen_address: str = "0.0.0.0"
+    listen_port: Annotated[int, Field(ge=1, le=65535)] = 443
+    pem_file: str | None = Field(None, description="certificate chain + private key in one PEM file, on the "
+                                 "machine running herd; uploaded to the balancer")
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IP address (0.0.0.0, 10.0.0.5, ...)") from None
+        return value
+
+
 class OnpremSection(Strict):
     hosts: Annotated[list[OnpremHost], Field(min_length=1)]
+    load_balancer: LoadBalancerSection | None = Field(None, description="HAProxy in front of the replicas")
     ssh_key: str = "~/.ssh/id_ed25519"
     known_hosts: str = "~/.ssh/known_hosts"
     accelerator: str = "h100-80gb"
@@ -198,6 +219,8 @@ class Spec(Strict):
     name: str
     target: Target
     model: ModelSection
+    # N independent serving groups of the planned shape, behind a load balancer (default: one group).
+    replicas: Annotated[int, Field(ge=1, le=64)] = 1
     context: ContextSection = ContextSection()
     parallelism: ParallelismSection = ParallelismSection()
     serving: ServingSection = ServingSection()
@@ -216,6 +239,16 @@ class Spec(Strict):
         if self.target != "local" and getattr(self, self.target) is None:
             raise ValueError(f"target {self.target!r} needs its own section: add '{self.target}:' "
                              "with its settings")
+        if self.replicas > 1 and self.target == "local":
+            raise ValueError(f"replicas: {self.replicas}: the local target runs one group (allowed: 1; "
+                             "replicas are for onprem, aws and gcp)")
+        if self.replicas > 1 and self.target == "onprem":
+            if self.onprem.load_balancer is None:
+                raise ValueError(f"replicas: {self.replicas} needs onprem.load_balancer (address: the host "
+                                 "that runs HAProxy in front of the replicas)")
+            if self.replicas > len(self.onprem.hosts):
+                raise ValueError(f"replicas: {self.replicas} groups need at least {self.replicas} hosts, "
+                                 f"onprem.hosts lists {len(self.onprem.hosts)}")
         return self
 
     @property
@@ -344,9 +377,12 @@ def check_against_catalog(spec: Spec, where: str) -> None:
     if spec.target == "onprem":
         catalog.accelerator(section.accelerator, f"{where}: onprem.accelerator")
         nodes = spec.parallelism.nodes
-        if nodes != "auto" and nodes > len(section.hosts):
-            raise UserError(f"{where}: parallelism.nodes: {nodes} is more than the {len(section.hosts)} "
-                            f"hosts listed in onprem.hosts")
+        if nodes != "auto" and nodes * spec.replicas > len(section.hosts):
+            if spec.replicas == 1:
+                raise UserError(f"{where}: parallelism.nodes: {nodes} is more than the {len(section.hosts)} "
+                                f"hosts listed in onprem.hosts")
+            raise UserError(f"{where}: parallelism.nodes: {nodes} per replica x replicas {spec.replicas} = "
+                            f"{nodes * spec.replicas} hosts, onprem.hosts lists {len(section.hosts)}")
     from runtime.tls import SECRET_PREFIXES
     for field in ("cert", "key"):
         value = getattr(spec.serving.tls, field) or ""

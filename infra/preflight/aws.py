@@ -90,12 +90,18 @@ def p_vcpus_in_use(ec2, spot: bool) -> int:
     return used
 
 
+def _count(plan: Plan) -> str:
+    """How many nodes the deployment needs, all replicas counted: '4' or '4 (2 replicas x 2)'."""
+    total = plan.total_nodes
+    return f"{total} ({plan.replicas} replicas x {plan.nodes})" if plan.replicas > 1 else str(total)
+
+
 def check_quota(ec2, quotas, spec: Spec, plan: Plan) -> Finding:
     section = spec.aws
     if section.capacity_block:
         return ok("quota", "capacity block: the block's own capacity applies, not the P-instance quota")
     code = SPOT_P if section.spot else ON_DEMAND_P
-    need = catalog.instance(section.instance_type).vcpus * plan.nodes
+    need = catalog.instance(section.instance_type).vcpus * plan.total_nodes   # every replica
     try:
         limit = int(quotas.get_service_quota(ServiceCode="ec2", QuotaCode=code)["Quota"]["Value"])
     except ClientError as err:
@@ -103,7 +109,7 @@ def check_quota(ec2, quotas, spec: Spec, plan: Plan) -> Finding:
     used = p_vcpus_in_use(ec2, section.spot)
     kind = "Spot" if section.spot else "On-Demand"
     if used + need > limit:
-        return fail("quota", f"{code} ({kind} P instances, vCPUs): need {need} for {plan.nodes} x "
+        return fail("quota", f"{code} ({kind} P instances, vCPUs): need {need} for {_count(plan)} x "
                              f"{section.instance_type}, quota {limit}, in use {used}: request at least "
                              f"{used + need} in Service Quotas ({section.region})")
     return ok("quota", f"{code}: {need} vCPUs needed, quota {limit}, in use {used}")
@@ -137,8 +143,8 @@ def check_reservation(ec2, spec: Spec, plan: Plan) -> Finding | None:
         problems.append(f"state is {cr['State']}")
     if cr["InstanceType"] != spec.aws.instance_type:
         problems.append(f"it reserves {cr['InstanceType']}, the spec asks for {spec.aws.instance_type}")
-    if cr.get("AvailableInstanceCount", 0) < plan.nodes:
-        problems.append(f"{cr.get('AvailableInstanceCount', 0)} instances available, {plan.nodes} needed")
+    if cr.get("AvailableInstanceCount", 0) < plan.total_nodes:
+        problems.append(f"{cr.get('AvailableInstanceCount', 0)} instances available, {_count(plan)} needed")
     if spec.aws.availability_zones and cr["AvailabilityZone"] not in spec.aws.availability_zones:
         problems.append(f"it is in {cr['AvailabilityZone']}, outside aws.availability_zones")
     if problems:

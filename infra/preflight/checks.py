@@ -16,8 +16,9 @@ STYLE = {"ok": "green", "fail": "red", "unknown": "yellow"}
 
 
 def findings_for(spec: Spec, result: Plan, clients=None) -> list[Finding]:
-    fit = ok("plan", f"fits: {result.nodes} x {result.instance or result.accelerator}, TP {result.tensor_parallel}"
-                     f" x PP {result.pipeline_parallel}") if result.fits else \
+    groups = f"{result.replicas} replicas x " if result.replicas > 1 else ""
+    fit = ok("plan", f"fits: {groups}{result.nodes} x {result.instance or result.accelerator}, TP "
+                     f"{result.tensor_parallel} x PP {result.pipeline_parallel}") if result.fits else \
         fail("plan", "does not fit: " + "; ".join(result.reasons))
     if spec.target == "aws":
         from infra.preflight.aws import aws_findings

@@ -87,14 +87,15 @@ def check_quota(clients: GcpClients, spec: Spec, plan: Plan) -> Finding:
     section = spec.gcp
     region = region_of(section.zone)
     metric = quota_metric(section.machine_type, section.spot)
-    need = catalog.instance(section.machine_type).gpus * plan.nodes
+    need = catalog.instance(section.machine_type).gpus * plan.total_nodes   # every replica
+    nodes = f"{plan.total_nodes} ({plan.replicas} replicas x {plan.nodes})" if plan.replicas > 1 else str(plan.nodes)
     quotas = {q.metric: q for q in clients.regions.get(project=section.project, region=region).quotas}
     if metric not in quotas:
         return unknown("quota", f"{metric}: the region {region} reports no such quota")
     quota = quotas[metric]
     free = int(quota.limit - quota.usage)
     if need > free:
-        return fail("quota", f"{metric} in {region}: need {need} GPUs for {plan.nodes} x {section.machine_type}, "
+        return fail("quota", f"{metric} in {region}: need {need} GPUs for {nodes} x {section.machine_type}, "
                              f"limit {int(quota.limit)}, in use {int(quota.usage)}: request a limit of at least "
                              f"{int(quota.usage) + need}")
     return ok("quota", f"{metric} in {region}: {need} needed, {free} free of {int(quota.limit)}")

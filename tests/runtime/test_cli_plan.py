@@ -88,3 +88,49 @@ def test_bad_input_is_one_line_and_exit_2(herd, args, needle):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ replicas
+def _with_replicas(tmp_path, name: str, replicas: int, extra: str = "") -> str:
+    from tests.conftest import ROOT
+    path = tmp_path / f"{name}-x{replicas}.yaml"
+    path.write_text((ROOT / "environments" / f"{name}.yaml").read_text() + extra + f"replicas: {replicas}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["aws-p5-405b-fp8", "aws-p4de-405b-bf16-2node", "gcp-a3-405b-fp8"])
+def test_replicas_multiply_nodes_devices_cost_and_throughput_not_the_group(herd, tmp_path, name):
+    one = json.loads(herd("plan", _with_replicas(tmp_path, name, 1), "--json").stdout)
+    three = json.loads(herd("plan", _with_replicas(tmp_path, name, 3), "--json").stdout)
+    assert one["replicas"] == 1 and three["replicas"] == 3
+    # One group's shape and figures are unchanged ...
+    for key in ("nodes", "gpus_per_node", "tensor_parallel", "pipeline_parallel", "per_gpu_bytes",
+                "cost_usd_per_hour", "tokens_per_s_ceiling", "cost_usd_per_million_tokens"):
+        assert three[key] == one[key], key
+    # ... and the totals count every group.
+    assert one["total_nodes"] == one["nodes"] and three["total_nodes"] == 3 * one["nodes"]
+    assert three["total_devices"] == 3 * one["nodes"] * one["gpus_per_node"]
+    assert three["total_cost_usd_per_hour"] == pytest.approx(3 * one["cost_usd_per_hour"])
+    assert three["total_tokens_per_s_ceiling"] == pytest.approx(3 * one["tokens_per_s_ceiling"])
+    table = herd("plan", _with_replicas(tmp_path, name, 3))
+    assert table.returncode == 0, table.stderr
+    assert f"on 3 replicas x {one['nodes']} x" in table.stdout
+    assert f"{3 * one['nodes']} node(s), {three['total_devices']} device(s) in all" in table.stdout
+    assert f"${3 * one['cost_usd_per_hour']:,.2f}/h" in table.stdout
+
+
+def test_onprem_replicas_split_the_hosts_between_groups(herd, tmp_path):
+    lb = "  load_balancer: {address: 10.0.0.5}\n"
+    data = json.loads(herd("plan", _with_replicas(tmp_path, "onprem-example", 2, lb), "--json").stdout)
+    assert data["fits"] and (data["nodes"], data["total_nodes"], data["total_devices"]) == (1, 2, 16)
+    assert data["cost_usd_per_hour"] is None and data["total_cost_usd_per_hour"] is None
+    # 405B BF16 needs 2 hosts of 8 x H100 per group: two groups need 4 hosts, the spec lists 2.
+    from tests.conftest import ROOT
+    text = (ROOT / "environments" / "onprem-example.yaml").read_text().replace(
+        "llama-3.1-70b-instruct", "llama-3.1-405b-instruct").replace("max_model_len: 32768", "max_model_len: 8192")
+    path = tmp_path / "big.yaml"
+    path.write_text(text + lb + "replicas: 2\n")
+    out = herd("plan", str(path), "--json")
+    assert out.returncode == 1
+    reasons = json.loads(out.stdout)["reasons"]
+    assert any("per replica x 2 replicas = 4, 2 hosts available" in r for r in reasons), reasons

@@ -82,3 +82,40 @@ def test_cloud_target_needs_its_section_and_valid_cidrs(tmp_path):
     assert "aws.allowed_cidrs" in error_of(write(tmp_path, bad))
     wrong_cloud = aws.replace("p5.48xlarge", "a3-highgpu-8g")
     assert "is a gcp machine type" in error_of(write(tmp_path, wrong_cloud))
+
+
+# ------------------------------------------------------------------ replicas
+ONPREM = (ROOT / "environments" / "onprem-example.yaml").read_text()
+BALANCER = "  load_balancer: {address: 10.0.0.5}\n"
+
+
+def test_replicas_default_to_one_group():
+    assert all(load_spec(p).replicas == 1 for p in ENVIRONMENTS)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (LOCAL + "replicas: 2\n", "replicas: 2: the local target runs one group (allowed: 1;"),
+    (LOCAL + "replicas: 0\n", "replicas: 0: Input should be greater than or equal to 1"),
+    (ONPREM + "replicas: 2\n", "replicas: 2 needs onprem.load_balancer (address:"),
+    (ONPREM + BALANCER + "replicas: 3\n", "replicas: 3 groups need at least 3 hosts, onprem.hosts lists 2"),
+    (ONPREM.replace("nodes: auto}", "nodes: 2}") + BALANCER + "replicas: 2\n",
+     "parallelism.nodes: 2 per replica x replicas 2 = 4 hosts, onprem.hosts lists 2"),
+    (ONPREM + "  load_balancer: {address: 10.0.0.5, listen_address: everywhere}\nreplicas: 2\n",
+     "onprem.load_balancer.listen_address: 'everywhere': must be an IP address"),
+    (ONPREM + "  load_balancer: {address: 10.0.0.5, balance: roundrobin}\n",
+     "onprem.load_balancer.balance: unknown key (allowed: address, user, port, listen_address"),
+])
+def test_replicas_need_a_balancer_and_enough_hosts(tmp_path, text, expected):
+    assert expected in error_of(write(tmp_path, text))
+
+
+def test_onprem_replicas_with_a_balancer_load():
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_spec(write(Path(tmp), ONPREM + "  load_balancer: {address: 10.0.0.5, pem_file: /etc/herd/lb.pem}\n"
+                                              "replicas: 2\n"))
+    assert spec.replicas == 2
+    lb = spec.onprem.load_balancer
+    assert (lb.address, lb.user, lb.port, lb.listen_address, lb.listen_port, lb.pem_file) == \
+        ("10.0.0.5", "root", 22, "0.0.0.0", 443, "/etc/herd/lb.pem")

@@ -1,0 +1,84 @@
+"""GCP: a global external Application Load Balancer in front of the replicas' heads.
+
+One unmanaged instance group per replica holds its head (named port `api`); one backend service over
+those groups checks `/health/ready` (a GCP HTTP health check passes on 200 only), balances per request
+to the group with the fewest requests in flight (LEAST_REQUEST), waits the generation timeout for a
+response (the default 30 s cuts a long non-streaming generation) and drains a removed group as long.
+The HTTPS proxy holds the deployment's certificate; a global address and forwarding rule on 443 are
+the endpoint. The nodes' API port is open only to Google's front ends (health checks and the load
+balancer's proxies connect from 35.191.0.0/16 and 130.211.0.0/22), no longer to allowed_cidrs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_gcp as gcp
+
+from infra.load_balancer import (GCP_FRONT_END_RANGES, GENERATION_TIMEOUT_S, HEALTH_INTERVAL_S, HEALTH_PATH,
+                                 HEALTH_TIMEOUT_S, HEALTHY_THRESHOLD, UNHEALTHY_THRESHOLD, Certificate)
+
+PORT_NAME = "api"
+
+
+@dataclass
+class GcpLoadBalancerArgs:
+    deployment: str
+    zone: str
+    network: pulumi.Input[str]
+    node_tag: str
+    api_port: int
+    heads: list[gcp.compute.Instance]             # one per replica
+    certificate: Certificate
+    labels: dict
+
+
+class GcpLoadBalancer(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]
+
+    def __init__(self, name: str, args: GcpLoadBalancerArgs, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("herd:gcp:LoadBalancer", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        # The heads' API port: from Google's front ends only (health checks and the proxies).
+        self.firewall = gcp.compute.Firewall(
+            f"{name}-front-ends", network=args.network, direction="INGRESS", source_ranges=GCP_FRONT_END_RANGES,
+            target_tags=[args.node_tag], allows=[{"protocol": "tcp", "ports": [str(args.api_port)]}],
+            description=f"herd {args.deployment}: the load balancer and its health checks to the API", opts=child)
+
+        self.groups = [
+            gcp.compute.InstanceGroup(f"{name}-replica-{r}", zone=args.zone, network=args.network,
+                                      instances=[head.self_link],
+                                      named_ports=[{"name": PORT_NAME, "port": args.api_port}],
+                                      description=f"herd {args.deployment}: replica {r}'s head", opts=child)
+            for r, head in enumerate(args.heads)]
+
+        self.health_check = gcp.compute.HealthCheck(
+            f"{name}-ready", check_interval_sec=HEALTH_INTERVAL_S, timeout_sec=HEALTH_TIMEOUT_S,
+            healthy_threshold=HEALTHY_THRESHOLD, unhealthy_threshold=UNHEALTHY_THRESHOLD,
+            http_health_check={"port": args.api_port, "request_path": HEALTH_PATH}, opts=child)
+
+        self.backend_service = gcp.compute.BackendService(
+            f"{name}-replicas", load_balancing_scheme="EXTERNAL_MANAGED", protocol="HTTP", port_name=PORT_NAME,
+            health_checks=self.health_check.id, timeout_sec=GENERATION_TIMEOUT_S,
+            connection_draining_timeout_sec=GENERATION_TIMEOUT_S, locality_lb_policy="LEAST_REQUEST",
+            backends=[{"group": group.self_link, "balancing_mode": "UTILIZATION", "capacity_scaler": 1.0}
+                      for group in self.groups],
+            opts=child)
+        self.url_map = gcp.compute.URLMap(f"{name}-urls", default_service=self.backend_service.id, opts=child)
+
+        cert = args.certificate
+        if cert.existing:
+            certificate = cert.existing
+        else:
+            certificate = gcp.compute.SSLCertificate(
+                f"{name}-cert", certificate="\n".join(p.strip() for p in (cert.body, cert.chain) if p) + "\n",
+                private_key=pulumi.Output.secret(cert.private_key), opts=child).id
+        self.proxy = gcp.compute.TargetHttpsProxy(f"{name}-https", url_map=self.url_map.id,
+                                                  ssl_certificates=[certificate], opts=child)
+        self.address = gcp.compute.GlobalAddress(f"{name}-ip", labels=args.labels, opts=child)
+        self.forwarding_rule = gcp.compute.GlobalForwardingRule(
+            f"{name}-443", target=self.proxy.id, ip_address=self.address.address, port_range="443",
+            ip_protocol="TCP", load_balancing_scheme="EXTERNAL_MANAGED", labels=args.labels, opts=child)
+        self.endpoint = pulumi.Output.concat("https://", self.address.address)
+        self.register_outputs({"endpoint": self.endpoint})
