@@ -24,6 +24,7 @@ import pulumi
 
 from provisioning.haproxy import GENERATION_TIMEOUT_S
 
+__all__ = ["GENERATION_TIMEOUT_S", "HEALTH_PATH", "DETECTION_S", "Certificate", "certificate_from_config"]
 HEALTH_PATH = "/health/ready"
 HEALTH_INTERVAL_S = 5
 HEALTH_TIMEOUT_S = 3

@@ -269,6 +269,7 @@ class Outcome:
 
 
 def one_request(client: httpx.Client, url: str, stream: bool) -> Outcome:
+    """One completion (streamed or not) through `client` (which carries any API key)."""
     body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0}
     started = time.monotonic()
     replica, detail, ok = None, "", False
@@ -294,14 +295,15 @@ class Load:
     """`threads` clients in a loop (the last `streams` of them streaming) until stopped, or `limit`
     seconds at most: a bounded load."""
 
-    def __init__(self, url: str, ca: Path, threads: int = 4, streams: int = 1, limit: float = 60):
+    def __init__(self, url: str, ca: Path, threads: int = 4, streams: int = 1, limit: float = 60,
+                 headers: dict | None = None):
         self.outcomes: list[Outcome] = []
         self.stopped = threading.Event()
         context = ssl.create_default_context(cafile=str(ca))
         end = time.monotonic() + limit
 
         def client_loop(stream: bool):
-            with httpx.Client(verify=context, timeout=30) as client:
+            with httpx.Client(verify=context, timeout=30, headers=headers) as client:
                 while not self.stopped.is_set() and time.monotonic() < end:
                     self.outcomes.append(one_request(client, url, stream))
 
@@ -465,3 +467,155 @@ def test_a_rolling_update_under_load_replaces_one_replica_at_a_time_without_a_fa
     assert [s.args[s.args.index("--max-model-len") + 1] for s in servers] == ["256", "256"]
     wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=30)
     print(f"\nrolling update under load: {len(outcomes)} requests, 0 failed; {steps}")
+
+
+# ------------------------------------------------------------------ the same on three netns hosts
+NETNS_TAG, NETNS_NET = "herdlb", "10.251.7"
+HOSTS_SCRIPT = ROOT / "tests" / "provisioning" / "netns_hosts.sh"
+API_KEY = "sk-herd-lb-test-7d2e"
+
+
+@pytest.fixture(scope="module")
+def netns_balancer(tmp_path_factory):
+    """Hosts h1 and h2 each serve one replica (TP 1, on their own address); h3 runs HAProxy, installed by
+    the 90-haproxy step over SSH with the configuration balancer_config renders from an onprem spec
+    (replicas: 2, load_balancer: h3). HAProxy's files live under h3's own /opt (its /etc is the
+    machine's); the client load comes from outside the hosts, over the bridge."""
+    from tests.runtime.conftest import ServeProcess, free_port, make_tiny_model, stop_and_check
+    if os.geteuid() != 0 or not os.path.exists(HAPROXY):
+        pytest.skip("network-namespace hosts need root and haproxy")
+    tmp = tmp_path_factory.mktemp("netns-lb")
+    env = {**os.environ, "HERD_HOSTS_DIR": str(tmp / "h"), "HERD_HOSTS_TAG": NETNS_TAG, "HERD_HOSTS_NET": NETNS_NET}
+    up = subprocess.run(["bash", str(HOSTS_SCRIPT), "up", "3"], env=env, capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    hosts_dir = tmp / "h"
+    addrs = [f"{NETNS_NET}.{11 + i}" for i in range(3)]
+    servers = []
+    try:
+        model = make_tiny_model(tmp / "model")
+        key_file = tmp / "api-key"
+        key_file.write_text(API_KEY)
+        key_file.chmod(0o600)
+        port = free_port()
+        for i in range(2):
+            state = tmp / f"replica-{i}"
+            state.mkdir()
+            # Inside host i's network namespace, on that host's address only.
+            servers.append(netns_serve(ServeProcess, f"{NETNS_TAG}-h{i + 1}", addrs[i])(
+                ["--host", addrs[i], *serve_args(model, 512), "--api-key-file", str(key_file)], state,
+                port=port).start())
+        spec = parse_spec({
+            "name": "onprem-lb", "target": "onprem", "replicas": 2,
+            "model": {"id": f"config:{model}/config.json", "dtype": "float32"},
+            "context": {"max_model_len": 512, "concurrency": 4},
+            "parallelism": {"tensor": 1, "pipeline": 1, "nodes": 1},
+            "serving": {"host": "0.0.0.0", "port": port, "api_key_file": str(key_file)},
+            "onprem": {"hosts": [{"address": a} for a in addrs[:2]], "ssh_key": str(hosts_dir / "id_ed25519"),
+                       "accelerator": "cpu", "gpus_per_host": 0, "host_ram_gib": 8, "disk_gib": 20,
+                       "load_balancer": {"address": addrs[2]}},
+        }, "onprem-lb")
+        result = plan(request_from_spec(spec))
+        assert result.fits and result.total_nodes == 2, result.reasons
+        home = "/opt/herd"
+        config = balancer_config(spec, result, pem_path=f"{home}/haproxy/herd.pem",
+                                 socket_path=f"{home}/haproxy/admin.sock")
+        assert [(r.address, r.port) for r in config.replicas] == [(addrs[0], port), (addrs[1], port)]
+        step = step_env(config, home, f"{home}/secrets/haproxy.pem", config_path=f"{home}/haproxy/haproxy.cfg",
+                        pid_path=f"{home}/haproxy/haproxy.pid")
+        certs = make_certs(tmp, address=addrs[2])
+        ssh = SshHost(hosts_dir, addrs[2])
+        ssh.run(f"mkdir -p {home}/steps {home}/secrets && chmod 700 {home}/secrets")
+        ssh.copy([STEPS_DIR / "common.sh", STEPS_DIR / "90-haproxy.sh"], f"{home}/steps/")
+        ssh.copy([certs.bundle], f"{home}/secrets/haproxy.pem")
+        for server in servers:
+            server.wait_ready(timeout=180)
+        import shlex
+        command = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in {**step, "HERD_SYSTEMD": "0"}.items())
+        installed = ssh.run(f"{command} bash {home}/steps/90-haproxy.sh", check=False)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "90-haproxy: ok: haproxy 2." in installed.stdout
+        lb = RemoteBalancer(ssh, config.socket_path, f"https://{addrs[2]}:443")
+        wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=20)
+        yield servers, lb, certs
+        ssh.run(f"kill $(cat {home}/haproxy/haproxy.pid)", check=False)
+    finally:
+        for server in servers:
+            stop_and_check(server)
+        subprocess.run(["bash", str(HOSTS_SCRIPT), "down"], env=env, capture_output=True)
+
+
+def netns_serve(base, namespace: str, address: str):
+    """ServeProcess, started inside a network namespace (ip netns exec) and reached at its address."""
+    class NetnsServe(base):
+        @property
+        def url(self) -> str:
+            return f"http://{address}:{self.port}"
+
+        def start(self):
+            import sys
+            self.log = open(self.state_dir / "serve.log", "ab")
+            cmd = ["ip", "netns", "exec", namespace, sys.executable, "-m", "infra.cli", "serve", *self.args,
+                   "--port", str(self.port), "--state-dir", str(self.state_dir)]
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True)
+            return self
+    return NetnsServe
+
+
+class SshHost:
+    def __init__(self, hosts_dir: Path, address: str):
+        self.opts = ["-i", str(hosts_dir / "id_ed25519"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                     "-o", f"UserKnownHostsFile={hosts_dir}/known"]
+        self.address = address
+
+    def run(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(["ssh", *self.opts, f"root@{self.address}", command], capture_output=True, text=True,
+                              timeout=60)
+        assert not check or done.returncode == 0, (command, done.stdout, done.stderr)
+        return done
+
+    def copy(self, files: list[Path], remote: str) -> None:
+        done = subprocess.run(["scp", "-q", *self.opts, *map(str, files), f"root@{self.address}:{remote}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+
+@dataclass
+class RemoteBalancer:
+    """The balancer on another host: its admin socket read over SSH."""
+    ssh: SshHost
+    socket: str
+    url: str
+
+    def states(self) -> dict:
+        out = self.ssh.run(f"PYTHONPATH={ROOT} python3 -c 'from provisioning.haproxy import admin; "
+                           f"print(admin(\"{self.socket}\", \"show stat\"), end=\"\")'")
+        return {s.name: s for s in server_states(out.stdout)}
+
+
+@slow
+def test_on_netns_hosts_a_third_hosts_haproxy_keeps_answering_while_a_replica_is_killed(netns_balancer):
+    servers, lb, certs = netns_balancer
+    load = Load(lb.url, certs.ca, threads=4, streams=1, limit=120, headers={"Authorization": f"Bearer {API_KEY}"})
+    started = time.monotonic()
+    while load.served_by() != {"replica-0", "replica-1"} and time.monotonic() - started < 30:
+        time.sleep(0.2)
+    time.sleep(2)
+    os.kill(servers[1].rank_pid(0), signal.SIGKILL)
+    killed_at = time.monotonic()
+    down_after = wait_states(lb, {"replica-1": "DOWN"}, within=15)
+    up_after = wait_states(lb, {"replica-1": "UP"}, within=120)
+    time.sleep(3)
+    outcomes = load.stop()
+    failed = [o for o in outcomes if not o.ok]
+    in_flight = [o for o in failed if o.started <= killed_at <= o.ended]
+    assert not [o for o in failed if o.started >= killed_at + down_after], [o.detail for o in failed]
+    assert failed == in_flight, [(o.started - killed_at, o.detail) for o in failed]
+    assert "replica-1" in {o.replica for o in outcomes if o.ok and o.started > killed_at + up_after}
+    # Without the key the balancer passes the replicas' own 401 through (health stays public).
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    assert httpx.get(f"{lb.url}/v1/models", verify=context).status_code == 401
+    assert httpx.get(f"{lb.url}/health/ready", verify=context).status_code == 200
+    print(f"\nnetns hosts: {len(outcomes)} requests through h3's HAProxy, {len(failed)} failed "
+          f"({len(in_flight)} in flight at the kill); replica-1 DOWN {down_after:.2f}s after the kill, "
+          f"UP again {up_after:.1f}s after it")
