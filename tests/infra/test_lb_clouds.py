@@ -170,7 +170,7 @@ def test_aws_replicas_need_a_certificate_and_herds_own_vpc(run_stack, tmp_path):
 def test_aws_one_replica_has_no_load_balancer(run_stack):
     mocks, outputs = run_stack(ENVS / "aws-p5-405b-fp8.yaml", mocks=LbMocks())
     assert not [r for r in mocks.resources if r.type.startswith(("aws:lb/", "aws:acm/"))]
-    assert outputs["endpoint"].startswith("http://")
+    assert outputs["endpoint"].startswith("https://")   # one group: its head serves TLS itself
 
 
 # ------------------------------------------------------------------ GCP
@@ -249,4 +249,4 @@ def test_gcp_each_multi_node_replica_has_its_own_compact_placement(run_stack, tm
 def test_gcp_one_replica_has_no_load_balancer(run_stack):
     mocks, outputs = run_stack(ENVS / "gcp-a3-405b-fp8.yaml", mocks=LbMocks())
     assert not mocks.of_type("gcp:compute/backendService:BackendService")
-    assert outputs["endpoint"].startswith("http://")
+    assert outputs["endpoint"].startswith("https://")   # one group: its head serves TLS itself

@@ -367,6 +367,7 @@ def wait_states(lb: Balancer, want: dict, within: float) -> float:
 
 
 @slow
+@pytest.mark.timeout(420)   # two replicas, HAProxy and a load: 60-190 s here
 def test_a_killed_replica_leaves_rotation_without_failed_requests_and_comes_back(two_replicas):
     servers, lb, certs, *_ = two_replicas
     victim_server = servers[1]
@@ -413,6 +414,7 @@ def test_a_killed_replica_leaves_rotation_without_failed_requests_and_comes_back
 
 
 @slow
+@pytest.mark.timeout(420)   # two replicas, HAProxy and a load: 60-190 s here
 def test_a_drained_replica_gets_no_new_requests_and_comes_back_when_ready(two_replicas):
     servers, lb, certs, *_ = two_replicas
     wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=120)
@@ -428,6 +430,7 @@ def test_a_drained_replica_gets_no_new_requests_and_comes_back_when_ready(two_re
 
 
 @slow
+@pytest.mark.timeout(420)   # two replicas, HAProxy and a load: 60-190 s here
 def test_a_rolling_update_under_load_replaces_one_replica_at_a_time_without_a_failed_request(two_replicas):
     """max_model_len 512 -> 256 on both replicas, one after the other (drain, stop, start, ready, back),
     while 4 clients keep sending: no request fails, and while one is replaced the other answers all."""
@@ -594,6 +597,7 @@ class RemoteBalancer:
 
 
 @slow
+@pytest.mark.timeout(420)   # two replicas, HAProxy and a load: 60-190 s here
 def test_on_netns_hosts_a_third_hosts_haproxy_keeps_answering_while_a_replica_is_killed(netns_balancer):
     servers, lb, certs = netns_balancer
     load = Load(lb.url, certs.ca, threads=4, streams=1, limit=120, headers={"Authorization": f"Bearer {API_KEY}"})
