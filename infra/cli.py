@@ -8,7 +8,7 @@ from rich.console import Console
 
 from provisioning.cli import PROVISIONING_COMMANDS, register_target
 from runtime.cli import run
-from runtime.spec import load_spec
+from runtime.planning.spec import load_spec
 
 
 def _register_clouds() -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from infra.preflight.checks import preflight
 from infra.stacks import INFRA_DIR, stack_name
 from runtime.errors import UserError
-from runtime.spec import Spec
+from runtime.planning.spec import Spec
 
 
 def _env_config_value(env_path: str) -> str:
@@ -76,9 +76,9 @@ def up_cloud(spec: Spec, env_path: str, console: Console, smoke: bool = True) ->
     console.print(f"[green]{spec.name}: created[/] endpoint {endpoint}")
     if not smoke:
         return 0
-    from runtime.serve import read_api_key
-    from runtime.smoke import render, run_smoke
-    from runtime.tls import client_ca, client_verify
+    from runtime.serving.serve import read_api_key
+    from runtime.serving.smoke import render, run_smoke
+    from runtime.serving.tls import client_ca, client_verify
     api_key = read_api_key(spec.serving.api_key_env, None)
     # Nodes install drivers, the engine and hundreds of GB of weights before they are ready. The
     # endpoint's certificate is checked against the deployment CA only (the spec's CA, if it names one).

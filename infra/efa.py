@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime import catalog
+from runtime.planning import catalog
 
 
 @dataclass(frozen=True)

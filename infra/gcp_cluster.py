@@ -20,9 +20,9 @@ from infra.gcp_types import gpu_type, region_of
 from infra.nodes import disk_gb, node_boot
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import gcp_sources
-from runtime import catalog
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning import catalog
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 SUBNET_CIDR = "10.42.0.0/20"
 

@@ -11,8 +11,8 @@ import pulumi
 
 from provisioning.boot import NODE_ADDR, BootSources, boot_script
 from provisioning.steps import HostSteps, cloud_profiles, plan_host
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 HOME = "/opt/herd"
 

@@ -16,8 +16,8 @@ from pulumi_command import remote
 from infra.stack import StackTls, stack_tls
 from provisioning.boot import BootSources, boot_script
 from provisioning.steps import plan_host, profiles_for
-from runtime.planner import Plan
-from runtime.spec import OnpremHost, Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import OnpremHost, Spec
 
 
 @dataclass

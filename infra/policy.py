@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from runtime import catalog
+from runtime.planning import catalog
 
 WORLD = ("0.0.0.0/0", "::/0")
 

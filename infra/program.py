@@ -54,7 +54,7 @@ def main():
                  "cold_start_s": round(plan.cold_start_s)},
     }
     if ca_file is not None:
-        from runtime.tls import fingerprint
+        from runtime.serving.tls import fingerprint
         outputs.update(ca_file=str(ca_file), ca_fingerprint=fingerprint(ca_file), ca_certificate=ca_file.read_text())
     for name, value in outputs.items():
         pulumi.export(name, value)

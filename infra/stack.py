@@ -15,10 +15,10 @@ import pulumi
 
 from infra.stacks import INFRA_DIR
 from runtime.errors import UserError
-from runtime.plan_spec import request_from_spec
-from runtime import tls
-from runtime.planner import Plan, plan
-from runtime.spec import Spec, check_against_catalog, load_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.serving import tls
+from runtime.planning.planner import Plan, plan
+from runtime.planning.spec import Spec, check_against_catalog, load_spec
 
 # The head node's certificate and key: files under the node's secrets/ directory, handed over like the
 # API key (an SSM SecureString, a Secret Manager secret, or stdin into a 0600 file on-prem).

@@ -5,7 +5,7 @@ from rich.console import Console
 
 from runtime.cli import RUNTIME_COMMANDS
 from runtime.errors import UserError
-from runtime.spec import load_spec
+from runtime.planning.spec import load_spec
 
 
 # Targets a higher layer serves (infra registers aws and gcp): target -> {action: handler}. The

@@ -215,7 +215,7 @@ def replica_name(index: int) -> str:
 
 def balancer_config(spec, plan, **overrides) -> BalancerConfig:
     """The on-prem balancer of a spec: one server per replica head (its first host), on serving.port."""
-    from runtime.plan_spec import replica_hosts
+    from runtime.planning.plan_spec import replica_hosts
     lb = spec.onprem.load_balancer
     if lb is None:
         raise UserError("onprem.load_balancer: not set (address: the host that runs HAProxy)")

@@ -28,17 +28,17 @@ import httpx
 from rich.console import Console
 
 from provisioning.weights import fetch
-from runtime import tls
+from runtime.serving import tls
 from runtime.errors import EXIT_USER_ERROR, UserError
 from runtime.paths import model_dir_for
-from runtime.plan_report import render as render_plan
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.serve import model_dir_from_spec
-from runtime.smoke import render as render_smoke
-from runtime.smoke import ServerExited, run_smoke, wait_ready
-from runtime.spec import Spec
-from runtime.supervisor import EXIT_RESTARTS_SPENT, die_with_parent, kill_ranks
+from runtime.planning.plan_report import render as render_plan
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.serving.serve import model_dir_from_spec
+from runtime.serving.smoke import render as render_smoke
+from runtime.serving.smoke import ServerExited, run_smoke, wait_ready
+from runtime.planning.spec import Spec
+from runtime.serving.supervisor import EXIT_RESTARTS_SPENT, die_with_parent, kill_ranks
 
 LOG_NAME, PID_NAME = "serve.log", "serve.pid"
 

@@ -33,10 +33,10 @@ from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
 from runtime.errors import UserError
 from runtime.paths import model_dir_for
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.serve import read_api_key
-from runtime.spec import OnpremHost, Spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.serving.serve import read_api_key
+from runtime.planning.spec import OnpremHost, Spec
 
 RDZV_PORT = 29400
 
@@ -473,9 +473,9 @@ class Installer:
 # ------------------------------------------------------------------ commands
 def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
               trust_new_hosts: bool = False, ready_timeout: float = 900) -> int:
-    from runtime.plan_report import render as render_plan
-    from runtime.smoke import render as render_smoke
-    from runtime.smoke import run_smoke, wait_ready
+    from runtime.planning.plan_report import render as render_plan
+    from runtime.serving.smoke import render as render_smoke
+    from runtime.serving.smoke import run_smoke, wait_ready
     installer = Installer(spec, env_path, console, trust_new_hosts)
     render_plan(installer.plan, console)
     if not installer.plan.fits:

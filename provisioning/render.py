@@ -6,11 +6,11 @@ import shlex
 from rich.console import Console
 
 from runtime.engine.vllm import VLLM_VERSION, vllm_launch
-from runtime.plan_report import render as render_plan
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.serve import model_dir_from_spec
-from runtime.spec import Spec
+from runtime.planning.plan_report import render as render_plan
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.serving.serve import model_dir_from_spec
+from runtime.planning.spec import Spec
 
 
 def node_addresses(spec: Spec, nodes: int) -> list[str]:

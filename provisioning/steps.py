@@ -14,11 +14,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime import catalog
+from runtime.planning import catalog
 from runtime.engine.vllm import VLLM_VERSION, network_env
 from runtime.errors import UserError
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 STEPS_DIR = Path(__file__).parent / "steps"
 GPU_STEPS = ("10-nvidia-driver", "20-fabric-manager", "25-persistence", "30-efa", "35-nccl-env", "80-gpu-health")

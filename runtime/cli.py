@@ -43,9 +43,9 @@ def add_plan(sub) -> None:
 def request_from_flags(args):
     from pathlib import Path
 
-    from runtime import catalog
-    from runtime.architecture import Architecture
-    from runtime.planner import Hardware, PlanRequest
+    from runtime.planning import catalog
+    from runtime.planning.architecture import Architecture
+    from runtime.planning.planner import Hardware, PlanRequest
 
     if not args.model:
         raise UserError("plan: --model is required without an environment file")
@@ -78,10 +78,10 @@ def request_from_flags(args):
 
 
 def cmd_plan(args) -> int:
-    from runtime.plan_report import render, write_svg
-    from runtime.plan_spec import request_from_spec
-    from runtime.planner import plan
-    from runtime.spec import load_spec
+    from runtime.planning.plan_report import render, write_svg
+    from runtime.planning.plan_spec import request_from_spec
+    from runtime.planning.planner import plan
+    from runtime.planning.spec import load_spec
 
     if args.environment:
         req = request_from_spec(load_spec(args.environment))
@@ -112,22 +112,22 @@ def build_parser(registrars) -> ArgumentParser:
 
 
 def _add_serve(sub) -> None:
-    from runtime.serve import add_serve
+    from runtime.serving.serve import add_serve
     add_serve(sub)
 
 
 def _add_smoke(sub) -> None:
-    from runtime.smoke import add_smoke
+    from runtime.serving.smoke import add_smoke
     add_smoke(sub)
 
 
 def _add_generate(sub) -> None:
-    from runtime.batch import add_generate
+    from runtime.serving.batch import add_generate
     add_generate(sub)
 
 
 def _add_monitoring(sub) -> None:
-    from runtime.monitoring import add_monitoring
+    from runtime.serving.monitoring import add_monitoring
     add_monitoring(sub)
 
 

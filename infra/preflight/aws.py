@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ProfileNotFound
 
 from infra.preflight import Finding, fail, ok, unknown
-from runtime import catalog
+from runtime.planning import catalog
 from runtime.errors import UserError
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 # Service Quotas codes for P instances (vCPUs): "Running On-Demand P instances" and
 # "All P Spot Instance Requests".

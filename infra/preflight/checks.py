@@ -7,10 +7,10 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.preflight import Finding, fail, ok
-from runtime.plan_report import render as render_plan
-from runtime.plan_spec import request_from_spec
-from runtime.planner import Plan, plan
-from runtime.spec import Spec
+from runtime.planning.plan_report import render as render_plan
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import Plan, plan
+from runtime.planning.spec import Spec
 
 STYLE = {"ok": "green", "fail": "red", "unknown": "yellow"}
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from infra.gcp_types import gpu_type, quota_metric, region_of
 from infra.preflight import Finding, fail, ok, unknown
-from runtime import catalog
+from runtime.planning import catalog
 from runtime.errors import UserError
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 # A private or test endpoint for the Compute API (e.g. http://127.0.0.1:PORT); unset: Google's.
 ENDPOINT_ENV = "HERD_GCE_ENDPOINT"

@@ -135,7 +135,7 @@ def add_weights(sub) -> None:
 def cmd_fetch(args) -> int:
     from provisioning.weights import fetch
     from runtime.paths import model_dir_for
-    from runtime.spec import load_spec
+    from runtime.planning.spec import load_spec
     if args.environment:
         spec = load_spec(args.environment)
         source = args.source or spec.model.source

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from runtime.processes import stop_group
-from runtime.supervisor import Health, die_with_parent
+from runtime.serving.processes import stop_group
+from runtime.serving.supervisor import Health, die_with_parent
 
 log = logging.getLogger("herd.external")
 
@@ -164,7 +164,7 @@ class ExternalEngine:
         """The engine's own Prometheus exposition (vLLM's `vllm:` families), for herd's /metrics to
         carry after its own: one scrape target per node. Never raises: a dead, hung or failing engine
         gives an EngineScrape without text (herd_engine_metrics_up 0) and herd's metrics render anyway."""
-        from runtime.metrics import EngineScrape
+        from runtime.serving.metrics import EngineScrape
         started = time.monotonic()
         headers = {}
         key = self.cfg.env.get("VLLM_API_KEY")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime import catalog
-from runtime.planner import Plan
-from runtime.spec import Spec
+from runtime.planning import catalog
+from runtime.planning.planner import Plan
+from runtime.planning.spec import Spec
 
 VLLM_VERSION = "0.33.0"   # pinned: provisioning installs exactly this on GPU nodes
 ENGINE_PORT = 8100        # vLLM's loopback port behind herd's front

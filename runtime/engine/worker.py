@@ -72,7 +72,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK', '?')}] %(message)s")
     rank, world = int(_env("RANK", "0")), int(_env("WORLD_SIZE", "1"))
     local_rank = int(_env("LOCAL_RANK", "0"))
-    from runtime.supervisor import die_with_parent
+    from runtime.serving.supervisor import die_with_parent
     die_with_parent()  # if torchrun is killed outright, its ranks go with it
     state = Path(_env("HERD_STATE_DIR"))
     (state / "ranks").mkdir(parents=True, exist_ok=True)
@@ -96,7 +96,7 @@ def main() -> int:
     if is_driver and store is not None:
         _report_loading(store, channel, world)
     read_before = _disk_read_bytes()
-    from runtime import dtypes
+    from runtime.planning import dtypes
     dtype = dtypes.resolve(_env("HERD_DTYPE", "auto"), checkpoint=dtypes.checkpoint_dtype(_env("HERD_MODEL_DIR")),
                            on_gpu=placement.on_cuda)
     log.info("loading in %s", dtype)

@@ -11,8 +11,8 @@ from cryptography import x509
 
 from infra.efa import efa_device_count, interface_layout
 from provisioning.boot import USER_DATA_LIMIT
-from runtime.spec import load_spec
-from runtime.tls import fingerprint
+from runtime.planning.spec import load_spec
+from runtime.serving.tls import fingerprint
 from tests.conftest import ROOT
 from tests.infra.conftest import CloudMocks, is_secret, plain_text, write_env
 

@@ -53,7 +53,7 @@ def test_down_without_the_cli_prints_the_destroy_commands(no_pulumi_cli):
 
 
 def test_every_shipped_cloud_environment_has_a_stack_naming_it():
-    from runtime.spec import load_spec
+    from runtime.planning.spec import load_spec
     for env in sorted((ROOT / "environments").glob("*.yaml")):
         if load_spec(env).target == "local":
             continue

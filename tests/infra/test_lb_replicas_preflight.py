@@ -6,7 +6,7 @@ import pytest
 from infra.preflight.aws import ON_DEMAND_P
 from tests.infra.test_preflight import (ENVS, a3_project, aws_check, ec2, gcp_check,  # noqa: F401 (fixture)
                                         reservation_client, spec_from)
-from runtime.spec import load_spec
+from runtime.planning.spec import load_spec
 
 
 def with_replicas(name: str, replicas: int, **changes):
@@ -44,14 +44,14 @@ def test_the_gcp_gpu_quota_counts_every_replica():
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_the_fit_finding_names_the_replicas(replicas):
     from infra.preflight.checks import findings_for
-    from runtime.plan_spec import request_from_spec
-    from runtime.planner import plan
+    from runtime.planning.plan_spec import request_from_spec
+    from runtime.planning.planner import plan
     spec = load_spec(ENVS / "onprem-example.yaml")
     if replicas > 1:
         data = spec.model_dump()
         data["onprem"]["load_balancer"] = {"address": "10.0.0.5"}
         data["replicas"] = replicas
-        from runtime.spec import parse_spec
+        from runtime.planning.spec import parse_spec
         spec = parse_spec(data, "onprem-example")
     (fit,) = findings_for(spec, plan(request_from_spec(spec)))
     prefix = "fits: 2 replicas x 1 x h100-80gb" if replicas > 1 else "fits: 1 x h100-80gb"

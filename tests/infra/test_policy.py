@@ -10,7 +10,7 @@ import yaml
 
 from infra.policy import RULES, STACK_RULES, crossguard_policies, violations
 from infra.stacks import stack_name
-from runtime.spec import load_spec
+from runtime.planning.spec import load_spec
 from tests.conftest import ROOT
 from tests.infra.conftest import write_env
 

@@ -11,9 +11,9 @@ from moto import mock_aws
 from infra.preflight.aws import ON_DEMAND_P, SPOT_P, AwsClients, aws_findings
 from infra.preflight.gcp import ENDPOINT_ENV, clients_for, gcp_findings
 from runtime.errors import UserError
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import load_spec, parse_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import load_spec, parse_spec
 from tests.conftest import ROOT, run_herd
 from tests.infra.gce_fake import ComputeState, FakeCompute
 

@@ -12,9 +12,9 @@ from rich.console import Console
 from provisioning.boot import NODE_ADDR, USER_DATA_LIMIT, BootSources, aws_sources, boot_script
 from provisioning.bundle import node_bundle
 from provisioning.steps import HostProfile, herd_version, plan_host
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import load_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import load_spec
 from tests.conftest import ROOT
 
 UBUNTU = 'ID=ubuntu\nVERSION_ID="24.04"\n'

@@ -25,9 +25,9 @@ from provisioning.haproxy import (BACKEND, BalancerConfig, Replica, admin, balan
                                   render, rolling_update, server_states, set_state, step_env)
 from provisioning.steps import STEPS_DIR
 from runtime.errors import UserError
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import parse_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import parse_spec
 from tests.conftest import ROOT
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from provisioning.local import KeepAlive, start_managed
-from runtime.supervisor import EXIT_RESTARTS_SPENT
+from runtime.serving.supervisor import EXIT_RESTARTS_SPENT
 from tests.conftest import ROOT
 from tests.runtime.conftest import alive, free_port, tiny_model  # noqa: F401 (a fixture)
 

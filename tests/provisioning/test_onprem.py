@@ -191,7 +191,7 @@ def test_unknown_changed_and_refused_keys_and_unreachable_hosts(hosts, tmp_path)
 
     from provisioning.onprem import Installer
     from rich.console import Console
-    from runtime.spec import load_spec
+    from runtime.planning.spec import load_spec
     spec = load_spec(write_env(tmp_path, hosts, empty))
     os.environ["HERD_TEST_API_KEY"] = "k"
     connected = Installer(spec, "", Console(quiet=True), trust_new_hosts=True)._connect_all()

@@ -18,9 +18,9 @@ import pytest
 
 from provisioning.steps import STEPS_DIR, plan_host, profiles_for, service_unit
 from runtime.errors import UserError
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import load_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import load_spec
 from tests.conftest import ROOT
 
 ONPREM = ROOT / "environments" / "onprem-example.yaml"

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from provisioning.onprem import Host, HostError, Installer
 from provisioning.steps import plan_host, profiles_for
-from runtime.spec import OnpremHost, load_spec
+from runtime.planning.spec import OnpremHost, load_spec
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]   # each test: seconds to ~40 s here

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from provisioning.steps import GPU_STEPS, STEPS_DIR, HostProfile, plan_host, step_names
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import load_spec, parse_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import load_spec, parse_spec
 from tests.conftest import ROOT
 
 UBUNTU = 'ID=ubuntu\nVERSION_ID="24.04"\nPRETTY_NAME="Ubuntu 24.04 LTS"\n'

@@ -1,10 +1,10 @@
 """serving.api_key_file (issue 18 item 13): a server started from a spec that names a key file requires
 that key; a missing, unreadable, empty or too-open key file is a one-line error before anything starts.
 
-The key file is read by runtime/serve.py (read_api_key, through _front_settings): the front is a real
+The key file is read by runtime/serving/serve.py (read_api_key, through _front_settings): the front is a real
 `herd serve` in front of a small OpenAI-compatible stand-in engine (--engine-cmd), so no model loads.
 This file sits with the weights tests only because of how the work was split; it belongs beside
-tests/runtime/test_server.py."""
+tests/runtime/serving/test_server.py."""
 import os
 import shlex
 import sys

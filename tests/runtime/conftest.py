@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.processes import pid_alive
+from runtime.serving.processes import pid_alive
 
 from tests.conftest import ROOT
 

@@ -17,9 +17,9 @@ import yaml
 
 from runtime.engine import vllm as vllm_module
 from runtime.engine.vllm import VLLM_VERSION, vllm_launch
-from runtime.plan_spec import request_from_spec
-from runtime.planner import plan
-from runtime.spec import load_spec, parse_spec
+from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.planner import plan
+from runtime.planning.spec import load_spec, parse_spec
 from tests.conftest import ENVIRONMENTS, ROOT, run_herd
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -247,7 +247,7 @@ def test_each_node_supervises_its_own_vllm_command(tmp_path):
     """`herd serve --role worker --node-rank 1` on a vLLM spec runs node 1's headless command."""
     from types import SimpleNamespace
 
-    from runtime.serve import _external_config
+    from runtime.serving.serve import _external_config
     spec = spec_from("aws-p4de-405b-bf16-2node.yaml", **{"aws.instance_type": "p5.48xlarge"})
     args = SimpleNamespace(engine_url=None, engine_cmd=None, rdzv_endpoint="10.0.0.1:29400", node_addr="10.0.0.2",
                            node_rank=1, max_restarts=3, canary_interval=10.0)

@@ -1,0 +1,1 @@
+"""Planning: the spec, the model and hardware catalog, architectures, the planner and its report."""

@@ -1,0 +1,79 @@
+"""From a deployment spec (or CLI flags) to a planner request: which hardware one node is."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from runtime.planning import catalog
+from runtime.planning.planner import Hardware, PlanRequest
+from runtime.planning.spec import Spec, resolve_architecture
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the planner needs to know about this machine for the local target (measured by the CLI)."""
+    ram_bytes: int
+    free_disk_bytes: int
+    cpus: int
+
+    @classmethod
+    def measure(cls, path: str = ".") -> HostFacts:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(ram_bytes=ram, free_disk_bytes=shutil.disk_usage(path).free, cpus=os.cpu_count() or 1)
+
+
+def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
+    section = spec.target_section
+    if spec.target == "aws":
+        return Hardware.from_instance(section.instance_type, "aws.instance_type")
+    if spec.target == "gcp":
+        return Hardware.from_instance(section.machine_type, "gcp.machine_type")
+    if spec.target == "onprem":
+        gib = 2**30
+        cpu_only = section.gpus_per_host == 0
+        return Hardware(
+            accelerator=catalog.accelerator("cpu" if cpu_only else section.accelerator),
+            devices_per_node=section.gpus_per_host or section.cpu_ranks_per_host,
+            host_ram_bytes=int(section.host_ram_gib * gib) if section.host_ram_gib else None,
+            disk_bytes=int(section.disk_gib * gib) if section.disk_gib else None,
+            # Each replica is its own group of hosts: a group may use at most its share of the list.
+            max_nodes=max(1, len(section.hosts) // spec.replicas), hosts=len(section.hosts))
+    host = host or HostFacts.measure()
+    return Hardware(accelerator=catalog.accelerator("cpu"), devices_per_node=_ranks(spec, host.cpus),
+                    host_ram_bytes=host.ram_bytes, disk_bytes=host.free_disk_bytes, max_nodes=1)
+
+
+def _ranks(spec: Spec, default: int) -> int:
+    local = spec.local
+    if local is not None and local.ranks:
+        return local.ranks
+    tensor = spec.parallelism.tensor
+    return tensor if tensor != "auto" else default
+
+
+def _planned_dtype(spec: Spec, hw: Hardware) -> str:
+    """`auto` before the weights are here: catalog checkpoints are bf16 (what GPUs then run); a CPU
+    runs bf16 only where it computes it natively (this host's flags: CPU plans are for this host)."""
+    from runtime.planning import dtypes
+    return dtypes.resolve(spec.model.dtype, checkpoint="bfloat16", on_gpu=hw.accelerator.is_gpu)
+
+
+def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
+    model = None if spec.model.id.startswith("config:") else catalog.model(spec.model.id)
+    hw = hardware_for(spec, host)
+    return PlanRequest(
+        architecture=resolve_architecture(spec.model), hardware=hw,
+        model_id=spec.model.id, dtype=_planned_dtype(spec, hw), quantization=spec.model.quantization,
+        kv_cache_dtype=spec.model.kv_cache_dtype, max_model_len=spec.context.max_model_len,
+        concurrency=spec.context.concurrency, max_prefill_tokens=spec.context.max_prefill_tokens,
+        tensor=spec.parallelism.tensor, pipeline=spec.parallelism.pipeline, nodes=spec.parallelism.nodes,
+        memory_utilization=spec.serving.gpu_memory_utilization, engine=spec.serving.engine,
+        fp8_checkpoint=model.fp8_checkpoint if model else None, replicas=spec.replicas)
+
+
+def replica_hosts(spec: Spec, plan) -> list[list]:
+    """On-prem: the hosts of each replica, in spec order: replica r is hosts[r*nodes:(r+1)*nodes]; its
+    first host is the replica's head (the one serving HTTP)."""
+    hosts, n = spec.onprem.hosts, plan.nodes
+    return [list(hosts[r * n:(r + 1) * n]) for r in range(spec.replicas)]

@@ -1,0 +1,1 @@
+"""Serving: the launcher and supervisor, the HTTP front, metrics, text, smoke and batch clients."""

@@ -1,0 +1,121 @@
+"""Bad environment files get one line naming file, field, value and what is allowed."""
+import textwrap
+
+import pytest
+
+from runtime.errors import UserError
+from runtime.planning.spec import load_spec
+from tests.conftest import ENVIRONMENTS, ROOT
+
+
+@pytest.mark.parametrize("path", ENVIRONMENTS, ids=lambda p: p.name)
+def test_every_shipped_environment_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    # The section that applies is the target's own, as written in the file.
+    section = spec.target_section
+    assert type(section).__name__ == {"local": "LocalSection", "onprem": "OnpremSection", "aws": "AwsSection",
+                                      "gcp": "GcpSection"}[spec.target]
+    assert section is getattr(spec, spec.target)
+
+
+def test_there_is_an_environment_for_every_target():
+    assert {load_spec(p).target for p in ENVIRONMENTS} == {"local", "onprem", "aws", "gcp"}
+
+
+LOCAL = (ROOT / "environments" / "local.yaml").read_text()
+
+
+def write(tmp_path, text):
+    path = tmp_path / "env.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(path) -> str:
+    with pytest.raises(UserError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    return message
+
+
+@pytest.mark.parametrize("change, field, expected", [
+    (("quantization: none", "quantisation: none"), "model.quantisation", "did you mean quantization"),
+    (("tensor: 3", "tensor: three"), "parallelism.tensor", "'auto'"),
+    (("tensor: 3", "tensor: 2"), "parallelism.tensor", "allowed: auto, 1, 3, 9"),
+    (("nodes: 1", "nodes: 0"), "parallelism.nodes", "greater than or equal to 1"),
+    (("max_model_len: 2048", "max_model_len: 100000"), "context.max_model_len", "16..8192"),
+    (("id: smollm2-135m-instruct", "id: smollm2-135m-instrukt"), "model.id", "smollm2-135m-instruct"),
+    (("target: local", "target: azure"), "target", "'local', 'onprem', 'aws' or 'gcp'"),
+    (("port: 8000", "port: 80000"), "serving.port", "65535"),
+    (("host: 127.0.0.1", "host: 0.0.0.0"), "serving.host", "API key is required"),
+    (("concurrency: 4", "concurrency: [4]"), "context.concurrency", "valid integer"),
+])
+def test_bad_field_names_field_value_and_allowed(tmp_path, change, field, expected):
+    old, new = change
+    assert old in LOCAL
+    message = error_of(write(tmp_path, LOCAL.replace(old, new)))
+    assert field in message and expected in message, message
+
+
+def test_unreadable_yaml_names_the_line(tmp_path):
+    message = error_of(write(tmp_path, "name: x\ntarget: local\nmodel: [unclosed\n"))
+    assert "line 4" in message or "line 3" in message
+
+
+def test_missing_file_is_named(tmp_path):
+    message = error_of(tmp_path / "nope.yaml")
+    assert "no such file" in message
+
+
+def test_only_the_targets_own_section_is_allowed(tmp_path):
+    text = LOCAL + "aws:\n  region: us-east-1\n  instance_type: p5.48xlarge\n  allowed_cidrs: [10.0.0.0/8]\n"
+    assert "section 'aws' given but target is 'local'" in error_of(write(tmp_path, text))
+
+
+def test_cloud_target_needs_its_section_and_valid_cidrs(tmp_path):
+    aws = (ROOT / "environments" / "aws-p5-405b-fp8.yaml").read_text()
+    assert "add 'aws:'" in error_of(write(tmp_path, aws.split("aws:\n")[0]))
+    bad = aws.replace("[203.0.113.0/24]", "[everyone]")
+    assert "aws.allowed_cidrs" in error_of(write(tmp_path, bad))
+    wrong_cloud = aws.replace("p5.48xlarge", "a3-highgpu-8g")
+    assert "is a gcp machine type" in error_of(write(tmp_path, wrong_cloud))
+
+
+# ------------------------------------------------------------------ replicas
+ONPREM = (ROOT / "environments" / "onprem-example.yaml").read_text()
+BALANCER = "  load_balancer: {address: 10.0.0.5}\n"
+
+
+def test_replicas_default_to_one_group():
+    assert all(load_spec(p).replicas == 1 for p in ENVIRONMENTS)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (LOCAL + "replicas: 2\n", "replicas: 2: the local target runs one group (allowed: 1;"),
+    (LOCAL + "replicas: 0\n", "replicas: 0: Input should be greater than or equal to 1"),
+    (ONPREM + "replicas: 2\n", "replicas: 2 needs onprem.load_balancer (address:"),
+    (ONPREM + BALANCER + "replicas: 3\n", "replicas: 3 groups need at least 3 hosts, onprem.hosts lists 2"),
+    (ONPREM.replace("nodes: auto}", "nodes: 2}") + BALANCER + "replicas: 2\n",
+     "parallelism.nodes: 2 per replica x replicas 2 = 4 hosts, onprem.hosts lists 2"),
+    (ONPREM + "  load_balancer: {address: 10.0.0.5, listen_address: everywhere}\nreplicas: 2\n",
+     "onprem.load_balancer.listen_address: 'everywhere': must be an IP address"),
+    (ONPREM + "  load_balancer: {address: 10.0.0.5, balance: roundrobin}\n",
+     "onprem.load_balancer.balance: unknown key (allowed: address, user, port, listen_address"),
+])
+def test_replicas_need_a_balancer_and_enough_hosts(tmp_path, text, expected):
+    assert expected in error_of(write(tmp_path, text))
+
+
+def test_onprem_replicas_with_a_balancer_load():
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_spec(write(Path(tmp), ONPREM + "  load_balancer: {address: 10.0.0.5, pem_file: /etc/herd/lb.pem}\n"
+                                              "replicas: 2\n"))
+    assert spec.replicas == 2
+    lb = spec.onprem.load_balancer
+    assert (lb.address, lb.user, lb.port, lb.listen_address, lb.listen_port, lb.pem_file) == \
+        ("10.0.0.5", "root", 22, "0.0.0.0", 443, "/etc/herd/lb.pem")
