@@ -275,6 +275,8 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         # On-prem hosts receive every dependency as wheels; cloud nodes reach the package index.
         "HERD_PIP_OFFLINE": "0" if profile.cloud else "1",
         "HERD_SERVE_ARGS": shlex.join(argv),
+        # serving.monitoring: the 90-monitoring step installs Prometheus on the head (workers skip it).
+        "HERD_MONITORING": "1" if spec.serving.monitoring else "0",
         # The whole unit, rendered here where every value is known and escaped (70-service installs it).
         "HERD_SERVICE_UNIT": service_unit(profile.home, argv, profile.gpu, home_field),
     }

@@ -97,6 +97,8 @@ class ServingSection(Strict):
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     api_key_file: str | None = Field(None, description="file holding the API key")
     gpu_memory_utilization: Annotated[float, Field(gt=0.1, le=0.98)] = 0.90
+    # Prometheus on the head with herd's scrape config, alert rules and dashboard (step 90-monitoring).
+    monitoring: bool = False
     served_model_name: str | None = None
     tls: TlsSection = TlsSection()
 

@@ -119,3 +119,17 @@ def test_a_step_that_needs_root_says_so_without_sudo(tmp_path):
                           capture_output=True, text=True, cwd="/")
     assert done.returncode == 1
     assert "needs root or passwordless sudo for: mount -o remount,size=999999G /dev/shm" in done.stderr
+
+
+def test_monitoring_is_installed_on_the_head_only_when_the_spec_asks(tmp_path):
+    spec = load_spec(ROOT / "environments" / "aws-p5-405b-fp8.yaml")
+    result = plan(request_from_spec(spec))
+    head = HostProfile("node-0", "10.0.0.1", 0, gpu=True, gpus=8, cloud="aws", nvswitch=True)
+    off = plan_host(spec, result, head, "10.0.0.1", "/opt/herd/models/m", spec.model.source, "/opt/herd/env.yaml")
+    assert off.env["HERD_MONITORING"] == "0"
+    assert "monitoring not requested" in run_step("90-monitoring", off.env, tmp_path).stdout
+    wanted = spec.model_copy(update={"serving": spec.serving.model_copy(update={"monitoring": True})})
+    on = plan_host(wanted, result, head, "10.0.0.1", "/opt/herd/models/m", spec.model.source, "/opt/herd/env.yaml")
+    assert on.env["HERD_MONITORING"] == "1"
+    dry = run_step("90-monitoring", {**on.env, "HERD_MONITORING_DIR": str(tmp_path)}, tmp_path)
+    assert "would check" in dry.stdout, dry.stdout + dry.stderr
