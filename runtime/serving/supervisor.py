@@ -337,8 +337,15 @@ class Supervisor:
             if outcome in ("ok", "lost") or generation != self._group_generation or self._doomed:
                 return  # answered, or the group is already being restarted for another reason
             self.health.canary_failures = attempt
-            # Honest meanwhile: a group that does not answer its canary is not ready.
-            self._lost(f"canary {outcome} ({attempt}/{attempts})")
+            if time.monotonic() - self._last_progress < timeout:
+                # Real requests got tokens meanwhile: the group is busy, not broken. A slow canary on a
+                # loaded host must not turn clients away; the retry decides.
+                log.warning("canary %s (%d/%d) while requests are making progress: retrying", outcome,
+                            attempt, attempts)
+                continue
+            # Honest meanwhile: a group that answers neither its canary nor anyone else is not ready.
+            # Requests already waiting stay (a restart, if it comes, fails them).
+            self._set_phase("not_ready", f"canary {outcome} ({attempt}/{attempts})")
         await self._restart(f"canary failed {attempts} times in a row (last: {self.health.reason})")
 
     async def _canary(self, timeout: float) -> str:
