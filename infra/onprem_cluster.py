@@ -15,6 +15,7 @@ from pulumi_command import remote
 
 from infra.stack import StackTls, stack_tls
 from provisioning.boot import BootSources, boot_script
+from provisioning.onprem import runtime_control
 from provisioning.steps import plan_host, profiles_for
 from runtime.planning.planner import Plan
 from runtime.planning.spec import OnpremHost, Spec
@@ -60,7 +61,7 @@ class OnpremCluster(pulumi.ComponentResource):
         self.tls = args.tls or stack_tls(spec, spec.name)
         # The head's certificate names every host address the spec lists (and serving.tls.sans).
         tls_values = self.tls.secrets([h.address for h in section.hosts])
-        commands = []
+        commands, runtimes = [], []
         for profile, host in zip(profiles_for(spec, plan), section.hosts):
             child = pulumi.ResourceOptions(parent=self)
             connection = remote.ConnectionArgs(host=host.address, port=host.port, user=host.user,
@@ -89,12 +90,20 @@ class OnpremCluster(pulumi.ComponentResource):
             sources = BootSources(fetch_bundle='cp /tmp/herd-node-bundle.tar.gz "$bundle"',
                                   address=f"echo {shlex.quote(host.address)}")
             script = boot_script(steps, sources, plan.nodes)
-            commands.append(remote.Command(
-                f"{name}-install-{rank}", connection=connection, create=script, triggers=[script],
-                delete=f"systemctl disable --now herd.service 2>/dev/null || "
-                       f"pkill -f {shlex.quote(home + '/venv/bin/herd serve')} || true",
-                opts=pulumi.ResourceOptions(parent=self, depends_on=depends)))
+            install = remote.Command(f"{name}-install-{rank}", connection=connection, create=script,
+                                     triggers=[script], opts=pulumi.ResourceOptions(parent=self, depends_on=depends))
+            commands.append(install)
+            # The runtime, started and stopped as `herd up` and `herd down` do: the unit where the
+            # service step installed one (the boot script restarted it already), else one process as
+            # the `herd` user, never a second copy; stopped with its ranks. A changed install replaces
+            # it, stopping the old runtime before the new one starts (never the other way around).
+            runtimes.append(remote.Command(
+                f"{name}-runtime-{rank}", connection=connection, triggers=[script],
+                create=runtime_control(home, "ensure", steps.env["HERD_SERVE_ARGS"], gpu=profile.gpu),
+                delete=runtime_control(home, "stop"),
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[install], delete_before_replace=True)))
         self.install_commands = commands
+        self.runtime_commands = runtimes
         self.head_address = pulumi.Output.from_input(head)
         self.node_addresses = pulumi.Output.from_input([h.address for h in section.hosts[:plan.nodes]])
         scheme = "https" if self.tls.enabled else "http"

@@ -3,9 +3,15 @@
 `herd up environments/onprem-*.yaml` connects to every host in parallel (paramiko, TCP_NODELAY), checks
 each host key against known_hosts (unknown or changed keys are refused unless --trust-new-hosts is
 given, and a changed key is refused even then), uploads what the hosts cannot fetch themselves (the
-steps, herd's wheels, the weights, the API key as a 0600 file), runs the steps with prefixed logs and
+steps, herd's wheels, the weights, the API key as a 0600 file, and to the head its TLS certificate and
+key: the spec's, or signed by the deployment CA kept on this machine), runs the steps with prefixed logs and
 resumable stamps, starts the runtime on every host (the first is the head and the rendezvous), waits
 for readiness and runs the smoke test through the head.
+
+The runtime on a host is its systemd unit where the 70-service step installed one (`systemctl restart`,
+`is-active`, `stop`), else one managed process run as the unprivileged `herd` user, named by a pid file
+that records its start time, so a rerun restarts it instead of starting a second copy and a reused pid
+is never taken for it. `herd down` stops either, and the ranks a killed runtime left behind.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import hashlib
 import math
 import os
 import posixpath
+import re
 import select
 import shlex
 import socket
@@ -28,9 +35,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from provisioning.bundle import wheel_bundle
-from provisioning.steps import STEPS_DIR, HostSteps, plan_host, profiles_for
+from provisioning.steps import SERVICE_USER, STEPS_DIR, HostSteps, plan_host, profiles_for
 from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
+from runtime import tls
 from runtime.errors import UserError
 from runtime.paths import model_dir_for
 from runtime.planning.plan_spec import request_from_spec
@@ -285,6 +293,241 @@ class HostResult:
     started: bool = False
 
 
+# ------------------------------------------------------------------ the runtime on a host
+SERVICE = "herd.service"
+# The managed process gets what the unit gives the service: systemd's default PATH, a $HOME it may
+# write, and no other variable of the SSH session.
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# How long a stopping runtime gets to stop its ranks itself (it gives torchrun 10 s) before the rest
+# of its process tree is killed.
+STOP_GRACE_S = 30
+
+_CONTROL = r"""
+set -u
+home=__HOME__
+user=__USER__
+unit=__UNIT__
+action=__ACTION__
+pidf="$home/state/serve.pid"
+report() { printf 'herd-runtime: %s\n' "$*"; }
+
+# The unit is installed (the 70-service step installs it where systemd runs) and systemd answers.
+has_unit() { command -v systemctl >/dev/null 2>&1 && systemctl cat "$unit" >/dev/null 2>&1; }
+
+# The start time of a live process (clock ticks since boot, /proc/PID/stat field 22): with its pid, it
+# names that one process; a pid reused later by another has another start time.
+started_at() {
+  local s
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  # shellcheck disable=SC2086  # the fields after the command name, split on purpose
+  set -- $s
+  [ "$1" != Z ] && echo "${20}"
+}
+
+# The pid of the runtime this installer started when it still runs, else nothing (status 1). The pid
+# file holds "PID START"; an older one holds only the pid: then the process must be herd serve itself.
+serve_pid() {
+  local pid="" start="" now
+  [ -f "$pidf" ] || return 1
+  read -r pid start < "$pidf" || [ -n "$pid" ] || return 1
+  case $pid in ''|*[!0-9]*) return 1 ;; esac
+  now=$(started_at "$pid") || return 1
+  if [ -n "$start" ]; then
+    [ "$now" = "$start" ] || return 1
+  else
+    tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$home/venv/bin/herd serve" || return 1
+  fi
+  echo "$pid"
+}
+
+# PID:START of every process below $1 (its engine launcher and ranks, which leave its session).
+descendants() {
+  local p s
+  for p in $(ps -e -o pid= -o ppid= | awk -v root="$1" '
+      { parent[$1] = $2 }
+      END { for (p in parent) { q = parent[p]; while (q != "" && q > 1 && q != root) q = parent[q];
+                                if (q == root) print p } }'); do
+    s=$(started_at "$p") && echo "$p:$s"
+  done
+}
+
+# Stop the managed runtime: SIGTERM (it stops its ranks), then SIGKILL for whatever of its process
+# tree is left. With "ranks", also the ranks its pid files name that still run (a runtime killed
+# before it could stop them left them behind); with "own-ranks", only when a managed runtime ran (the
+# pid files may be a unit's). Status 0 when something was stopped.
+stop_process() {
+  local pid tree p s stopped=1 f
+  if pid=$(serve_pid); then
+    stopped=0
+    tree=$(descendants "$pid")
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 $((__GRACE__ * 10))); do started_at "$pid" >/dev/null || break; sleep 0.1; done
+    for p in "$pid:$(started_at "$pid")" $tree; do
+      s=${p#*:}
+      [ -n "$s" ] && [ "$(started_at "${p%%:*}")" = "$s" ] && kill -KILL "${p%%:*}" 2>/dev/null
+    done
+  fi
+  if [ "${1:-}" = ranks ] || { [ "${1:-}" = own-ranks ] && [ $stopped = 0 ]; }; then
+    for f in "$home"/state/serve/ranks/*.pid; do
+      [ -f "$f" ] || continue
+      p=$(head -c 32 "$f")
+      case $p in ''|*[!0-9]*) continue ;; esac
+      if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q 'runtime\.engine\.worker'; then
+        kill -KILL "$p" 2>/dev/null && stopped=0
+      fi
+    done
+  fi
+  rm -f "$pidf"
+  return $stopped
+}
+
+# What the unit assumes, for the managed process: the user (as the 70-service step creates it where
+# systemd runs), its writable state and $HOME, the API key and the head's TLS key readable by it alone.
+prepare_user() {
+  local out group secret
+  if ! id -u "$user" >/dev/null 2>&1; then
+    if getent group "$user" >/dev/null; then group=(--gid "$user"); else group=(--user-group); fi
+    # Another install on this host may create it at the same moment: its user is as good.
+    out=$(useradd --system "${group[@]}" --no-create-home --no-log-init --home-dir "$home/state/home" \
+            --shell /usr/sbin/nologin --comment "herd inference runtime" "$user" 2>&1) ||
+      id -u "$user" >/dev/null 2>&1 || { echo "creating the user $user failed: $out" >&2; exit 1; }
+  fi
+  for group in video render; do
+    getent group "$group" >/dev/null || continue
+    id -nG "$user" | tr ' ' '\n' | grep -qx "$group" || usermod -aG "$group" "$user"
+  done
+  install -d -m 0755 "$home/state"
+  install -d -o "$user" -g "$user" -m 0750 "$home/state/serve" "$home/state/home"
+  if [ -n "$(find "$home/state/serve" "$home/state/home" ! -user "$user" -print -quit)" ]; then
+    chown -R "$user:$user" "$home/state/serve" "$home/state/home"   # left by a runtime run as root
+  fi
+  if [ -d "$home/secrets" ]; then
+    chown "$user:$user" "$home/secrets" && chmod 0700 "$home/secrets"
+    for secret in api-key tls-cert tls-key; do
+      [ -f "$home/secrets/$secret" ] || continue
+      chown "$user:$user" "$home/secrets/$secret" && chmod 0600 "$home/secrets/$secret"
+    done
+  fi
+}
+
+# One `herd serve`, in its own session, as the user, with no privilege it could regain.
+launch() {
+  local pid env line
+  command -v setpriv >/dev/null ||
+    { echo "setpriv (util-linux) is missing: it runs the runtime as $user" >&2; exit 1; }
+  __GPU_PREP__
+  env=("PATH=__PATH__" "HOME=$home/state/home" "LANG=C.UTF-8")
+  if [ -f "$home/nccl.env" ]; then   # the fabric's variables, as the unit's EnvironmentFile=
+    while IFS= read -r line; do env+=("$line"); done < <(grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$home/nccl.env")
+  fi
+  cd "$home" || exit 1
+  umask 027
+  setsid env -i "${env[@]}" setpriv --reuid="$user" --regid="$user" --init-groups --no-new-privs \
+    --inh-caps=-all --bounding-set=-all -- "$home/venv/bin/herd" serve __ARGS__ \
+    > "$home/state/serve.log" 2>&1 < /dev/null &
+  pid=$!
+  echo "$pid $(started_at "$pid")" > "$pidf.new" && mv -f "$pidf.new" "$pidf"
+  sleep 1
+  if ! serve_pid >/dev/null; then
+    echo "herd serve exited at once: $(tail -n 5 "$home/state/serve.log" | tr '\n' ' ')" >&2
+    exit 1
+  fi
+  report "process running $pid"
+}
+
+case $action in
+  status)
+    if has_unit; then report "systemd $(systemctl is-active "$unit" 2>/dev/null)"
+    elif pid=$(serve_pid); then report "process running $pid"
+    else report "process stopped"; fi ;;
+  start|ensure)
+    if has_unit; then
+      # A runtime started outside systemd (before the unit was installed) would run beside it.
+      stop_process own-ranks && echo "stopped the runtime started outside systemd"
+      systemctl enable --quiet "$unit" || { echo "systemctl enable $unit failed" >&2; exit 1; }
+      # start: always a fresh start (new arguments, new weights); ensure: after a boot script that
+      # restarted it already, only when it is not running.
+      if [ "$action" = start ]; then verb=restart; else verb=start; fi
+      systemctl "$verb" "$unit" || { echo "systemctl $verb $unit failed (journalctl -u $unit)" >&2; exit 1; }
+      report "systemd $(systemctl is-active "$unit" 2>/dev/null)"
+    else
+      stop_process ranks
+      prepare_user
+      launch
+    fi ;;
+  stop)
+    manager=process what=""
+    if has_unit; then
+      manager=systemd
+      case $(systemctl is-active "$unit" 2>/dev/null) in active|activating|reloading) what=systemd ;; esac
+      systemctl stop "$unit" || { echo "systemctl stop $unit failed" >&2; exit 1; }
+      systemctl disable --quiet "$unit"   # down stays down: a reboot does not start it again
+    fi
+    if stop_process ranks; then what="${what:+$what+}process"; fi
+    if [ -n "$what" ]; then report "$what stopped"; else report "$manager idle"; fi ;;
+esac
+"""
+
+_GPU_PREP = ('nvidia-smi -L >/dev/null || { echo "nvidia-smi -L failed: the GPUs do not answer" >&2; exit 1; }\n'
+             '  ! command -v nvidia-modprobe >/dev/null || nvidia-modprobe -u -c=0')
+
+
+def as_root(script: str) -> str:
+    """`script` run by bash with root rights: as is for root, through passwordless sudo otherwise."""
+    return (f'script={shlex.quote(script)}; if [ "$(id -u)" = 0 ]; then bash -c "$script"; '
+            'elif sudo -n true 2>/dev/null; then sudo -n bash -c "$script"; '
+            'else echo "needs root or passwordless sudo (user $(id -un))" >&2; exit 1; fi')
+
+
+def runtime_control(home: str, action: str, serve_args: str = "", gpu: bool = False) -> str:
+    """The shell command that runs `action` for the runtime on a host, with root rights:
+    status; start (restart it: the unit through systemctl where installed, else one process as the
+    `herd` user, never a second copy); ensure (the same, but a unit already running is left alone);
+    stop (the unit and the managed process, ranks included). `serve_args` is HERD_SERVE_ARGS, already
+    shell-quoted. Its last line reports `herd-runtime: MANAGER STATE [PID]`."""
+    if action not in ("status", "start", "ensure", "stop"):
+        raise ValueError(f"unknown runtime action {action!r}")
+    values = {"HOME": shlex.quote(home), "USER": SERVICE_USER, "UNIT": SERVICE, "GRACE": str(STOP_GRACE_S),
+              "PATH": SERVICE_PATH, "GPU_PREP": _GPU_PREP if gpu else ":", "ACTION": action, "ARGS": serve_args}
+    # One pass: a value (the install directory is the user's) is never searched for another name.
+    return as_root(re.sub(r"__([A-Z_]+?)__", lambda m: values[m.group(1)], _CONTROL))
+
+
+@dataclass
+class RuntimeState:
+    host: str
+    manager: str              # systemd | process
+    state: str                # systemd: is-active's word; process: running | stopped; stop: stopped | idle
+    pid: int | None = None
+
+    @classmethod
+    def parse(cls, host: str, output: str) -> "RuntimeState":
+        lines = [line for line in output.splitlines() if line.startswith("herd-runtime: ")]
+        if not lines:
+            raise HostError(f"{host}: the runtime's control script reported nothing")
+        words = lines[-1].split()[1:]
+        manager, state = (words + ["", ""])[:2]
+        pid = int(words[2]) if len(words) > 2 and words[2].isdigit() else None
+        return cls(host, manager, state, pid)
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("active", "running")
+
+    @property
+    def summary(self) -> str:
+        """running | starting | failed | stopped, whichever manager runs it."""
+        if self.running:
+            return "running"
+        return {"activating": "starting", "reloading": "running", "failed": "failed"}.get(self.state, "stopped")
+
+    def describe(self) -> str:
+        if self.manager == "systemd":
+            return f"systemd {SERVICE}"
+        return f"process {self.pid}, user {SERVICE_USER}" if self.pid else f"process, user {SERVICE_USER}"
+
+
 class Installer:
     def __init__(self, spec: Spec, env_path: str, console: Console, trust_new_hosts: bool = False):
         if spec.target != "onprem":
@@ -299,13 +542,34 @@ class Installer:
         self.home = section.install_dir
         self.plan = plan(request_from_spec(spec))
         self.api_key: str | None = None   # read by install(): status and down need no key
+        self.tls: tls.ServerTls | None = None   # made or checked by install(), handed to the head
 
     @property
     def hosts(self) -> list[OnpremHost]:
         return self.spec.onprem.hosts[:self.plan.nodes]
 
     def endpoint(self) -> str:
-        return f"http://{self.hosts[0].address}:{self.spec.serving.port}"
+        return tls.endpoint_for(self.spec)
+
+    def verify(self, ca_file: str | None = None):
+        """httpx's `verify=` for the endpoint: `ca_file`, else the spec's CA or the deployment CA."""
+        endpoint = self.endpoint()
+        if not endpoint.startswith("https://"):
+            return tls.client_verify(ca_file, endpoint)   # refuses a CA for plain HTTP
+        return tls.client_verify(ca_file or tls.client_ca(self.spec), endpoint,
+                                 "--ca-file" if ca_file else "deployment CA")
+
+    def server_tls(self) -> tls.ServerTls | None:
+        """The head's certificate and key: the spec's files (checked), else issued by the deployment CA
+        on this machine for the head's address and the spec's names; None for plain HTTP (loopback)."""
+        if not self.spec.serving.tls_enabled:
+            return None
+        named = tls.named_material(self.spec, str(self.env_path))
+        if named is not None:
+            return named
+        sans = tls.server_sans(self.hosts[0].address, tls.spec_sans(self.spec))
+        material, _ = tls.deployment_material(tls.deployment_tls_dir(self.spec), sans, self.spec.name)
+        return material
 
     @staticmethod
     def _on_every_host(fn, *per_host_args) -> tuple[list, list[str]]:
@@ -335,6 +599,7 @@ class Installer:
         if not self.plan.fits:
             raise UserError("the plan does not fit: " + "; ".join(self.plan.reasons))
         self.api_key = read_api_key(self.spec.serving.api_key_env, self.spec.serving.api_key_file)
+        self.tls = self.server_tls()
         model_dir = model_dir_for(self.spec.model.id)
         source = self.spec.model.source or ""
         if source and not source.startswith(("file:", "/")):
@@ -382,6 +647,9 @@ class Installer:
         host.sftp.put(str(self.env_path), f"{self.home}/environment.yaml")
         if self.api_key:
             host.write_secret(f"{self.home}/secrets/api-key", self.api_key)
+        if self.tls is not None and steps.profile.node_rank == 0:   # only the head serves HTTPS
+            host.write_secret(f"{self.home}/secrets/tls-cert", self.tls.certfile.read_text())
+            host.write_secret(f"{self.home}/secrets/tls-key", self.tls.keyfile.read_text())
         result.uploaded, result.skipped_bytes = stats["uploaded"], stats["skipped"]
         for step, why in steps.skipped.items():
             host.console.print(f"[cyan]{host.name}[/] | {step}: skip: {why}", highlight=False)
@@ -404,70 +672,72 @@ class Installer:
         spaces, `$` or quotes: it is the user's)."""
         return shlex.quote(posixpath.join(self.home, *parts))
 
-    def _serve_command(self, steps: HostSteps) -> str:
-        # HERD_SERVE_ARGS is already a shell-quoted argument list (shlex.join).
-        return (f"cd {self._path()} && mkdir -p state && (setsid nohup {self._path('venv', 'bin', 'herd')} serve "
-                f"{steps.env['HERD_SERVE_ARGS']} > {self._path('state', 'serve.log')} 2>&1 < /dev/null & "
-                f"echo $! > {self._path('state', 'serve.pid')})")
+    def _control(self, host: Host, action: str, steps: HostSteps | None = None) -> RuntimeState:
+        """Run one runtime action (status, start, stop) on the host, with root rights; its last report."""
+        script = runtime_control(self.home, action, steps.env["HERD_SERVE_ARGS"] if steps else "",
+                                 gpu=bool(steps and steps.profile.gpu))
+        _, out = host.run(script, quiet=True, timeout=COMMAND_TIMEOUT_S)
+        return RuntimeState.parse(host.name, out)
 
     def _running(self, host: Host) -> bool:
-        code, _ = host.run(f"kill -0 $(cat {self._path('state', 'serve.pid')} 2>/dev/null) 2>/dev/null",
-                           check=False, quiet=True)
-        return code == 0
+        return self._control(host, "status").running
 
     def _start_all(self, hosts: list[Host], host_steps: list[HostSteps]) -> set[str]:
-        if self._ready_now() and all(self._running(h) for h in hosts):
+        """Start the runtime on every host: its systemd unit where it has one, else one process run as
+        the `herd` user. A runtime that runs already is restarted, never started beside itself; one that
+        runs and answers ready on every host is left alone."""
+        states, errors = self._on_every_host(lambda h: self._control(h, "status"), hosts)
+        if errors:
+            raise UserError("; ".join(errors))
+        if all(s.running for s in states) and self._ready_now():
             self.console.print("runtime already running and ready on every host: nothing to start")
             return set()
-        started = set()
-        for host, steps in zip(hosts, host_steps):
-            if self._running(host):
-                host.run(f"kill $(cat {self._path('state', 'serve.pid')})", check=False, quiet=True)
-                time.sleep(1)
-            host.run(self._serve_command(steps), quiet=True)
-            started.add(host.name)
-        return started
+        started, errors = self._on_every_host(lambda h, s: self._control(h, "start", s), hosts, host_steps)
+        if errors:
+            raise UserError("; ".join(sorted(errors)))
+        for state in started:
+            self.console.print(f"[cyan]{escape(state.host)}[/] | runtime started ({state.describe()})",
+                               highlight=False)
+        return {state.host for state in started}
 
     def _ready_now(self) -> bool:
         try:
-            return httpx.get(f"{self.endpoint()}/health/ready", timeout=3).status_code == 200
+            return httpx.get(f"{self.endpoint()}/health/ready", timeout=3,
+                             verify=self.verify()).status_code == 200
         except httpx.TransportError:
             return False
 
     # ---------------------------------------------------------------- down / status
     def down(self) -> list[str]:
+        """Stop whatever runs on each host (the unit, a managed process, ranks left behind); the hosts
+        where something ran."""
         hosts = self._connect_all()
-        stopped = []
         try:
-            for host in hosts:
-                pid_file = self._path("state", "serve.pid")
-                code, _ = host.run(f"test -f {pid_file} && kill $(cat {pid_file})", check=False, quiet=True)
-                # The glob stays outside the quotes: the quoted folder, then *.pid expanded in it.
-                host.run(f"for f in {self._path('state', 'serve', 'ranks')}/*.pid; do [ -f \"$f\" ] && "
-                         f"kill -9 $(cat \"$f\") 2>/dev/null; done; rm -f {pid_file}", check=False, quiet=True)
-                if code == 0:
-                    stopped.append(host.name)
-        except HostError as err:   # a command that timed out: one line naming the host, as for the install
-            raise UserError(str(err)) from None
+            states, errors = self._on_every_host(lambda h: self._control(h, "stop"), hosts)
         finally:
             for host in hosts:
                 host.close()
-        return stopped
+        if errors:   # a command that failed or timed out: one line naming the host, as for the install
+            raise UserError("; ".join(sorted(errors)))
+        return [s.host for s in states if s.state == "stopped"]
 
-    def status(self) -> dict:
+    def status(self, ca_file: str | None = None) -> dict:
+        verify = self.verify(ca_file)
         hosts = self._connect_all()
         try:
-            states = {h.name: ("running" if self._running(h) else "stopped") for h in hosts}
-        except HostError as err:
-            raise UserError(str(err)) from None
+            states, errors = self._on_every_host(lambda h: self._control(h, "status"), hosts)
         finally:
             for host in hosts:
                 host.close()
+        if errors:
+            raise UserError("; ".join(sorted(errors)))
         try:
-            health = httpx.get(f"{self.endpoint()}/health/ready", timeout=3).json()
+            health = httpx.get(f"{self.endpoint()}/health/ready", timeout=3, verify=verify).json()
         except (httpx.TransportError, ValueError) as err:
             health = {"status": "unreachable", "reason": str(err)}
-        return {"hosts": states, "endpoint": self.endpoint(), "health": health}
+        return {"hosts": {s.host: s.summary for s in states},
+                "managers": {s.host: s.describe() for s in states},
+                "endpoint": self.endpoint(), "health": health}
 
 
 # ------------------------------------------------------------------ commands
@@ -488,7 +758,10 @@ def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
         console.print(f"{r.name}: {r.uploaded / 1e6:.1f} MB uploaded, {r.skipped_bytes / 1e6:.1f} MB already there, "
                       f"{r.steps_run} steps run, {r.steps_skipped} already done"
                       + (", runtime started" if r.started else ""))
-    with httpx.Client(base_url=installer.endpoint(), timeout=5) as client:
+    if installer.tls is not None:
+        console.print(tls.announce(installer.tls), markup=False, highlight=False, soft_wrap=True)
+    verify = installer.verify()
+    with httpx.Client(base_url=installer.endpoint(), timeout=5, verify=verify) as client:
         try:
             wait_ready(client, ready_timeout, console)
         except TimeoutError as err:
@@ -496,7 +769,7 @@ def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
             return 1
     console.print(f"install took {time.monotonic() - started:.1f}s")
     if smoke:
-        report = run_smoke(installer.endpoint(), installer.api_key, 60, console)
+        report = run_smoke(installer.endpoint(), installer.api_key, 60, console, verify=verify)
         render_smoke(report, console)
         if not report.passed:
             return 1
@@ -511,14 +784,15 @@ def down_onprem(spec: Spec, env_path: str, console: Console) -> int:
     return 0
 
 
-def status_onprem(spec: Spec, env_path: str, console: Console, as_json: bool = False) -> int:
+def status_onprem(spec: Spec, env_path: str, console: Console, as_json: bool = False,
+                  ca_file: str | None = None) -> int:
     import json
-    info = Installer(spec, env_path, console).status()
+    info = Installer(spec, env_path, console).status(ca_file)
     if as_json:
         print(json.dumps(info, indent=2))
     else:
         for name, state in info["hosts"].items():
-            console.print(f"{name}: {state}")
+            console.print(f"{name}: {state} ({info['managers'][name]})")
         h = info["health"]
         console.print(f"{info['endpoint']}: {h.get('status')} ({h.get('reason')})")
     return 0 if info["health"].get("status") == "ready" else 3

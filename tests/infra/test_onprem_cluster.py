@@ -49,6 +49,18 @@ def test_every_host_runs_the_steps_over_ssh_with_its_key_pinned(run_stack, racks
     assert "umask 077" in key_writer.inputs["create"]
     for resource in mocks.resources:
         assert API_KEY not in plain_text(resource.inputs), resource.name
+    # The install command only installs: it stops nothing (an update replaces it while serving).
+    assert "delete" not in installs[0].inputs
+    # The runtime is started and stopped as `herd up` / `herd down` do it, on the same connection.
+    [runtime] = [r for r in mocks.of_type("command:remote:Command") if "-runtime-" in r.name]
+    assert runtime.inputs["connection"]["value"]["host"] == "10.0.0.11"
+    assert runtime.inputs["triggers"] == [script]   # a changed install restarts it
+    start, stop = runtime.inputs["create"], runtime.inputs["delete"]
+    assert 'systemctl "$verb" "$unit"' in start and "verb=start" in start   # the boot script restarted it
+    assert "setpriv --reuid=\"$user\"" in start and "nohup" not in start     # else one process, as herd
+    assert "action=ensure" in start and "--api-key-file /opt/herd/secrets/api-key" in start
+    assert 'systemctl stop "$unit"' in stop and "action=stop" in stop and "pkill" not in stop
+    assert "sudo -n bash" in start and "sudo -n bash" in stop               # a non-root SSH user
     copies = {r.inputs["remotePath"] for r in mocks.of_type("command:remote:CopyToRemote")}
     assert copies == {"/tmp/herd-node-bundle.tar.gz", "/opt/herd/wheels"}
     assert outputs["endpoint"] == "https://10.0.0.11:8000"

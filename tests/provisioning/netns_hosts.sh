@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # netns_hosts.sh up N | down | restart I : N test "hosts" on this machine, each a network namespace
-# with its own hostname, /etc/hosts, copy-on-write /opt /root /home, and a real OpenSSH sshd
-# (key-only, root). Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves
+# with its own hostname, /etc/hosts, copy-on-write /etc /opt /root /home (a user created on a host
+# exists on that host only, as on separate machines), and a real OpenSSH sshd (key-only, root). Addresses 10.250.0.(10+i) on a private bridge; no default route, nothing leaves
 # the machine. `restart I` brings host I's sshd back after everything in it was killed; its disks
 # (the overlay upper dirs) persist, like a rebooted machine's.
 # HERD_HOSTS_TAG (namespaces TAG-hI, bridge TAGbr0) and HERD_HOSTS_NET (the /24) let test files that
@@ -32,11 +32,11 @@ start_sshd() {
   local d="$DIR/h$i"
   ip netns exec "$NS$i" unshare --mount --uts --propagation private -- /bin/bash -ec "
     hostname h$i
-    mount --bind '$DIR/etc_hosts' /etc/hosts
-    mount --bind '$DIR/resolv.conf' /etc/resolv.conf
-    for p in opt root home; do
+    for p in etc opt root home; do
       mount -t overlay overlay -o lowerdir=/\$p,upperdir='$d'/fs/\$p.upper,workdir='$d'/fs/\$p.work /\$p
     done
+    mount --bind '$DIR/etc_hosts' /etc/hosts
+    mount --bind '$DIR/resolv.conf' /etc/resolv.conf
     exec /usr/sbin/sshd -f '$d/sshd_config' -E '$d/sshd.log'"
   for _ in $(seq 1 100); do
     ip netns exec "$NS$i" ss -Hltn "sport = :22" | grep -q LISTEN && return 0
@@ -70,10 +70,17 @@ ip addr add "$NET.1/24" dev "$BR"
 ip link set "$BR" up
 { echo "127.0.0.1 localhost"; for i in $(seq 1 "$N"); do echo "$NET.$((10 + i)) h$i"; done; } > "$DIR/etc_hosts"
 echo "# no resolver" > "$DIR/resolv.conf"
+# The hosts' python: the system's when it is the same version as this machine's (herd's wheels are
+# built for that) and can make a venv, since the runtime runs as the unprivileged `herd` user, who
+# cannot reach an interpreter under /root; else this machine's.
 PYBIN=$(dirname "$(python3 -c 'import os,sys; print(os.path.realpath(sys.executable))')")
+if [ "$(/usr/bin/python3 -c 'import ensurepip, sys; print(sys.version_info[:2])' 2>/dev/null)" = \
+     "$(python3 -c 'import sys; print(sys.version_info[:2])')" ]; then
+  PYBIN=/usr/bin
+fi
 for i in $(seq 1 "$N"); do
   d="$DIR/h$i" ip4="$NET.$((10 + i))"
-  mkdir -p "$d"/fs/{opt,root,home}.{upper,work}
+  mkdir -p "$d"/fs/{etc,opt,root,home}.{upper,work}
   ssh-keygen -q -t ed25519 -N '' -C "h$i" -f "$d/ssh_host_ed25519_key"
   cp "$DIR/id_ed25519.pub" "$d/authorized_keys"
   echo "export PATH=$PYBIN:\$PATH" > "$d/fs/root.upper/.bashrc"
