@@ -38,7 +38,7 @@ from provisioning.bundle import wheel_bundle
 from provisioning.steps import SERVICE_USER, STEPS_DIR, HostSteps, plan_host, profiles_for
 from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
-from runtime import tls
+from runtime.serving import tls
 from runtime.errors import UserError
 from runtime.paths import model_dir_for
 from runtime.planning.plan_spec import request_from_spec

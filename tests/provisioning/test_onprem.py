@@ -444,7 +444,7 @@ STARTERS = ("nohup", "setpriv", "runuser", "su", "setsid")
 def test_one_runtime_as_herd_then_the_systemd_unit_through_a_stand_in_systemctl(sd_hosts, tmp_path, monkeypatch):
     from provisioning.onprem import Installer, runtime_control
     from provisioning.steps import plan_host, profiles_for
-    from runtime.spec import load_spec
+    from runtime.planning.spec import load_spec
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))   # no deployment CA of another run
     known = tmp_path / "known_hosts"
     known.write_text(keyscan([SD_ADDR]))
