@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import Report  # noqa: E402
 
-from runtime import catalog  # noqa: E402
+from runtime.planning import catalog  # noqa: E402
 from runtime.planning.architecture import Architecture  # noqa: E402
 from runtime.engine.decode import Row, decode_batch  # noqa: E402
 from runtime.engine.static_batch import StaticBatch  # noqa: E402
