@@ -3,6 +3,7 @@ installs it, and two real replicas of the tiny model behind a real HAProxy over 
 steady client load while one replica's rank is killed."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -504,9 +505,10 @@ def netns_balancer(tmp_path_factory):
             state = tmp / f"replica-{i}"
             state.mkdir()
             # Inside host i's network namespace, on that host's address only.
+            # On its own address, so HTTPS with the replica's own deployment CA (state/tls/ca.pem).
             servers.append(netns_serve(ServeProcess, f"{NETNS_TAG}-h{i + 1}", addrs[i])(
                 ["--host", addrs[i], *serve_args(model, 512), "--api-key-file", str(key_file)], state,
-                port=port).start())
+                port=port, tls=True).start())
         spec = parse_spec({
             "name": "onprem-lb", "target": "onprem", "replicas": 2,
             "model": {"id": f"config:{model}/config.json", "dtype": "float32"},
@@ -520,8 +522,14 @@ def netns_balancer(tmp_path_factory):
         result = plan(request_from_spec(spec))
         assert result.fits and result.total_nodes == 2, result.reasons
         home = "/opt/herd"
-        config = balancer_config(spec, result, pem_path=f"{home}/haproxy/herd.pem",
-                                 socket_path=f"{home}/haproxy/admin.sock")
+        for server in servers:
+            server.wait_ready(timeout=180)
+        # HAProxy verifies each replica's certificate against that replica's CA (both in one file).
+        backend_ca = tmp / "backend-ca.pem"
+        backend_ca.write_text("".join((server.state_dir / "tls" / "ca.pem").read_text() for server in servers))
+        config = dataclasses.replace(
+            balancer_config(spec, result, pem_path=f"{home}/haproxy/herd.pem", socket_path=f"{home}/haproxy/admin.sock"),
+            backend_ca_path=f"{home}/secrets/backend-ca.pem")
         assert [(r.address, r.port) for r in config.replicas] == [(addrs[0], port), (addrs[1], port)]
         step = step_env(config, home, f"{home}/secrets/haproxy.pem", config_path=f"{home}/haproxy/haproxy.cfg",
                         pid_path=f"{home}/haproxy/haproxy.pid")
@@ -530,8 +538,7 @@ def netns_balancer(tmp_path_factory):
         ssh.run(f"mkdir -p {home}/steps {home}/secrets && chmod 700 {home}/secrets")
         ssh.copy([STEPS_DIR / "common.sh", STEPS_DIR / "90-haproxy.sh"], f"{home}/steps/")
         ssh.copy([certs.bundle], f"{home}/secrets/haproxy.pem")
-        for server in servers:
-            server.wait_ready(timeout=180)
+        ssh.copy([backend_ca], f"{home}/secrets/backend-ca.pem")
         import shlex
         command = "env " + " ".join(f"{k}={shlex.quote(v)}" for k, v in {**step, "HERD_SYSTEMD": "0"}.items())
         installed = ssh.run(f"{command} bash {home}/steps/90-haproxy.sh", check=False)
@@ -552,7 +559,7 @@ def netns_serve(base, namespace: str, address: str):
     class NetnsServe(base):
         @property
         def url(self) -> str:
-            return f"http://{address}:{self.port}"
+            return f"{'https' if self.tls else 'http'}://{address}:{self.port}"
 
         def start(self):
             import sys

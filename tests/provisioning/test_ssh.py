@@ -21,7 +21,7 @@ HOSTS_SCRIPT = ROOT / "tests" / "provisioning" / "netns_hosts.sh"
 # Hosts of their own (namespaces hc6-h*, 10.253.14.0/24): test_onprem's may be up at the same time.
 TAG, NET = "hc6", "10.253.14"
 ADDR = f"{NET}.11"
-ODD_HOME = "/opt/herd $HOME 'q' dir"   # a space, a `$` and quotes: each breaks an unquoted command
+ODD_HOME = "/opt/herd $HOME dir"   # a space and a `$`: each breaks an unquoted command (quotes are refused: the unit's program path cannot hold them)
 
 
 @pytest.fixture(scope="module")

@@ -150,6 +150,7 @@ def test_a_killed_gs_fetch_resumes_with_only_the_missing_bytes(env, gcs_emulator
     missing = sum(transfer.remaining_bytes(RemoteFile(n, e["size"], e["sha256"]))
                   for n, e in manifest["files"].items() if not (dest / n).exists())
     total = sum(e["size"] for e in manifest["files"].values())
+    unfinished = len([n for n in manifest["files"] if not (dest / n).exists()])
     assert 0 < missing < total
     gcs_proxy.media.clear()
     gcs_proxy.block_delay = 0
@@ -157,6 +158,10 @@ def test_a_killed_gs_fetch_resumes_with_only_the_missing_bytes(env, gcs_emulator
                    env={"STORAGE_EMULATOR_HOST": gcs_proxy.url, "HERD_FETCH_CHUNK_BYTES": str(2**20)})
     assert out.returncode == 0, out.stderr
     files = [m for m in gcs_proxy.media if MANIFEST not in m["path"]]   # the listing reads the manifest too
-    assert sum(m["bytes"] for m in files) == missing == json.loads(out.stdout)["bytes_moved"]
+    moved = sum(m["bytes"] for m in files)
+    assert moved == json.loads(out.stdout)["bytes_moved"]
+    # The chunks not logged as written, plus at most the one chunk per file that the kill caught between
+    # its write and its log line (it is fetched again: a chunk is trusted only once logged).
+    assert missing <= moved <= missing + unfinished * 2**20, (moved, missing)
     assert all(m["status"] == 206 and m["range"] for m in files)
     assert verify(dest) == [] and not list(dest.glob("*.partial*"))

@@ -66,10 +66,16 @@ class ServeProcess:
     port: int = field(default_factory=free_port)
     env: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    tls: bool = False     # off loopback herd serves HTTPS with its deployment CA (state_dir/tls/ca.pem)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def verify(self):
+        """What a client trusts: the deployment CA once herd has written it (plain HTTP: True)."""
+        return str(self.state_dir / "tls" / "ca.pem") if self.tls else True
 
     def start(self) -> ServeProcess:
         self.log = open(self.state_dir / "serve.log", "ab")
@@ -84,7 +90,9 @@ class ServeProcess:
         while time.monotonic() - started < timeout:
             assert self.proc.poll() is None, f"herd serve exited: {self.log_text()}"
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
+                ready = (not self.tls or (self.state_dir / "tls" / "ca.pem").exists()) and httpx.get(
+                    f"{self.url}/health/ready", timeout=2, verify=self.verify).status_code == 200
+                if ready:
                     return time.monotonic() - started
             except httpx.TransportError:
                 pass
@@ -116,10 +124,10 @@ def serve(tmp_path):
     """Start `herd serve` with the given arguments; stopped (and checked for leftovers) afterwards."""
     started: list[ServeProcess] = []
 
-    def start(*args: str, env: dict | None = None, name: str = "node") -> ServeProcess:
+    def start(*args: str, env: dict | None = None, name: str = "node", tls: bool = False) -> ServeProcess:
         state = tmp_path / name
         state.mkdir()
-        server = ServeProcess(list(args), state, env=env or {}).start()
+        server = ServeProcess(list(args), state, env=env or {}, tls=tls).start()
         started.append(server)
         return server
     yield start

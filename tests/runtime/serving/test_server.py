@@ -192,16 +192,18 @@ def test_non_loopback_bind_needs_an_api_key_and_checks_it(tiny_model, serve, mon
     refused = run_herd("serve", "--model-dir", str(tiny_model), "--host", "0.0.0.0", "--port", "1")
     assert refused.returncode == 2 and "API key is required" in refused.stderr
 
+    # Off loopback herd serves HTTPS with its deployment CA (state_dir/tls/ca.pem).
     srv = serve("--model-dir", str(tiny_model), "--host", "0.0.0.0", "--api-key-env", "TEST_HERD_KEY",
-                "--served-model-name", "tiny", env={"TEST_HERD_KEY": "s3cret-value"})
+                "--served-model-name", "tiny", env={"TEST_HERD_KEY": "s3cret-value"}, tls=True)
     srv.wait_ready()
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-    assert httpx.post(f"{srv.url}/v1/completions", json=body).status_code == 401
-    wrong = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    post = lambda **kw: httpx.post(f"{srv.url}/v1/completions", json=body, verify=srv.verify, **kw)  # noqa: E731
+    assert post().status_code == 401
+    wrong = post(headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
-    ok = httpx.post(f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer s3cret-value"})
+    ok = post(headers={"Authorization": "Bearer s3cret-value"})
     assert ok.status_code == 200
-    assert httpx.get(f"{srv.url}/health/ready").status_code == 200  # probes need no key
+    assert httpx.get(f"{srv.url}/health/ready", verify=srv.verify).status_code == 200  # probes need no key
     assert "s3cret-value" not in srv.log_text()
 
 
