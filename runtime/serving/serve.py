@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from runtime.api_keys import read_api_key  # noqa: F401 - installers import it from here
+from runtime.arg_types import count
 from runtime.errors import UserError
 from runtime.serving.launch import LaunchConfig
 from runtime.paths import model_dir_for
@@ -78,17 +79,6 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
-    return value
-
-
-def count(text: str) -> int:
-    """A whole number from 0 up (0 restarts, 0 retries: give up at the first failure)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is below 0")
     return value
 
 

@@ -4,6 +4,8 @@ import random
 
 import pytest
 
+# The earlier stop-string search, kept as the specification: the benchmark's baseline class.
+from bench.detokenize import OldStopStrings as ReferenceStopStrings
 from runtime.paths import model_dir_for
 from runtime.serving.text import Detokenizer, StopStrings, TextCodec, _WindowDecoder
 
@@ -112,25 +114,6 @@ def test_real_smollm2_tokenizer_streams_exactly():
 
 
 # ------------------------------------------------------------------ stop strings
-class ReferenceStopStrings:
-    """The earlier implementation, kept as the specification: the whole text searched on every delta."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text, self.sent = "", 0
-
-    def feed(self, delta, final=False):
-        self.text += delta
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
-            out, self.sent = self.text[self.sent:cut], cut
-            self.text = self.text[:cut]
-            return out, True
-        safe = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        out, self.sent = self.text[self.sent:safe], safe
-        return out, False
 
 
 def run_stops(stops, deltas, cls=StopStrings):
