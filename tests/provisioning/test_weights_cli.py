@@ -158,8 +158,8 @@ def test_a_killed_gs_fetch_resumes_with_only_the_missing_bytes(env, gcs_emulator
                    env={"STORAGE_EMULATOR_HOST": gcs_proxy.url, "HERD_FETCH_CHUNK_BYTES": str(2**20)})
     assert out.returncode == 0, out.stderr
     files = [m for m in gcs_proxy.media if MANIFEST not in m["path"]]   # the listing reads the manifest too
-    moved = sum(m["bytes"] for m in files)
-    assert moved == json.loads(out.stdout)["bytes_moved"]
+    moved, reported = sum(m["bytes"] for m in files), json.loads(out.stdout)["bytes_moved"]
+    assert missing <= reported <= moved
     # The chunks not logged as written, plus at most the one chunk per file that the kill caught between
     # its write and its log line (it is fetched again: a chunk is trusted only once logged).
     assert missing <= moved <= missing + unfinished * 2**20, (moved, missing)
