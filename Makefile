@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?= environments/local.yaml
 
-.PHONY: setup system up down status test bench clean
+.PHONY: setup system up down status test bench lock clean
 setup: $(VENV)/.installed
 
 # Debian packages the test suite uses: real sshd hosts in network namespaces, shellcheck for the
@@ -44,6 +44,18 @@ bench: setup
 	$(BIN)/python bench/serving.py --out bench/results/serving-$$(hostname).txt
 	$(BIN)/python bench/weights.py --out bench/results/weights-$$(hostname).txt
 	$(BIN)/python bench/generate.py --out bench/results/generate-$$(hostname).txt
+
+# The cloud nodes' dependency locks (provisioning/locks): every package a node installs, pinned, with
+# the sha256 of every file the index offers for it (pip's hash-checking mode on the node refuses any
+# other file, whichever index served it). Regenerate after changing pyproject.toml's dependencies or
+# VLLM_VERSION: tests/provisioning/test_locks.py fails while a lock is stale. Needs PyPI.
+lock: setup
+	$(BIN)/pip install --quiet uv==0.13.9
+	$(BIN)/uv pip compile pyproject.toml --quiet --universal --python-version 3.11 --generate-hashes \
+	  --custom-compile-command 'make lock' -o provisioning/locks/node.txt
+	echo "vllm==$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_VERSION; print(VLLM_VERSION)')" | \
+	  $(BIN)/uv pip compile - --quiet --python-platform x86_64-manylinux_2_28 --python-version 3.11 \
+	  --generate-hashes --custom-compile-command 'make lock' -o provisioning/locks/vllm.txt
 
 clean:
 	rm -rf $(VENV) .herd

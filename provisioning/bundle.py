@@ -1,8 +1,9 @@
 """What a host installs herd from, built here once per source version and cached.
 
 Two shapes: the full wheel bundle (herd and every runtime dependency, for on-prem hosts that cannot
-reach a package index) and the node bundle (the steps, herd's own wheel and the environment file, one
-tar.gz a cloud node downloads at boot; its dependencies come from the package index there).
+reach a package index) and the node bundle (the steps, herd's own wheel, the dependency locks and the
+environment file, one tar.gz a cloud node downloads at boot; the node installs exactly what the locks
+pin, each file checked against its sha256, from its package index).
 
 Either way the 50-venv step installs herd from the file `herd-VERSION-*.whl` by its path (install_herd
 in steps/common.sh), never as the requirement `herd==VERSION`: that name on the public index belongs
@@ -26,6 +27,9 @@ from runtime.errors import UserError
 from runtime.paths import cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
+# `make lock` writes them; the 50-venv step reads them under these names in wheels/.
+LOCKS = {"node-lock.txt": Path(__file__).resolve().parent / "locks" / "node.txt",
+         "vllm-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm.txt"}
 
 
 def source_digest() -> str:
@@ -74,6 +78,9 @@ def wheel_bundle(console: Console) -> Path:
     name = f"herd-{herd_version()}-{source_digest()}"
     bundle = _pip_wheel(cache_root() / "bundles" / name, console, "herd's wheel and its dependencies")
     herd_wheel_in(bundle)
+    for lock_name, lock in LOCKS.items():   # vLLM on an on-prem GPU host installs from its lock
+        if not (bundle / lock_name).exists():
+            (bundle / lock_name).write_bytes(lock.read_bytes())
     return bundle
 
 
@@ -85,10 +92,13 @@ def herd_wheel(console: Console) -> Path:
 
 
 def node_bundle(env_path: Path, console: Console) -> Path:
-    """steps/*.sh + wheels/herd-*.whl + environment.yaml as one tar.gz, named by its content."""
+    """steps/*.sh + wheels/herd-*.whl + wheels/*-lock.txt + environment.yaml as one tar.gz, named by its
+    content."""
     wheel = herd_wheel(console)
     members = [(f"steps/{p.name}", p.read_bytes()) for p in sorted(STEPS_DIR.glob("*.sh"))]
-    members += [(f"wheels/{wheel.name}", wheel.read_bytes()), ("environment.yaml", env_path.read_bytes())]
+    members += [(f"wheels/{wheel.name}", wheel.read_bytes())]
+    members += [(f"wheels/{name}", lock.read_bytes()) for name, lock in LOCKS.items()]
+    members += [("environment.yaml", env_path.read_bytes())]
     digest = hashlib.sha256()
     for name, data in members:
         digest.update(name.encode() + b"\0" + data)

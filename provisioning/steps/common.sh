@@ -38,8 +38,8 @@ export OS_RELEASE
 # bundle_pip VENV WHEELS ARGS...: `pip install ARGS` from the uploaded wheels. With HERD_PIP_OFFLINE=1
 # the bundle holds every dependency: no index at all, and pip's configuration files and PIP_*
 # variables are ignored (PIP_CONFIG_FILE=/dev/null, --isolated), so a find-links folder or an index
-# set on the host cannot add a candidate either. Otherwise (cloud nodes) the host's package index
-# serves what the bundle lacks.
+# set on the host cannot add a candidate either. Otherwise (cloud nodes) ARGS name files by path with
+# --no-deps: the dependencies come from a lock (locked_pip), never from an index by name alone.
 bundle_pip() {
   local venv=$1 wheels=$2
   shift 2
@@ -47,8 +47,20 @@ bundle_pip() {
     run env PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" --isolated install -q --disable-pip-version-check \
       --no-index --find-links "$wheels" "$@"
   else
-    run "$venv/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" "$@"
+    run "$venv/bin/pip" install -q --disable-pip-version-check --no-index --no-deps "$@"
   fi
+}
+
+# locked_pip VENV LOCK ARGS...: exactly the packages LOCK pins, from the host's package index (or the
+# mirror its pip configuration names), in pip's hash-checking mode: a file whose sha256 LOCK does not
+# list is refused whichever index served it, and --no-deps means nothing LOCK does not name is
+# installed (`pip check` afterwards proves the set complete). ARGS: --only-binary :all: where every
+# package has wheels, so no package's build code runs on the node.
+locked_pip() {
+  local venv=$1 lock=$2
+  shift 2
+  [ -f "$lock" ] || [ "$DRY_RUN" = 1 ] || fail "no dependency lock at $lock (the node bundle carries it)"
+  run "$venv/bin/pip" install -q --disable-pip-version-check --require-hashes --no-deps "$@" -r "$lock"
 }
 
 # install_herd VENV WHEELS VERSION: herd from its own wheel in WHEELS, named by its path and never as
@@ -58,6 +70,7 @@ bundle_pip() {
 # come as bundle_pip says.
 install_herd() {
   local venv=$1 wheels=$2 want=$3 wheel found=()
+  shift 3
   if [ -d "$wheels" ]; then
     for wheel in "$wheels/herd-$want-"*.whl; do [ -f "$wheel" ] && found+=("$wheel"); done
   fi
@@ -66,5 +79,5 @@ install_herd() {
   fi
   [ "${#found[@]}" -eq 1 ] ||
     fail "expected one herd-$want-*.whl in $wheels, found ${#found[@]} (the installer uploads it)"
-  bundle_pip "$venv" "$wheels" "${found[0]}"
+  bundle_pip "$venv" "$wheels" "${found[0]}" "$@"
 }

@@ -7,7 +7,9 @@ Multi-node: one pipeline stage per node, vLLM's own launcher (`--nnodes/--node-r
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from runtime.planning import catalog
 from runtime.planning.planner import Plan
@@ -16,6 +18,13 @@ from runtime.planning.spec import Spec
 VLLM_VERSION = "0.33.0"   # pinned: provisioning installs exactly this on GPU nodes
 ENGINE_PORT = 8100        # vLLM's loopback port behind herd's front
 MASTER_PORT = 29501
+
+
+def vllm_executable() -> str:
+    """`vllm` from the venv provisioning builds for it beside herd's own ($HERD_HOME/vllm-venv next to
+    $HERD_HOME/venv: vLLM pins another torch than herd's runtime); `vllm` on PATH elsewhere."""
+    beside = Path(sys.prefix).parent / "vllm-venv" / "bin" / "vllm"
+    return str(beside) if beside.exists() else "vllm"
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
     import shlex
 
     from runtime.engine.external import ExternalEngineConfig
-    from runtime.engine.vllm import ENGINE_PORT, vllm_launch
+    from runtime.engine.vllm import ENGINE_PORT, vllm_executable, vllm_launch
     url = args.engine_url or f"http://127.0.0.1:{ENGINE_PORT}"
     if args.engine_cmd:
         return ExternalEngineConfig(argv=shlex.split(args.engine_cmd), engine_url=url, served_model_name=name,
@@ -281,7 +281,8 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
         env["VLLM_HOST_IP"] = args.node_addr
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = api_key or ""
-    return ExternalEngineConfig(argv=node.argv, engine_url=url, served_model_name=name, env=env,
+    argv = [vllm_executable(), *node.argv[1:]]
+    return ExternalEngineConfig(argv=argv, engine_url=url, served_model_name=name, env=env,
                                 max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
 
 

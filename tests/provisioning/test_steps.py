@@ -59,22 +59,31 @@ def test_gpu_steps_in_dry_run_print_the_exact_commands(tmp_path):
     assert "torch.distributed.run --nproc-per-node=8 -m runtime.collective" in health
 
 
-def test_vllm_is_installed_pinned_on_gpu_hosts_only(tmp_path):
+def test_vllm_is_installed_from_its_lock_in_its_own_venv_on_gpu_hosts_only(tmp_path):
+    """vLLM pins another torch than herd's runtime: its own venv, its own hash-checked lock."""
     steps = gpu_host_steps()
+    wheels = f"{tmp_path}/home/wheels"
     gpu = run_step("50-venv", steps.env, tmp_path)
-    wheel = f"{tmp_path}/home/wheels/herd-{steps.env['HERD_VERSION']}-py3-none-any.whl"
-    assert "vllm==0.33.0" in gpu.stdout and wheel in gpu.stdout
+    wheel = f"{wheels}/herd-{steps.env['HERD_VERSION']}-py3-none-any.whl"
+    vllm_install = next(line for line in gpu.stdout.splitlines() if "vllm-lock.txt" in line)
+    assert "/vllm-venv-" in vllm_install and "--require-hashes" in vllm_install and wheel in gpu.stdout
+    assert "vllm==" not in gpu.stdout                             # never by name from an index
     cpu = run_step("50-venv", {**steps.env, "HERD_GPU": "0"}, tmp_path)
-    assert "vllm==" not in cpu.stdout and wheel in cpu.stdout
+    assert "vllm-" not in cpu.stdout and wheel in cpu.stdout
 
 
 def test_herd_is_installed_by_its_wheel_path_never_by_name(tmp_path):
-    """The public index's `herd` is another project: the step names our wheel file; on-prem hosts (the
-    whole bundle uploaded) use no index and none of pip's configuration."""
+    """The public index's `herd` is another project: the step names our wheel file; cloud nodes take
+    the dependencies from the bundle's lock with hashes, herd itself with --no-deps and no index;
+    on-prem hosts (the whole bundle uploaded) use no index and none of pip's configuration."""
     steps = gpu_host_steps()
     wheels = f"{tmp_path}/home/wheels"
-    cloud = run_step("50-venv", steps.env, tmp_path)
-    assert f"--find-links {wheels} {wheels}/herd-" in cloud.stdout and "herd==" not in cloud.stdout
+    cloud = run_step("50-venv", steps.env, tmp_path).stdout.splitlines()
+    locked = next(line for line in cloud if "node-lock.txt" in line)
+    assert "--require-hashes --no-deps --only-binary :all: -r" in locked
+    herd_line = next(line for line in cloud if f"{wheels}/herd-" in line)
+    assert f"--no-index --no-deps {wheels}/herd-" in herd_line
+    assert cloud.index(locked) < cloud.index(herd_line) and not any("herd==" in line for line in cloud)
     onprem = run_step("50-venv", {**steps.env, "HERD_PIP_OFFLINE": "1"}, tmp_path)
     herd_line = next(line for line in onprem.stdout.splitlines() if f"{wheels}/herd-" in line)
     assert "env PIP_CONFIG_FILE=/dev/null" in herd_line and "--isolated install" in herd_line

@@ -1,5 +1,5 @@
 """Only our package: the real 50-venv step installs herd from the bundled wheel, by path, into a fresh
-venv. The bundle here is small (a wheel named herd with a console script, and one dependency) so the
+venv, and on cloud nodes exactly the dependencies the bundle's lock pins, each file hash-checked. The bundle here is small (a wheel named herd with a console script, and one dependency) so the
 test is fast; the step and its install function are the ones every host runs.
 
 Decoys everywhere pip could look: a wheel named like ours (a higher version, and the same version with
@@ -8,6 +8,7 @@ other contents) in an extra find-links folder from PIP_FIND_LINKS, and in a pack
 import base64
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -87,7 +88,8 @@ def run_venv_step(home: Path, offline: bool, pip_env: dict) -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
     env.update(pip_env, HERD_HOME=str(home), HERD_VERSION=VERSION, HERD_GPU="0", HERD_PYTHON=sys.executable,
                HERD_PIP_OFFLINE="1" if offline else "0", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               PIP_DEFAULT_TIMEOUT="5", PIP_RETRIES="0")
+               PIP_DEFAULT_TIMEOUT="5", PIP_RETRIES="0",
+               PIP_NO_CACHE_DIR="1")   # each file as the index serves it now
     return subprocess.run(["bash", str(STEPS_DIR / "50-venv.sh")], env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -122,17 +124,65 @@ def test_offline_bundle_installs_with_no_index_and_ignores_every_other_source(tm
     assert again.returncode == 0 and f"ok: herd {VERSION} installed" in again.stdout
 
 
-def test_cloud_node_takes_dependencies_from_the_index_but_herd_only_from_the_bundle(tmp_path, decoys):
+def lock_for(*wheels: Path) -> str:
+    """A lock as `make lock` writes it: name==version and the sha256 of the file the index serves."""
+    return "".join(f"{w.name.split('-')[0]}=={w.name.split('-')[1]} \\\n"
+                   f"    --hash=sha256:{hashlib.sha256(w.read_bytes()).hexdigest()}\n" for w in wheels)
+
+
+def cloud_home(tmp_path: Path, index_root: Path, dep_version: str, requires=("tinydep>=1.0",)) -> Path:
+    """A cloud node's bundle: herd's wheel and a lock pinning the index's genuine tinydep."""
     home = tmp_path / "home"
-    make_wheel(home / "wheels", "herd", VERSION, "bundle", requires=["tinydep>=1.0"], script=True)
+    make_wheel(home / "wheels", "herd", VERSION, "bundle", requires=list(requires), script=True)
+    genuine = make_wheel(index_root / "simple" / "tinydep", "tinydep", dep_version, f"index {dep_version}")
+    (home / "wheels" / "node-lock.txt").write_text(lock_for(genuine))
+    return home
+
+
+def test_cloud_node_installs_exactly_the_locked_dependencies_and_herd_only_from_the_bundle(tmp_path, decoys):
+    home = cloud_home(tmp_path, tmp_path / "index", "1.0")
     done = run_venv_step(home, offline=False, pip_env={
         "PIP_INDEX_URL": decoys["index"].url,
         "PIP_FIND_LINKS": " ".join(str(p) for p in decoys["links"]),
     })
     assert done.returncode == 0, done.stdout + done.stderr
     assert installed(home, "herd") == (VERSION, "bundle")
-    assert installed(home, "tinydep")[0] == "9.9"               # dependencies: the index's best, by design
+    assert installed(home, "tinydep") == ("1.0", "index 1.0")   # the lock's pin, not the index's 9.9
     assert not any(r.startswith("/simple/herd") for r in decoys["index"].requests), decoys["index"].requests
+    assert (home / "venv").is_symlink()
+
+
+def test_a_tampered_or_incomplete_dependency_set_fails_and_leaves_the_working_venv(tmp_path, decoys):
+    """The index serves a file whose hash the lock does not list: refused. A herd wheel needing a package
+    the lock lacks: refused by pip check. Either way the link still names the venv that worked."""
+    index_root = tmp_path / "index"
+    home = cloud_home(tmp_path, index_root, "1.0")
+    env = {"PIP_INDEX_URL": decoys["index"].url}
+    assert run_venv_step(home, offline=False, pip_env=env).returncode == 0
+    working = (home / "venv").resolve()
+
+    # A new lock pins tinydep 1.1; the index then serves other bytes under that name.
+    genuine = make_wheel(tmp_path / "genuine", "tinydep", "1.1", "genuine 1.1")
+    (home / "wheels" / "node-lock.txt").write_text(lock_for(genuine))
+    make_wheel(index_root / "simple" / "tinydep", "tinydep", "1.1", "tampered 1.1")
+    done = run_venv_step(home, offline=False, pip_env=env)
+    assert done.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in done.stderr, done.stderr
+    assert (home / "venv").resolve() == working and installed(home, "tinydep") == ("1.0", "index 1.0")
+
+    # The genuine file: a new venv, switched to; the one before stays for the running service.
+    shutil.copy(genuine, index_root / "simple" / "tinydep" / genuine.name)
+    done = run_venv_step(home, offline=False, pip_env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert installed(home, "tinydep") == ("1.1", "genuine 1.1") and (home / "venv").resolve() != working
+    assert working.is_dir()
+
+    # herd needs a package the lock does not pin: --no-deps installs nothing unlocked, pip check refuses.
+    before = (home / "venv").resolve()
+    make_wheel(home / "wheels", "herd", VERSION, "bundle", requires=["tinydep>=1.0", "unlocked>=1"], script=True)
+    (home / "wheels" / "node-lock.txt").write_text(lock_for(genuine) + "# rebuilt\n")
+    done = run_venv_step(home, offline=False, pip_env=env)
+    assert done.returncode == 1 and "herd's dependencies in" in done.stderr and "unlocked" in done.stderr
+    assert (home / "venv").resolve() == before
 
 
 def test_a_missing_or_ambiguous_wheel_fails_the_step_clearly(tmp_path):

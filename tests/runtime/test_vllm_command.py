@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,14 @@ def test_each_node_supervises_its_own_vllm_command(tmp_path):
     bad = run_herd("serve", "environments/aws-p4de-405b-bf16-2node.yaml", "--model-dir", str(tmp_path),
                    "--node-rank", "5", env={"HERD_API_KEY": "k"})
     assert bad.returncode == 2 and "--node-rank: 5 is outside 0..1" in bad.stderr
+
+
+def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
+    """Provisioning puts vLLM (which pins another torch) in $HERD_HOME/vllm-venv next to herd's venv."""
+    from runtime.engine.vllm import vllm_executable
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-0123abcd"))
+    assert vllm_executable() == "vllm"                       # none beside: PATH's
+    exe = tmp_path / "vllm-venv" / "bin" / "vllm"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    assert vllm_executable() == str(exe)
