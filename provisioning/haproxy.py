@@ -214,15 +214,19 @@ def replica_name(index: int) -> str:
 
 
 def balancer_config(spec, plan, **overrides) -> BalancerConfig:
-    """The on-prem balancer of a spec: one server per replica head (its first host), on serving.port."""
+    """The on-prem balancer of a spec: one server per replica head (its first host), on serving.port, its
+    files where onprem.load_balancer puts them. Replicas serving TLS are verified against the
+    deployment's CA, uploaded beside the certificate (BACKEND_CA_NAME)."""
     from runtime.planning.plan_spec import replica_hosts
     lb = spec.onprem.load_balancer
     if lb is None:
         raise UserError("onprem.load_balancer: not set (address: the host that runs HAProxy)")
     replicas = tuple(Replica(replica_name(i), group[0].address, spec.serving.port)
                      for i, group in enumerate(replica_hosts(spec, plan)))
+    files = {"pem_path": f"{lb.config_dir}/certs/herd.pem", "socket_path": f"{lb.run_dir}/herd-admin.sock",
+             "backend_ca_path": f"{lb.config_dir}/certs/herd-replicas-ca.pem" if spec.serving.tls_enabled else None}
     return BalancerConfig(replicas=replicas, bind_address=lb.listen_address, bind_port=lb.listen_port,
-                          **overrides)
+                          **{**files, **overrides})
 
 
 def step_env(config: BalancerConfig, home: str, pem_source: str | None = None, config_path: str = CONFIG_PATH,
@@ -241,13 +245,23 @@ def step_env(config: BalancerConfig, home: str, pem_source: str | None = None, c
     }
 
 
-def balancer_steps(spec, plan, pem_source: str | None = None):
-    """The balancer host's steps (HostSteps, as for the serving hosts): 90-haproxy only."""
+def balancer_steps(spec, plan):
+    """The balancer host's steps (HostSteps, as for the serving hosts): 90-haproxy only. The installer
+    uploads the PEM bundle to HOME/secrets/haproxy.pem and the replicas' CA to
+    HOME/secrets/haproxy-replicas-ca.pem; the step installs both where the configuration reads them.
+    Outside Debian's /etc/haproxy, HAProxy runs as one process of its own (Debian's unit would load
+    /etc/haproxy/haproxy.cfg, not ours)."""
     from provisioning.steps import HostProfile, HostSteps, step_names
     lb, home = spec.onprem.load_balancer, spec.onprem.install_dir
-    profile = HostProfile(name=f"load-balancer ({lb.address})", address=lb.address, node_rank=-1, gpu=False,
-                          gpus=0, home=home)
-    env = step_env(balancer_config(spec, plan), home, pem_source)
+    profile = HostProfile(name=lb.address, address=lb.address, node_rank=-1, gpu=False, gpus=0, home=home)
+    config = balancer_config(spec, plan)
+    env = step_env(config, home, f"{home}/secrets/haproxy.pem", config_path=f"{lb.config_dir}/haproxy.cfg",
+                   pid_path=f"{lb.run_dir}/herd.pid")
+    if config.backend_ca_path:
+        env["HERD_HAPROXY_BACKEND_CA_SOURCE"] = f"{home}/secrets/haproxy-replicas-ca.pem"
+        env["HERD_HAPROXY_BACKEND_CA"] = config.backend_ca_path
+    if lb.config_dir != "/etc/haproxy":
+        env["HERD_SYSTEMD"] = "0"
     skipped = {s: "load balancer host" for s in step_names() if s != "90-haproxy"}
     return HostSteps(profile, env, ["90-haproxy"], skipped)
 
@@ -290,15 +304,21 @@ def server_states(show_stat: str, backend: str = BACKEND) -> list[ServerState]:
             for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")]
 
 
-def set_state(socket_path: str, server: str, state: str, backend: str = BACKEND) -> str:
+def ask(socket, command: str) -> str:
+    """One admin command: `socket` is the socket's path on this machine, or a function that sends the
+    command to the balancer's socket on its host (over SSH) and returns the answer."""
+    return socket(command) if callable(socket) else admin(socket, command)
+
+
+def set_state(socket, server: str, state: str, backend: str = BACKEND) -> str:
     """Take a replica out of rotation while its requests finish (drain), stop it (maint), or put it back
-    (ready): what a rolling update does to one replica at a time."""
+    (ready): what a rolling update does to one replica at a time. `socket`: as for ask()."""
     if state not in ("ready", "drain", "maint"):
         raise ValueError(f"state {state!r}: allowed ready, drain, maint")
-    return admin(socket_path, f"set server {backend}/{_word('replica name', server)} state {state}")
+    return ask(socket, f"set server {backend}/{_word('replica name', server)} state {state}")
 
 
-def rolling_update(socket_path: str, names: list[str], replace, ready, drain_timeout: float = GENERATION_TIMEOUT_S,
+def rolling_update(socket_path, names: list[str], replace, ready, drain_timeout: float = GENERATION_TIMEOUT_S,
                    ready_timeout: float = 3600, poll_s: float = 0.2, say=lambda line: None,
                    backend: str = BACKEND) -> list[dict]:
     """Replace replicas one at a time behind HAProxy without failing a request: for each, check that every
@@ -309,7 +329,7 @@ def rolling_update(socket_path: str, names: list[str], replace, ready, drain_tim
     import time
 
     def states() -> dict[str, ServerState]:
-        return {s.name: s for s in server_states(admin(socket_path, "show stat"), backend)}
+        return {s.name: s for s in server_states(ask(socket_path, "show stat"), backend)}
 
     def wait(what: str, condition, timeout: float) -> float:
         started = time.monotonic()

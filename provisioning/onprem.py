@@ -34,6 +34,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from provisioning import haproxy, rollout
 from provisioning.bundle import wheel_bundle
 from provisioning.steps import SERVICE_USER, STEPS_DIR, HostSteps, plan_host, profiles_for
 from provisioning.weights import fetch
@@ -41,10 +42,10 @@ from provisioning.weights.manifest import sha256_of
 from runtime.serving import tls
 from runtime.errors import UserError
 from runtime.paths import model_dir_for
-from runtime.planning.plan_spec import request_from_spec
+from runtime.planning.plan_spec import replica_hosts, request_from_spec
 from runtime.planning.planner import plan
 from runtime.serving.serve import read_api_key
-from runtime.planning.spec import OnpremHost, Spec
+from runtime.planning.spec import OnpremHost, Spec, parse_spec
 
 RDZV_PORT = 29400
 
@@ -59,6 +60,7 @@ class HostError(Exception):
 # hundreds of GB of weights). Past it the command is killed on the host and the host's error names it.
 COMMAND_TIMEOUT_S = float(os.environ.get("HERD_SSH_COMMAND_TIMEOUT_S", 120))
 STEP_TIMEOUT_S = float(os.environ.get("HERD_SSH_STEP_TIMEOUT_S", 4 * 3600))
+READY_TIMEOUT_S = 900   # one replica loading its weights after an update (405B: minutes)
 # Beyond the remote deadline, how long to wait for the host to report it before giving up on the
 # connection itself (a host that stopped answering cannot report anything).
 DEADLINE_GRACE_S = 15
@@ -541,15 +543,25 @@ class Installer:
             raise UserError(f"onprem.ssh_key: {section.ssh_key!r}: no such file")
         self.home = section.install_dir
         self.plan = plan(request_from_spec(spec))
+        # One list of hosts per replica (its head first); one group without replicas.
+        self.groups: list[list[OnpremHost]] = replica_hosts(spec, self.plan)
+        self.balancer = section.load_balancer
         self.api_key: str | None = None   # read by install(): status and down need no key
         self.tls: tls.ServerTls | None = None   # made or checked by install(), handed to the head
 
     @property
     def hosts(self) -> list[OnpremHost]:
-        return self.spec.onprem.hosts[:self.plan.nodes]
+        return [host for group in self.groups for host in group]
 
     def endpoint(self) -> str:
+        """Where clients go: the balancer when there is one, else the head."""
         return tls.endpoint_for(self.spec)
+
+    def head_endpoint(self, group: int) -> str:
+        """One replica's own API (its head), as the balancer's health checks reach it."""
+        scheme = "https" if self.spec.serving.tls_enabled else "http"
+        address = self.groups[group][0].address
+        return f"{scheme}://{f'[{address}]' if ':' in address else address}:{self.spec.serving.port}"
 
     def verify(self, ca_file: str | None = None):
         """httpx's `verify=` for the endpoint: `ca_file`, else the spec's CA or the deployment CA."""
@@ -585,9 +597,11 @@ class Installer:
                     errors.append(str(err))
         return results, errors
 
-    def _connect_all(self) -> list[Host]:
-        n = len(self.hosts)
-        results, errors = self._on_every_host(Host, self.hosts, [self.key] * n, [self.known_hosts] * n,
+    def _connect_all(self, balancer: bool = False) -> list[Host]:
+        """Every serving host in group order, then the balancer host when asked (and set)."""
+        targets = self.hosts + ([self.balancer] if balancer and self.balancer else [])
+        n = len(targets)
+        results, errors = self._on_every_host(Host, targets, [self.key] * n, [self.known_hosts] * n,
                                               [self.trust_new] * n, [self.console] * n)
         if errors:
             for host in results:
@@ -607,14 +621,27 @@ class Installer:
         else:
             model_dir = Path(source.removeprefix("file://"))
         bundle = wheel_bundle(self.console)
-        hosts = self._connect_all()
+        connected = self._connect_all(balancer=True)
+        hosts, lb_host = connected[:len(self.hosts)], (connected[-1] if self.balancer else None)
         remote_model = f"{self.home}/models/{self.spec.model.id}"
-        # Each host's steps and serve arguments, decided once for both the install and the start.
-        host_steps = [plan_host(self.spec, self.plan, profile, self.hosts[0].address, remote_model, None,
-                                f"{self.home}/environment.yaml")
-                      for profile in profiles_for(self.spec, self.plan)]
+        # Each host's steps and serve arguments, decided once for both the install and the start: each
+        # replica's hosts rendezvous at that replica's head.
+        group_steps = [[plan_host(self.spec, self.plan, profile, group[0].address, remote_model, None,
+                                  f"{self.home}/environment.yaml")
+                        for profile in profiles_for(self.spec, self.plan, group)] for group in self.groups]
+        host_steps = [steps for group in group_steps for steps in group]
         n = len(hosts)
         try:
+            if lb_host is not None:
+                states, errors = self._on_every_host(lambda h: self._control(h, "status"), hosts)
+                if errors:
+                    raise UserError("; ".join(sorted(errors)))
+                serving = any(state.running for state in states)
+                if serving:
+                    self._refuse_unrollable(hosts[0])
+                self._install_balancer(lb_host)
+                if serving:   # replace one replica at a time behind the balancer
+                    return self._roll(hosts, group_steps, lb_host, bundle, model_dir, remote_model)
             results, errors = self._on_every_host(self._install_host, hosts, host_steps, [bundle] * n,
                                                   [model_dir] * n, [remote_model] * n)
             if errors:
@@ -625,8 +652,129 @@ class Installer:
                 r.started = r.name in started
             return sorted(results, key=lambda r: r.name)
         finally:
-            for host in hosts:
+            for host in connected:
                 host.close()
+
+    # ---------------------------------------------------------------- replicas behind HAProxy
+    def _refuse_unrollable(self, head: Host) -> None:
+        """A running deployment whose groups would change cannot be replaced one replica at a time: say
+        what changed before anything is touched."""
+        code, text = head.run(f"cat {self._path('environment.yaml')}", check=False, quiet=True)
+        if code != 0 or not text.strip():
+            return
+        import yaml
+        try:
+            previous = parse_spec(yaml.safe_load(text), f"{head.name}:{self.home}/environment.yaml")
+            before = rollout.group_shape(previous, plan(request_from_spec(previous), suggest=False))
+        except (UserError, ValueError, yaml.YAMLError):
+            return   # an unreadable old description: nothing to compare against
+        changes = rollout.unrollable_changes(before, rollout.group_shape(self.spec, self.plan))
+        if changes:
+            raise UserError(f"{self.spec.name}: this change cannot be rolled one replica at a time "
+                            f"({'; '.join(changes)}): `herd down` first, then `herd up` (the endpoint is "
+                            "down in between)")
+
+    def _install_balancer(self, lb_host: Host) -> None:
+        """The 90-haproxy step on the balancer host: the PEM bundle (the deployment's certificate, or
+        onprem.load_balancer.pem_file) and the replicas' CA uploaded as 0600 files, then the step."""
+        steps = haproxy.balancer_steps(self.spec, self.plan)
+        if self.balancer.pem_file:
+            pem = Path(self.balancer.pem_file).expanduser().read_text()
+        elif self.tls is not None:
+            pem = self.tls.certfile.read_text() + self.tls.keyfile.read_text()
+        else:
+            raise UserError("onprem.load_balancer.pem_file: needed when serving.tls names no certificate here")
+        lb_host.write_secret(f"{self.home}/secrets/haproxy.pem", pem)
+        ca = tls.client_ca(self.spec)
+        if "HERD_HAPROXY_BACKEND_CA_SOURCE" in steps.env:
+            if ca is None:
+                raise UserError("serving.tls.ca: the balancer must verify the replicas' certificates: name "
+                                "the CA that signed serving.tls.cert")
+            lb_host.write_secret(steps.env["HERD_HAPROXY_BACKEND_CA_SOURCE"], Path(ca).read_text())
+        lb_host.run(f"mkdir -p {self._path('steps')}", quiet=True)
+        stats = {"uploaded": 0, "skipped": 0}
+        lb_host.upload_dir(STEPS_DIR, f"{self.home}/steps", stats)
+        lb_host.run(steps.command("90-haproxy", f"{self.home}/steps"), timeout=STEP_TIMEOUT_S)
+
+    def _balancer_admin(self, lb_host: Host):
+        """A function sending one command to HAProxy's admin socket on the balancer host."""
+        socket_path = haproxy.balancer_config(self.spec, self.plan).socket_path
+
+        def ask(command: str) -> str:
+            return lb_host.run(as_root(rollout.remote_admin_script(socket_path, command)), quiet=True,
+                               timeout=30)[1]
+        return ask
+
+    def _pending_steps(self, host: Host, steps: HostSteps) -> list[str]:
+        """The steps whose stamp on the host differs from what this spec would stamp."""
+        stamps = self._path("state", "steps")
+        _, out = host.run(f'for f in {stamps}/*.done; do [ -f "$f" ] && echo "$(basename "$f" .done) $(cat "$f")"; '
+                          'done; true', check=False, quiet=True)
+        done = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+        return [step for step in steps.steps if done.get(step, "").strip() != steps.stamp(step)]
+
+    def _group_ready(self, group: int) -> bool:
+        try:
+            return httpx.get(f"{self.head_endpoint(group)}/health/ready", timeout=3,
+                             verify=self.verify()).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _roll(self, hosts: list[Host], group_steps: list[list[HostSteps]], lb_host: Host, bundle: Path,
+              model_dir: Path, remote_model: str) -> list[HostResult]:
+        """Bring every replica to this spec, one at a time, while the others answer: a replica whose steps
+        are all current and that answers ready is left alone; one out of rotation is updated at once;
+        one serving is drained, stopped, updated, started, and put back when ready (rolling_update)."""
+        by_group, first = [], 0
+        for group in self.groups:
+            by_group.append(hosts[first:first + len(group)])
+            first += len(group)
+        results: list[HostResult] = []
+
+        def replace(index: int) -> None:
+            group, steps = by_group[index], group_steps[index]
+            _, errors = self._on_every_host(lambda h: self._control(h, "stop"), group)
+            if errors:
+                raise UserError("; ".join(sorted(errors)))
+            done, errors = self._on_every_host(self._install_host, group, steps, [bundle] * len(group),
+                                               [model_dir] * len(group), [remote_model] * len(group))
+            if errors:
+                raise UserError("; ".join(sorted(errors)) + f" ({haproxy.replica_name(index)} is out of rotation; "
+                                "the other replicas serve; rerun `herd up` to resume)")
+            _, errors = self._on_every_host(lambda h, s: self._control(h, "start", s), group, steps)
+            if errors:
+                raise UserError("; ".join(sorted(errors)))
+            for r in done:
+                r.started = True
+            results.extend(done)
+
+        names = [haproxy.replica_name(i) for i in range(len(self.groups))]
+        admin = self._balancer_admin(lb_host)
+        in_rotation = {s.name: s.status == "UP" for s in haproxy.server_states(admin("show stat"))}
+        stale = [i for i in range(len(self.groups))
+                 if any(self._pending_steps(h, s) for h, s in zip(by_group[i], group_steps[i]))
+                 or not self._group_ready(i)]
+        if not stale:
+            self.console.print("every replica is current and ready: nothing to roll")
+        # Replicas out of rotation serve nothing: update them first, together, and wait until ready.
+        idle = [i for i in stale if not in_rotation.get(names[i])]
+        for i in idle:
+            self.console.print(f"{names[i]}: out of rotation; updating it", highlight=False)
+            replace(i)
+        for i in idle:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not self._group_ready(i):
+                if time.monotonic() > deadline:
+                    raise UserError(f"{names[i]}: not ready within {READY_TIMEOUT_S:.0f}s after its update "
+                                    f"({self.head_endpoint(i)}/health/ready)")
+                time.sleep(1)
+        serving = [names[i] for i in stale if i not in idle]
+        if serving:
+            haproxy.rolling_update(admin, serving, lambda name: replace(names.index(name)),
+                                   lambda name: self._group_ready(names.index(name)), ready_timeout=READY_TIMEOUT_S,
+                                   poll_s=0.5, say=lambda line: self.console.print(f"rolling update: {line}",
+                                                                                  highlight=False))
+        return sorted(results, key=lambda r: r.name)
 
     def _install_host(self, host: Host, steps: HostSteps, bundle: Path, model_dir: Path,
                       remote_model: str) -> HostResult:
@@ -723,21 +871,37 @@ class Installer:
 
     def status(self, ca_file: str | None = None) -> dict:
         verify = self.verify(ca_file)
-        hosts = self._connect_all()
+        connected = self._connect_all(balancer=True)
+        hosts = connected[:len(self.hosts)]
         try:
             states, errors = self._on_every_host(lambda h: self._control(h, "status"), hosts)
+            if errors:
+                raise UserError("; ".join(sorted(errors)))
+            balancer = None
+            if self.balancer:   # HAProxy's own view of each replica, from its admin socket
+                try:
+                    balancer = {s.name: {"status": s.status, "check": s.check_status, "sessions": s.active_sessions}
+                                for s in haproxy.server_states(self._balancer_admin(connected[-1])("show stat"))}
+                except (HostError, ValueError) as err:
+                    balancer = {"error": str(err)}
         finally:
-            for host in hosts:
+            for host in connected:
                 host.close()
-        if errors:
-            raise UserError("; ".join(sorted(errors)))
-        try:
-            health = httpx.get(f"{self.endpoint()}/health/ready", timeout=3, verify=verify).json()
-        except (httpx.TransportError, ValueError) as err:
-            health = {"status": "unreachable", "reason": str(err)}
-        return {"hosts": {s.host: s.summary for s in states},
+
+        def ready(url: str) -> dict:
+            try:
+                return httpx.get(f"{url}/health/ready", timeout=3, verify=verify).json()
+            except (httpx.TransportError, ValueError) as err:
+                return {"status": "unreachable", "reason": str(err)}
+        info = {"hosts": {s.host: s.summary for s in states},
                 "managers": {s.host: s.describe() for s in states},
-                "endpoint": self.endpoint(), "health": health}
+                "endpoint": self.endpoint(), "health": ready(self.endpoint())}
+        if self.balancer:
+            info["replicas"] = {haproxy.replica_name(i): {"hosts": [h.address for h in group],
+                                                         "health": ready(self.head_endpoint(i)).get("status")}
+                                for i, group in enumerate(self.groups)}
+            info["balancer"] = balancer
+        return info
 
 
 # ------------------------------------------------------------------ commands
@@ -793,6 +957,11 @@ def status_onprem(spec: Spec, env_path: str, console: Console, as_json: bool = F
     else:
         for name, state in info["hosts"].items():
             console.print(f"{name}: {state} ({info['managers'][name]})")
+        for name, replica in info.get("replicas", {}).items():
+            view = (info.get("balancer") or {}).get(name, {})
+            console.print(f"{name} ({', '.join(replica['hosts'])}): {replica['health']}; balancer: "
+                          f"{view.get('status', '?')} (check {view.get('check', '?')}, {view.get('sessions', 0)} "
+                          "in flight)")
         h = info["health"]
         console.print(f"{info['endpoint']}: {h.get('status')} ({h.get('reason')})")
     return 0 if info["health"].get("status") == "ready" else 3

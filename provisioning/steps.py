@@ -295,9 +295,11 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
     return HostSteps(profile, env, steps, skipped)
 
 
-def profiles_for(spec: Spec, plan: Plan) -> list[HostProfile]:
-    """One profile per node of the plan (on-prem: the first `nodes` hosts of the spec)."""
+def profiles_for(spec: Spec, plan: Plan, hosts=None) -> list[HostProfile]:
+    """One profile per node of one serving group: `hosts` (a replica's hosts, its head first), by default
+    the first `nodes` hosts of the spec."""
     section = spec.onprem
+    hosts = section.hosts[:plan.nodes] if hosts is None else hosts
     gpu = section.gpus_per_host > 0
     acc = catalog.accelerator(section.accelerator) if gpu else None
     # HGX boards (8 x SXM) have NVSwitches; PCIe cards do not.
@@ -305,7 +307,7 @@ def profiles_for(spec: Spec, plan: Plan) -> list[HostProfile]:
                                                                       "h200-141gb"))
     return [HostProfile(name=h.address, address=h.address, node_rank=i, gpu=gpu, gpus=section.gpus_per_host,
                         nvswitch=nvswitch, home=section.install_dir)
-            for i, h in enumerate(section.hosts[:plan.nodes])]
+            for i, h in enumerate(hosts)]
 
 
 def cloud_profiles(spec: Spec, plan: Plan, address: str) -> list[HostProfile]:

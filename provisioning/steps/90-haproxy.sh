@@ -37,6 +37,13 @@ if [ "$DRY_RUN" != 1 ]; then
 fi
 as_root install -d -m 0700 "$(dirname "$pem")"
 as_root install -m 0600 "$pem_source" "$pem"
+# The CA the replicas' certificates are checked against (replicas serving TLS), where uploaded.
+if [ -n "${HERD_HAPROXY_BACKEND_CA:-}" ]; then
+  [ "$DRY_RUN" = 1 ] || grep -q "BEGIN CERTIFICATE-----" "${HERD_HAPROXY_BACKEND_CA_SOURCE:?}" ||
+    fail "${HERD_HAPROXY_BACKEND_CA_SOURCE}: no CA certificate for the replicas (the installer uploads it)"
+  as_root install -d -m 0700 "$(dirname "$HERD_HAPROXY_BACKEND_CA")"
+  as_root install -m 0644 "$HERD_HAPROXY_BACKEND_CA_SOURCE" "$HERD_HAPROXY_BACKEND_CA"
+fi
 as_root install -d -m 0755 "$(dirname "$sock")" "$(dirname "$pidfile")" "$(dirname "$cfg")"
 if grep -q '^[[:space:]]*chroot /var/lib/haproxy' <<<"$config"; then as_root install -d -m 0755 /var/lib/haproxy; fi
 

@@ -193,6 +193,9 @@ class LoadBalancerSection(Strict):
     listen_port: Annotated[int, Field(ge=1, le=65535)] = 443
     pem_file: str | None = Field(None, description="certificate chain + private key in one PEM file, on the "
                                  "machine running herd; uploaded to the balancer")
+    config_dir: str = Field("/etc/haproxy", description="haproxy.cfg and the certificate; Debian's own "
+                            "(its haproxy.service then runs it). Elsewhere HAProxy runs as one managed process")
+    run_dir: str = Field("/run/haproxy", description="the admin socket and pid file")
 
     @field_validator("listen_address")
     @classmethod

@@ -347,6 +347,8 @@ def spec_sans(spec) -> list[str]:
     names = list(spec.serving.tls.sans)
     if spec.target == "onprem":
         names += [h.address for h in spec.onprem.hosts]
+        if spec.onprem.load_balancer is not None:   # HAProxy presents the same certificate
+            names.append(spec.onprem.load_balancer.address)
     return names
 
 
@@ -380,12 +382,18 @@ def client_ca(spec) -> Path | None:
 
 
 def endpoint_for(spec) -> str | None:
-    """The URL clients use for a deployment the spec alone locates (local, on-prem); None for the clouds,
-    whose address only their stack knows. https:// whenever the deployment serves TLS."""
+    """The URL clients use for a deployment the spec alone locates (local, on-prem: its load balancer
+    when it has one); None for the clouds, whose address only their stack knows. https:// whenever the
+    deployment serves TLS."""
     scheme = "https" if spec.serving.tls_enabled else "http"
     if spec.target == "local":
         host = spec.serving.host
         host = "127.0.0.1" if host == "localhost" or _wildcard(host) else host
+    elif spec.target == "onprem" and spec.onprem.load_balancer is not None:
+        # Replicas: clients (smoke, generate, status) go through the balancer, which terminates TLS.
+        lb = spec.onprem.load_balancer
+        host = f"[{lb.address}]" if ":" in lb.address else lb.address
+        return f"https://{host}:{lb.listen_port}"
     elif spec.target == "onprem":
         host = spec.onprem.hosts[0].address
     else:

@@ -114,7 +114,7 @@ def test_the_configuration_is_valid_for_real_haproxy_and_says_what_matters(tmp_p
     certs = make_certs(tmp_path)
     spec = onprem_spec(replicas=2, hosts=2)
     text = render(balancer_config(spec, plan(request_from_spec(spec)), pem_path=str(certs.bundle),
-                                  socket_path=str(tmp_path / "admin.sock")))
+                                  socket_path=str(tmp_path / "admin.sock"), backend_ca_path=str(certs.ca)))
     done = haproxy_check(text, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Configuration file is valid" in done.stdout
@@ -125,7 +125,8 @@ def test_the_configuration_is_valid_for_real_haproxy_and_says_what_matters(tmp_p
                      "http-check expect status 200",
                      "default-server check inter 1s fastinter 1s downinter 1s fall 2 rise 2 observe layer7 error-limit 2 "
                      "on-error mark-down",
-                     "server replica-0 10.0.0.11:8000", "server replica-1 10.0.0.12:8000"):
+                     f"server replica-0 10.0.0.11:8000 ssl verify required ca-file {certs.ca}",
+                     f"server replica-1 10.0.0.12:8000 ssl verify required ca-file {certs.ca}"):
         assert expected in backend, expected
     timeouts = {line.split()[1]: line.split()[2] for line in lines if line.startswith("timeout ")}
     # Long non-streaming generations and silent SSE prefill: far above ALB's 60 s / GCP's 30 s defaults.
@@ -185,6 +186,15 @@ def test_only_the_balancer_runs_the_step():
     assert "would run: install -m 0600 /opt/herd/secrets/haproxy.pem /etc/haproxy/certs/herd.pem" in dry.stdout
     assert "would run: install -m 0644" in dry.stdout and "/etc/haproxy/haproxy.cfg" in dry.stdout
     assert "server replica-1 10.0.0.12:8000" in dry.stdout
+    # The replicas serve TLS: their CA is uploaded and installed where the configuration reads it.
+    assert ("would run: install -m 0644 /opt/herd/secrets/haproxy-replicas-ca.pem "
+            "/etc/haproxy/certs/herd-replicas-ca.pem") in dry.stdout
+    assert "ca-file /etc/haproxy/certs/herd-replicas-ca.pem" in dry.stdout and "HERD_SYSTEMD" not in steps.env
+    # Outside Debian's /etc/haproxy its unit would load another file: HAProxy runs as its own process.
+    elsewhere = balancer_steps(onprem_spec(replicas=2, hosts=2, config_dir="/opt/lb", run_dir="/opt/lb/run"),
+                               plan(request_from_spec(spec)))
+    assert elsewhere.env["HERD_SYSTEMD"] == "0" and elsewhere.env["HERD_HAPROXY_CONFIG_PATH"] == "/opt/lb/haproxy.cfg"
+    assert elsewhere.env["HERD_HAPROXY_SOCKET"] == "/opt/lb/run/herd-admin.sock"
 
 
 @dataclass
