@@ -642,12 +642,18 @@ class Installer:
                 self._install_balancer(lb_host)
                 if serving:   # replace one replica at a time behind the balancer
                     return self._roll(hosts, group_steps, lb_host, bundle, model_dir, remote_model)
+            described, errors = self._on_every_host(self._environment_differs, hosts)
+            if errors:
+                raise UserError("; ".join(sorted(errors)))
             results, errors = self._on_every_host(self._install_host, hosts, host_steps, [bundle] * n,
                                                   [model_dir] * n, [remote_model] * n)
             if errors:
                 raise UserError("; ".join(sorted(errors)) + " (the other hosts are left consistent; "
                                 "rerun `herd up` to resume)")
-            started = self._start_all(hosts, host_steps)
+            # A new description (the runtime reads its settings from it) or a step that ran again means
+            # the running runtime is not what the spec says: restart it.
+            changed = any(described) or any(r.steps_run for r in results)
+            started = self._start_all(hosts, host_steps, restart=changed)
             for r in results:
                 r.started = r.name in started
             return sorted(results, key=lambda r: r.name)
@@ -713,6 +719,12 @@ class Installer:
         done = dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
         return [step for step in steps.steps if done.get(step, "").strip() != steps.stamp(step)]
 
+    def _environment_differs(self, host: Host) -> bool:
+        """The host's environment.yaml (what its runtime reads its settings from) is not this spec's."""
+        want = hashlib.sha256(self.env_path.read_bytes()).hexdigest()
+        _, out = host.run(f"sha256sum {self._path('environment.yaml')} 2>/dev/null; true", check=False, quiet=True)
+        return out.split()[:1] != [want]
+
     def _group_ready(self, group: int) -> bool:
         try:
             return httpx.get(f"{self.head_endpoint(group)}/health/ready", timeout=3,
@@ -752,7 +764,8 @@ class Installer:
         admin = self._balancer_admin(lb_host)
         in_rotation = {s.name: s.status == "UP" for s in haproxy.server_states(admin("show stat"))}
         stale = [i for i in range(len(self.groups))
-                 if any(self._pending_steps(h, s) for h, s in zip(by_group[i], group_steps[i]))
+                 if any(self._pending_steps(h, s) or self._environment_differs(h)
+                        for h, s in zip(by_group[i], group_steps[i]))
                  or not self._group_ready(i)]
         if not stale:
             self.console.print("every replica is current and ready: nothing to roll")
@@ -830,14 +843,14 @@ class Installer:
     def _running(self, host: Host) -> bool:
         return self._control(host, "status").running
 
-    def _start_all(self, hosts: list[Host], host_steps: list[HostSteps]) -> set[str]:
+    def _start_all(self, hosts: list[Host], host_steps: list[HostSteps], restart: bool = False) -> set[str]:
         """Start the runtime on every host: its systemd unit where it has one, else one process run as
         the `herd` user. A runtime that runs already is restarted, never started beside itself; one that
-        runs and answers ready on every host is left alone."""
+        runs and answers ready on every host is left alone unless `restart` (its install changed)."""
         states, errors = self._on_every_host(lambda h: self._control(h, "status"), hosts)
         if errors:
             raise UserError("; ".join(errors))
-        if all(s.running for s in states) and self._ready_now():
+        if not restart and all(s.running for s in states) and self._ready_now():
             self.console.print("runtime already running and ready on every host: nothing to start")
             return set()
         started, errors = self._on_every_host(lambda h, s: self._control(h, "start", s), hosts, host_steps)

@@ -279,9 +279,9 @@ class Outcome:
     stream: bool
 
 
-def one_request(client: httpx.Client, url: str, stream: bool) -> Outcome:
+def one_request(client: httpx.Client, url: str, stream: bool, model: str = "tiny") -> Outcome:
     """One completion (streamed or not) through `client` (which carries any API key)."""
-    body = {"model": "tiny", "prompt": "Hello world", "max_tokens": 8, "temperature": 0}
+    body = {"model": model, "prompt": "Hello world", "max_tokens": 8, "temperature": 0}
     started = time.monotonic()
     replica, detail, ok = None, "", False
     try:
@@ -307,7 +307,7 @@ class Load:
     seconds at most: a bounded load."""
 
     def __init__(self, url: str, ca: Path, threads: int = 4, streams: int = 1, limit: float = 60,
-                 headers: dict | None = None):
+                 headers: dict | None = None, model: str = "tiny"):
         self.outcomes: list[Outcome] = []
         self.stopped = threading.Event()
         context = ssl.create_default_context(cafile=str(ca))
@@ -316,7 +316,7 @@ class Load:
         def client_loop(stream: bool):
             with httpx.Client(verify=context, timeout=30, headers=headers) as client:
                 while not self.stopped.is_set() and time.monotonic() < end:
-                    self.outcomes.append(one_request(client, url, stream))
+                    self.outcomes.append(one_request(client, url, stream, model))
 
         self.workers = [threading.Thread(target=client_loop, args=(i >= threads - streams,), daemon=True)
                         for i in range(threads)]

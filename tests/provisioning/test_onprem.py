@@ -375,6 +375,112 @@ def runtime_processes(netns: str) -> list[str]:
     return found
 
 
+def balancer_view(hosts_dir, socket_path: str) -> dict[str, str]:
+    """HAProxy's status of each replica, read from its admin socket on h3 by the installer's command."""
+    from provisioning.haproxy import server_states
+    from provisioning.rollout import remote_admin_script
+    done = ssh(hosts_dir, ADDRS[2], remote_admin_script(socket_path, "show stat"))
+    return {s.name: s.status for s in server_states(done.stdout)}
+
+
+# Two replicas (TP 1, one host each: h1, h2) behind HAProxy on h3, installed by `herd up` itself. After
+# the test above the hosts hold the venv and the weights, so this install is the steps that changed,
+# two model loads and HAProxy: ~60-90 s here; a rolling update and a kill under load add ~60-120 s.
+@pytest.mark.timeout(1200)
+def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd_cache, tmp_path):
+    from tests.provisioning.test_haproxy import Load
+    known = tmp_path / "known_hosts"
+    known.write_text(keyscan(ADDRS))
+    env_file = write_env(tmp_path, hosts, known, addrs=ADDRS[:2], tp=1)
+    spec = yaml.safe_load(env_file.read_text())
+    lb_dir = "/opt/herd/haproxy"            # h3's own /opt (its /etc is the machine's)
+    spec.update(name="onprem-replicas", replicas=2)
+    spec["parallelism"]["nodes"] = 1
+    spec["onprem"]["load_balancer"] = {"address": ADDRS[2], "listen_port": free_port(), "config_dir": lb_dir,
+                                       "run_dir": f"{lb_dir}/run"}
+    env_file.write_text(yaml.safe_dump(spec))
+    socket_path = f"{lb_dir}/run/herd-admin.sock"
+    url = f"https://{ADDRS[2]}:{spec['onprem']['load_balancer']['listen_port']}"
+    key = secrets.token_hex(16)
+    state = tmp_path / "state"
+    secret_env = {"HERD_TEST_API_KEY": key, "HERD_CACHE": str(herd_cache), "XDG_STATE_HOME": str(state)}
+    ca = state / "herd" / "deployments" / "onprem-replicas" / "tls" / "ca.pem"
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        first = herd_cli("up", str(env_file), env=secret_env, timeout=900)
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+        # The smoke test and the endpoint go through the balancer, over TLS with the deployment CA.
+        assert "smoke passed" in first.stdout and f"endpoint: {url}/v1" in first.stdout
+        assert balancer_view(hosts, socket_path) == {"replica-0": "UP", "replica-1": "UP"}
+        status = herd_cli("status", str(env_file), "--json", env=secret_env, timeout=120)
+        info = json.loads(status.stdout)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert info["replicas"] == {"replica-0": {"hosts": [ADDRS[0]], "health": "ready"},
+                                    "replica-1": {"hosts": [ADDRS[1]], "health": "ready"}}
+        assert {name: view["status"] for name, view in info["balancer"].items()} == \
+            {"replica-0": "UP", "replica-1": "UP"}
+        before = {addr: runtime_of(hosts, addr)["serve"][0]["pid"] for addr in ADDRS[:2]}
+
+        # A rolling update (max_model_len 2048 -> 1024) under a steady load: no failed request.
+        load = Load(url, ca, threads=3, streams=1, limit=600, headers=auth, model="smollm2-135m-instruct")
+        wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, 60,
+                   lambda: f"the load did not reach both replicas: {load.served_by()}")
+        spec["context"]["max_model_len"] = 1024
+        env_file.write_text(yaml.safe_dump(spec))
+        rolled = herd_cli("up", str(env_file), "--no-smoke", env=secret_env, timeout=900)
+        outcomes = load.stop()
+        assert rolled.returncode == 0, rolled.stdout[-4000:] + rolled.stderr[-2000:]
+        order = [line.split("rolling update: ")[1] for line in rolled.stdout.splitlines() if "rolling update: " in line]
+        assert [o for o in order if o.endswith(("draining", "back in rotation"))] == [
+            "replica-0: draining", "replica-0: back in rotation", "replica-1: draining", "replica-1: back in rotation"
+        ], rolled.stdout[-3000:]
+        failed = [o.detail for o in outcomes if not o.ok]
+        assert failed == [] and len(outcomes) > 20, (len(outcomes), failed[:5])
+        after = {addr: runtime_of(hosts, addr)["serve"][0]["pid"] for addr in ADDRS[:2]}
+        assert all(after[a] != before[a] for a in before), (before, after)   # each replica replaced
+        with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), headers=auth,
+                          timeout=60) as web:
+            too_long = web.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hi",
+                                                          "max_tokens": 1500})
+            assert too_long.status_code == 400 and "1024" in too_long.text   # the new limit everywhere
+
+            # A replica's rank killed under load: out of rotation within the checks, back when ready.
+            load = Load(url, ca, threads=3, streams=1, limit=300, headers=auth, model="smollm2-135m-instruct")
+            wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, 60, "the load reached one replica")
+            pid = ssh(hosts, ADDRS[1], "cat /opt/herd/state/serve/ranks/*.pid").stdout.split()[0]
+            ssh(hosts, ADDRS[1], f"kill -9 {pid}")
+            killed = time.monotonic()
+            wait_until(lambda: balancer_view(hosts, socket_path)["replica-1"].startswith("DOWN"), 15,
+                       "replica-1 still in rotation 15 s after its rank died")
+            detected = time.monotonic() - killed
+            wait_until(lambda: balancer_view(hosts, socket_path)["replica-1"] == "UP", 300,
+                       "replica-1 not back in rotation 300 s after its rank died")
+            back = time.monotonic()
+            time.sleep(3)
+            outcomes = load.stop()
+        late = [o.detail for o in outcomes if not o.ok and o.started > killed + detected]
+        assert late == [], late[:5]
+        assert "replica-1" in {o.replica for o in outcomes if o.ok and o.started > back}
+        print(f"\nreplicas: rolling update under load with {len(failed)} failed requests; replica-1 out of "
+              f"rotation {detected:.1f}s after its rank died, {sum(not o.ok for o in outcomes)} failed in flight")
+
+        # A change to the groups cannot be rolled: refused before anything is touched.
+        serving = {a: runtime_of(hosts, a)["serve"][0]["pid"] for a in ADDRS[:2]}
+        spec["replicas"], spec["parallelism"]["nodes"], spec["parallelism"]["tensor"] = 1, 2, 2
+        env_file.write_text(yaml.safe_dump(spec))
+        refused = herd_cli("up", str(env_file), env=secret_env, timeout=300)
+        assert refused.returncode == 2 and "cannot be rolled one replica at a time" in refused.stderr, \
+            refused.stdout[-2000:] + refused.stderr
+        assert "replicas 2 -> 1" in refused.stderr and "Traceback" not in refused.stderr
+        assert {a: runtime_of(hosts, a)["serve"][0]["pid"] for a in ADDRS[:2]} == serving
+    finally:
+        spec["replicas"], spec["parallelism"]["nodes"], spec["parallelism"]["tensor"] = 2, 1, 1
+        env_file.write_text(yaml.safe_dump(spec))
+        down = herd_cli("down", str(env_file), env=secret_env, timeout=180)
+        ssh(hosts, ADDRS[2], f"kill $(cat {lb_dir}/run/herd.pid) 2>/dev/null; true")
+    assert down.returncode == 0 and f"stopped on {ADDRS[0]}, {ADDRS[1]}" in down.stdout, down.stdout + down.stderr
+
+
 @pytest.mark.timeout(180)   # seven SSH handshakes and five `herd status` runs: ~10 s here
 def test_unknown_changed_and_refused_keys_and_unreachable_hosts(hosts, tmp_path):
     empty = tmp_path / "empty_known_hosts"
