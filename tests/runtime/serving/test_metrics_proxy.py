@@ -2,7 +2,8 @@
 
 The engine is a real process: the small OpenAI-compatible server at the bottom of this file (run as
 `python -m tests.runtime.serving.test_metrics_proxy`), which exposes vLLM-named metrics on its own /metrics
-and generates with known delays, so herd's histograms can be checked against what the engine did.
+and generates with known delays, so herd's histograms can be checked against what the engine did, and
+lists every /v1 request that reached it (GET /control), so herd's API key can be checked to stop the others.
 herd's front is a real `herd serve --engine-cmd` process.
 """
 
@@ -27,8 +28,8 @@ PREEMPTIONS = 7
 
 
 # ------------------------------------------------------------------ helpers
-def families(url: str, timeout: float = 10) -> dict:
-    r = httpx.get(f"{url}/metrics", timeout=timeout)
+def families(url: str, timeout: float = 10, headers: dict | None = None) -> dict:
+    r = httpx.get(f"{url}/metrics", timeout=timeout, headers=headers)
     assert r.status_code == 200, r.text
     return {f.name: f for f in text_string_to_metric_families(r.text)}
 
@@ -62,6 +63,35 @@ def front(serve_module, tmp_path_factory):
     server.wait_ready(timeout=60)
     server.engine_url = f"http://127.0.0.1:{engine_port}"
     return server
+
+
+FRONT_KEY = "sk-front-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_front(serve_module, tmp_path_factory):
+    """The same, with herd's API key (from --api-key-env) in front of the engine, which has none."""
+    state = tmp_path_factory.mktemp("fake-engine-keyed")
+    engine_port = free_port()
+    engine = [sys.executable, "-m", "tests.runtime.serving.test_metrics_proxy", "--port", str(engine_port),
+              "--starts", str(state / "starts")]
+    server = serve_module("--engine-cmd", shlex.join(engine), "--engine-url", f"http://127.0.0.1:{engine_port}",
+                          "--served-model-name", "tiny", "--api-key-env", "HERD_TEST_FRONT_KEY",
+                          env={"HERD_TEST_FRONT_KEY": FRONT_KEY}, name="keyed-front")
+    server.wait_ready(timeout=60)     # /health/ready needs no key
+    server.engine_url = f"http://127.0.0.1:{engine_port}"
+    return server
+
+
+def reached_engine(engine_url: str) -> list[dict]:
+    """The /v1 requests the fake engine received, in order: path, Authorization header, prompt."""
+    return httpx.get(f"{engine_url}/control", timeout=10).json()["seen"]
+
+
+def requests_counted(fams: dict, route: str, status: str) -> float:
+    """herd_requests_total for one route and status; 0 before the first such request."""
+    return sum(s.value for s in fams["herd_requests"].samples
+               if s.name == "herd_requests_total" and s.labels == {"route": route, "status": status})
 
 
 # ------------------------------------------------------------------ tests
@@ -153,11 +183,77 @@ def test_herds_metrics_survive_a_hung_then_a_dead_engine(front):
     assert value(fams, "herd_phase", phase="ready") == 0
 
 
+def test_the_api_key_keeps_requests_from_the_engine_and_metrics_count_what_was_forwarded(keyed_front):
+    url, key = keyed_front.url, {"Authorization": f"Bearer {FRONT_KEY}"}
+    # Health stays open (probes and load balancers carry no key); /metrics does not (the scrape sends it).
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/health/ready").json()["status"] == "ready"
+    before = families(url, headers=key)
+    already = len(reached_engine(keyed_front.engine_url))
+
+    def completion(prompt: str, **kw) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 3},
+                          timeout=30, **kw)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "streamed chat"}], "max_tokens": 3,
+            "stream": True}
+    refused = {
+        "no key": completion("no key"),
+        "a wrong key": completion("a wrong key", headers={"Authorization": "Bearer sk-wrong"}),
+        "the key without Bearer": completion("the key without Bearer", headers={"Authorization": FRONT_KEY}),
+        "a streamed chat without a key": httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=30),
+        "the model list without a key": httpx.get(f"{url}/v1/models", timeout=30),
+        "metrics without a key": httpx.get(f"{url}/metrics", timeout=30),
+    }
+    for what, r in refused.items():
+        assert r.status_code == 401, (what, r.status_code, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key", what
+
+    # With the key: forwarded (the key with it), answered by the engine.
+    answered = completion("with the key", headers=key)
+    assert answered.status_code == 200 and answered.json()["choices"][0]["text"] == "t0 t1 t2 "
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat, headers=key, timeout=30) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert s.status_code == 200 and events[-1] == "data: [DONE]"
+    assert "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[1:-1]
+                   if json.loads(e[6:])["choices"]) == "t0 t1 t2 "
+    models = httpx.get(f"{url}/v1/models", headers=key, timeout=30)
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+    # What reached the engine: the three keyed requests, and none of the refused ones. (herd's own
+    # canary, a one-token "Hello" without a key, goes straight to the engine: it is not counted here.)
+    reached = [r for r in reached_engine(keyed_front.engine_url)[already:]
+               if not (r["prompt"] == "Hello" and r["authorization"] is None)]
+    assert reached == [
+        {"path": "/v1/completions", "authorization": f"Bearer {FRONT_KEY}", "prompt": "with the key"},
+        {"path": "/v1/chat/completions", "authorization": f"Bearer {FRONT_KEY}", "prompt": "streamed chat"},
+        {"path": "/v1/models", "authorization": f"Bearer {FRONT_KEY}", "prompt": None},
+    ]
+    assert {r["authorization"] for r in reached_engine(keyed_front.engine_url)} <= {None, key["Authorization"]}
+
+    # herd's /metrics counts each request by what herd answered, the refused ones included.
+    after = families(url, headers=key)
+
+    def delta(route: str, status: str) -> float:
+        return requests_counted(after, route, status) - requests_counted(before, route, status)
+    assert delta("/v1/{path:path}", "200") == 3
+    assert delta("/v1/{path:path}", "401") == 5
+    assert delta("/metrics", "401") == 1
+    assert value(after, "herd_request_errors_total") - value(before, "herd_request_errors_total") == 6
+    # The two generations the engine answered fill herd's histograms: 3 tokens each.
+    assert value(after, "herd_generated_tokens_total") - value(before, "herd_generated_tokens_total") == 6
+    assert (value(after, "herd_request_latency_seconds_count")
+            - value(before, "herd_request_latency_seconds_count")) == 2
+    assert (value(after, "herd_time_to_first_token_seconds_count")
+            - value(before, "herd_time_to_first_token_seconds_count")) == 1   # the stream
+    assert FRONT_KEY not in keyed_front.log_text()
+
+
 # ------------------------------------------------------------------ the fake engine (a real process)
 def fake_engine(port: int, starts: Path, slow_restart_s: float) -> None:
     """An OpenAI-compatible server with vLLM's metric names: deterministic text ("t0 t1 ..."), a
     0.3 s first token then 50 ms per token, usage with 5 prompt tokens. POST /control sets a delay
-    on /metrics or exits. Every start after the first waits `slow_restart_s` before listening."""
+    on /metrics or exits; GET /control lists the /v1 requests that reached it. Every start after the first
+    waits `slow_restart_s` before listening."""
     import asyncio
     import os
 
@@ -184,10 +280,19 @@ def fake_engine(port: int, starts: Path, slow_restart_s: float) -> None:
     ttft = Histogram("vllm:time_to_first_token_seconds", "ttft", list(labels), registry=registry).labels(**labels)
     Gauge("herd_ready", "a name herd owns: must not be relayed", registry=registry).set(0)
     control = {"metrics_delay_s": 0.0}
+    seen: list[dict] = []
     app = FastAPI()
 
+    def reached(request: Request, body: dict | None) -> None:
+        prompt = None
+        if body is not None:
+            prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt")
+        seen.append({"path": request.url.path, "authorization": request.headers.get("authorization"),
+                     "prompt": prompt})
+
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        reached(request, None)
         return {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "fake"}]}
 
     @app.get("/metrics")
@@ -203,8 +308,13 @@ def fake_engine(port: int, starts: Path, slow_restart_s: float) -> None:
         control.update({k: v for k, v in body.items() if k == "metrics_delay_s"})
         return {"ok": True}
 
+    @app.get("/control")
+    async def requests_seen():
+        return {"seen": seen}
+
     async def generate(request: Request, chat: bool):
         body = await request.json()
+        reached(request, body)
         if body.get("model") != "tiny":
             return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError"}}, 404)
         n = int(body.get("max_tokens") or 16)
