@@ -443,9 +443,12 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
             too_long = web.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hi",
                                                           "max_tokens": 1500})
             assert too_long.status_code == 400 and "1024" in too_long.text   # the new limit everywhere
+            # Without the key the balancer passes the replicas' own 401 through; health stays public.
+            assert web.get("/v1/models", headers={"Authorization": ""}).status_code == 401
+            assert web.get("/health/ready").status_code == 200
 
             # A replica's rank killed under load: out of rotation within the checks, back when ready.
-            load = Load(url, ca, threads=3, streams=1, limit=300, headers=auth, model="smollm2-135m-instruct")
+            load = Load(url, ca, threads=3, streams=1, limit=900, headers=auth, model="smollm2-135m-instruct")
             wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, 60, "the load reached one replica")
             pid = ssh(hosts, ADDRS[1], "cat /opt/herd/state/serve/ranks/*.pid").stdout.split()[0]
             ssh(hosts, ADDRS[1], f"kill -9 {pid}")
@@ -466,7 +469,7 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
 
         # A change to the groups cannot be rolled: refused before anything is touched.
         serving = {a: runtime_of(hosts, a)["serve"][0]["pid"] for a in ADDRS[:2]}
-        spec["replicas"], spec["parallelism"]["nodes"], spec["parallelism"]["tensor"] = 1, 2, 2
+        spec["replicas"] = 1
         env_file.write_text(yaml.safe_dump(spec))
         refused = herd_cli("up", str(env_file), env=secret_env, timeout=300)
         assert refused.returncode == 2 and "cannot be rolled one replica at a time" in refused.stderr, \
@@ -474,7 +477,7 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
         assert "replicas 2 -> 1" in refused.stderr and "Traceback" not in refused.stderr
         assert {a: runtime_of(hosts, a)["serve"][0]["pid"] for a in ADDRS[:2]} == serving
     finally:
-        spec["replicas"], spec["parallelism"]["nodes"], spec["parallelism"]["tensor"] = 2, 1, 1
+        spec["replicas"] = 2
         env_file.write_text(yaml.safe_dump(spec))
         down = herd_cli("down", str(env_file), env=secret_env, timeout=180)
         ssh(hosts, ADDRS[2], f"kill $(cat {lb_dir}/run/herd.pid) 2>/dev/null; true")
