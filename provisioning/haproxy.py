@@ -216,7 +216,7 @@ def replica_name(index: int) -> str:
 def balancer_config(spec, plan, **overrides) -> BalancerConfig:
     """The on-prem balancer of a spec: one server per replica head (its first host), on serving.port."""
     from runtime.planning.plan_spec import replica_hosts
-    lb = spec.onprem.load_balancer
+    lb = spec.onprem_section.load_balancer
     if lb is None:
         raise UserError("onprem.load_balancer: not set (address: the host that runs HAProxy)")
     replicas = tuple(Replica(replica_name(i), group[0].address, spec.serving.port)
@@ -244,7 +244,7 @@ def step_env(config: BalancerConfig, home: str, pem_source: str | None = None, c
 def balancer_steps(spec, plan, pem_source: str | None = None):
     """The balancer host's steps (HostSteps, as for the serving hosts): 90-haproxy only."""
     from provisioning.steps import HostProfile, HostSteps, step_names
-    lb, home = spec.onprem.load_balancer, spec.onprem.install_dir
+    lb, home = spec.onprem_section.load_balancer, spec.onprem_section.install_dir
     profile = HostProfile(name=f"load-balancer ({lb.address})", address=lb.address, node_rank=-1, gpu=False,
                           gpus=0, home=home)
     env = step_env(balancer_config(spec, plan), home, pem_source)

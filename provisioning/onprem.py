@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
@@ -45,6 +46,9 @@ from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
 from runtime.serving.serve import read_api_key
 from runtime.planning.spec import OnpremHost, Spec
+
+if TYPE_CHECKING:     # imported where SSH is used: the onprem extra
+    import paramiko
 
 RDZV_PORT = 29400
 
@@ -89,17 +93,18 @@ def _record_host_key(known_hosts: Path, hostname: str, key, console: Console, wh
                   f"(recorded in {escape(str(known_hosts))})[/]")
 
 
-class TrustOnFirstUse:
+def trust_on_first_use(known_hosts: Path, console: Console) -> paramiko.MissingHostKeyPolicy:
     """Accept a host never seen before and record it (only with --trust-new-hosts). A host already in
     known_hosts never reaches this policy: paramiko compares its key (Host handles a key of a type
-    not recorded for it)."""
+    not recorded for it). Made here because paramiko is imported only once SSH is used."""
+    import paramiko
 
-    def __init__(self, known_hosts: Path, console: Console):
-        self.known_hosts, self.console = known_hosts, console
+    class TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            _record_host_key(known_hosts, hostname, key, console, "new host key")
 
-    def missing_host_key(self, client, hostname, key):
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        _record_host_key(self.known_hosts, hostname, key, self.console, "new host key")
+    return TrustOnFirstUse()
 
 
 class Host:
@@ -149,16 +154,26 @@ class Host:
         self.client = client
         # A long, silent step (hashing weights) leaves the connection idle for minutes: keepalives keep
         # firewalls and NAT from dropping it, and make a dead one fail on send.
-        client.get_transport().set_keepalive(15)
+        self._transport().set_keepalive(15)
         self.sftp = client.open_sftp()
-        self.sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
+        channel = self.sftp.get_channel()
+        if channel is None:
+            raise HostError(f"{self.name}: SSH failed: the SFTP session has no channel")
+        channel.settimeout(SFTP_TIMEOUT_S)
+
+    def _transport(self) -> paramiko.Transport:
+        """The connection's transport; paramiko has none once the connection is closed."""
+        transport = self.client.get_transport()
+        if transport is None:
+            raise HostError(f"{self.name}: SSH failed: the connection is closed")
+        return transport
 
     def _connect(self, spec_host: OnpremHost, key: Path, known_hosts: Path, trust_new: bool):
         import paramiko
         client = paramiko.SSHClient()
         if known_hosts.exists():
             client.load_host_keys(str(known_hosts))
-        client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts, self.console) if trust_new
+        client.set_missing_host_key_policy(trust_on_first_use(known_hosts, self.console) if trust_new
                                            else paramiko.RejectPolicy())
         try:
             sock = socket.create_connection((spec_host.address, spec_host.port), timeout=10)
@@ -177,7 +192,7 @@ class Host:
         filling its stderr while we wait on its stdout would otherwise stall both sides for good), and
         the command gets `timeout` seconds (COMMAND_TIMEOUT_S by default)."""
         limit = COMMAND_TIMEOUT_S if timeout is None else timeout
-        channel = self.client.get_transport().open_session(timeout=30)
+        channel = self._transport().open_session(timeout=30)
         # The host enforces the deadline too: coreutils `timeout` signals the command's whole process
         # group (TERM, then KILL 10 s later), so a hung command does not linger after we gave up.
         channel.exec_command(f"timeout -k 10 {max(1, math.ceil(limit))} bash -c {shlex.quote(command)}")
@@ -534,7 +549,7 @@ class Installer:
             raise UserError(f"target: {spec.target!r}: the on-prem installer needs target onprem")
         self.spec, self.env_path, self.console = spec, Path(env_path), console
         self.trust_new = trust_new_hosts
-        section = spec.onprem
+        section = spec.onprem_section
         self.key = Path(section.ssh_key).expanduser()
         self.known_hosts = Path(section.known_hosts).expanduser()
         if not self.key.is_file():
@@ -546,10 +561,13 @@ class Installer:
 
     @property
     def hosts(self) -> list[OnpremHost]:
-        return self.spec.onprem.hosts[:self.plan.nodes]
+        return self.spec.onprem_section.hosts[:self.plan.nodes]
 
     def endpoint(self) -> str:
-        return tls.endpoint_for(self.spec)
+        url = tls.endpoint_for(self.spec)
+        if url is None:   # only a cloud target has none, and the constructor refused those
+            raise UserError(f"target: {self.spec.target!r}: has no endpoint the spec locates")
+        return url
 
     def verify(self, ca_file: str | None = None):
         """httpx's `verify=` for the endpoint: `ca_file`, else the spec's CA or the deployment CA."""
