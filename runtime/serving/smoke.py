@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime.errors import UserError
+from runtime.serving.tls import Verify
 
 
 @dataclass
@@ -47,7 +48,7 @@ def add_client_options(p, what: str) -> None:
                                      "system's trust store)")
 
 
-def client_settings(args) -> tuple[str, object, str | None]:
+def client_settings(args) -> tuple[str, Verify, str | None]:
     """(endpoint, httpx verify, API key) from a client command's options and, where given, its
     environment file: flags first, then the spec and the deployment's state."""
     from runtime.serving import tls
@@ -159,12 +160,12 @@ def _streamed(client, model, prompt, max_tokens=32) -> tuple[str, float | None, 
                     chunks += 1
     total = time.monotonic() - started
     ttft = first - started if first else None
-    rate = (tokens - 1) / (total - ttft) if first and tokens > 1 and total > ttft else None
+    rate = (tokens - 1) / (total - ttft) if ttft is not None and tokens > 1 and total > ttft else None
     return "".join(pieces), ttft, rate
 
 
 def run_smoke(endpoint: str, api_key: str | None, timeout: float, console: Console,
-              verify=True) -> SmokeReport:
+              verify: Verify = True) -> SmokeReport:
     """`verify`: httpx's, e.g. runtime.serving.tls.client_verify(ca_file) to trust a deployment CA only."""
     report = SmokeReport(endpoint=endpoint)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
