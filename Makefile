@@ -10,15 +10,15 @@ setup: $(VENV)/.installed
 # Debian packages the test suite uses: real sshd hosts in network namespaces, shellcheck for the
 # provisioning steps, systemd (systemd-analyze verify and systemd --test) for the runtime's unit,
 # prometheus and promtool for the generated scrape config, rules and dashboard queries, haproxy as
-# the replicas' load balancer.
+# the replicas' load balancer, Node.js for pyright (the static type check; pip installs pyright itself).
 # Installed only when missing (needs root, as on CI).
 SYSTEM_TOOLS := /usr/sbin/sshd /usr/bin/ssh-keyscan /usr/sbin/ip /usr/bin/shellcheck /usr/bin/systemd-analyze \
-                /usr/bin/prometheus /usr/bin/promtool /usr/sbin/haproxy
+                /usr/bin/prometheus /usr/bin/promtool /usr/sbin/haproxy /usr/bin/node
 system:
 	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    openssh-server openssh-client iproute2 shellcheck systemd prometheus haproxy >/dev/null; fi
+	    openssh-server openssh-client iproute2 shellcheck systemd prometheus haproxy nodejs >/dev/null; fi
 
 # One venv with the runtime, the on-prem installer and the test tools. torch is pinned in
 # pyproject.toml (an unpinned torch would pull a multi-GB CUDA build).

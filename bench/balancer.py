@@ -17,6 +17,7 @@ Usage: python bench/balancer.py [--rounds 5] [--requests 30] [--out bench/result
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import signal
@@ -62,7 +63,10 @@ def run_clients(url: str, verify, per_client: int) -> dict:
                 except httpx.HTTPError as err:
                     ok, detail = False, type(err).__name__
                 with lock:
-                    (latencies if ok else failures).append(time.perf_counter() - started if ok else detail)
+                    if ok:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        failures.append(detail)
 
     threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     started = time.perf_counter()
@@ -113,17 +117,16 @@ def kill_under_load(lb, servers, verify) -> dict:
 
 def versions() -> dict:
     import torch
-    import transformers
     haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT).stdout.strip()
     return {"git": sha + ("+dirty" if dirty else ""), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "httpx": httpx.__version__, "haproxy": haproxy}
+            "transformers": importlib.metadata.version("transformers"), "httpx": httpx.__version__, "haproxy": haproxy}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=30, help="requests per client per case per round")
     parser.add_argument("--out", type=Path)
@@ -169,7 +172,7 @@ def main() -> int:
             run_clients(servers[0].url, True, 3)                                  # warm up
             for round_no in range(args.rounds):
                 order = list(cases) if round_no % 2 == 0 else list(reversed(cases))
-                row = {"round": round_no + 1}
+                row: dict[str, object] = {"round": round_no + 1}
                 for case in order:
                     url, verify, replica1 = cases[case]
                     if replica1:

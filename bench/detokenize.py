@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Set
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ LENGTHS = (1000, 16000)
 class OldDetokenizer:
     """runtime.serving.text.Detokenizer before incremental decoding (the baseline)."""
 
-    def __init__(self, codec, skip=frozenset()):
+    def __init__(self, codec, skip: Set[int] = frozenset()):
         self.codec, self.skip, self.ids, self.emitted = codec, skip, [], ""
 
     def add(self, token: int) -> str:
@@ -106,6 +107,10 @@ def new_pair_at(codec, ids: list[int], start: int):
     return detok, stops
 
 
+# setup(codec, ids, start) -> (detokenizer, stop strings), old or new, as feeding ids[:start] leaves them.
+Setup = Callable[[TextCodec, list[int], int], tuple]
+
+
 def time_tokens(detok, stops, tokens: list[int]) -> float:
     """Microseconds per token for detokenize + stop check, the server's per-token work."""
     started = time.perf_counter_ns()
@@ -116,9 +121,10 @@ def time_tokens(detok, stops, tokens: list[int]) -> float:
 
 def at_position(codec, n: int, rounds: int) -> dict:
     ids = token_stream(codec, n)
-    old, new = [], []
+    old: list[float] = []
+    new: list[float] = []
     for r in range(rounds):
-        order = [("old", old_pair_at, old), ("new", new_pair_at, new)]
+        order: list[tuple[str, Setup, list[float]]] = [("old", old_pair_at, old), ("new", new_pair_at, new)]
         for _, setup, into in (order if r % 2 == 0 else order[::-1]):
             detok, stops = setup(codec, ids, n - WINDOW)
             into.append(time_tokens(detok, stops, ids[n - WINDOW:]))
@@ -129,7 +135,7 @@ def whole_output(codec, n: int, rounds: int, with_old: bool) -> dict:
     ids = token_stream(codec, n)
     old, new = [], []
     for r in range(rounds):
-        runs = [(old_pair_at, old)] if with_old else []
+        runs: list[tuple[Setup, list[float]]] = [(old_pair_at, old)] if with_old else []
         runs.append((new_pair_at, new))
         for setup, into in (runs if r % 2 == 0 else runs[::-1]):
             detok, stops = setup(codec, ids, 0)
@@ -163,7 +169,7 @@ def header(tokenizer: str, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

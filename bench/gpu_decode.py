@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -68,7 +69,7 @@ def copy_bandwidth(device, nbytes: int, reps: int = 20) -> float:
 
 
 def build(arch: Architecture, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
                          num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
                          num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
@@ -151,8 +152,7 @@ def profile_steps(static: StaticBatch, rows, steps: int, path: Path) -> None:
 
 
 def versions() -> dict:
-    import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
+    return {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "git_sha": os.environ.get("HERD_GIT_SHA", "unknown")}
 
@@ -218,7 +218,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             run_herd(model, rows, static, device)
             peak_allocated, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        best: dict[str, list[float]] = {"generate": [], "herd": []}
+        best: dict[str, list[tuple[float, float]]] = {"generate": [], "herd": []}   # (ttft, total)
         herd_step = []
         for _ in range(args.rounds):   # interleaved: drift hits both sides alike
             best["generate"].append(run_generate(model, ids, new, device))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import importlib.metadata
 import os
 import platform
 import signal
@@ -102,7 +103,7 @@ class InProcessEngine:
 
     def __init__(self, model_dir: Path, dtype: str):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers.models.auto import AutoModelForCausalLM
 
         from runtime.serving.text import TextCodec
         torch.set_num_threads(os.cpu_count() or 1)
@@ -166,7 +167,6 @@ def main() -> int:
 
     import tokenizers
     import torch
-    import transformers
 
     from provisioning.weights import fetch
     from runtime.planning import dtypes
@@ -178,7 +178,7 @@ def main() -> int:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = Report({"bench": "serving", "machine": f"{platform.node()} ({os.cpu_count()} cores, "
                      f"{platform.machine()}, CPU)", "git_sha": sha, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                     "transformers": importlib.metadata.version("transformers"), "tokenizers": tokenizers.__version__,
                      "model": "SmolLM2-135M-Instruct", "herd_auto_dtype": auto, "new_tokens": NEW_TOKENS,
                      "clients": len(CHATS), "rounds": args.rounds})
     emit = report.emit

@@ -169,16 +169,16 @@ def main() -> int:
             os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                               AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
             import boto3
-            boto3.session.Session().client("s3").create_bucket(Bucket="bench")
+            boto3.Session().client("s3").create_bucket(Bucket="bench")
             publish(model, "s3://bench/m", quiet)
 
             def s3_manager(d):   # boto3's transfer manager (s3transfer: ranged, threaded)
-                s3 = boto3.session.Session().client("s3")
+                s3 = boto3.Session().client("s3")
                 for n in names:
                     s3.download_file("bench", f"m/{n}", str(d / n))
 
             def s3_manager_sha256(d):
-                s3 = boto3.session.Session().client("s3")
+                s3 = boto3.Session().client("s3")
                 for n in names:
                     with open(d / n, "wb") as f:
                         s3.download_fileobj("bench", f"m/{n}", HashingWriter(f, hashlib.sha256()))
@@ -244,6 +244,8 @@ def main() -> int:
             hub = subprocess.Popen([sys.executable, "-c", hub_code, str(model)], cwd=ROOT, stdout=subprocess.PIPE,
                                    text=True)
             procs.append(hub)
+            if hub.stdout is None:   # stdout=PIPE gives one
+                raise RuntimeError("the hub's stdout is not a pipe")
             hub_url = hub.stdout.readline().strip()
             os.environ["HF_ENDPOINT"] = hub_url
             from huggingface_hub import constants, hf_hub_download

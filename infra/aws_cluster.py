@@ -12,6 +12,7 @@ config asks for it (`pulumi config set herd:sessionManager true`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from infra.nodes import disk_gb, node_boot
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import aws_sources
 from runtime.planning.planner import Plan
-from runtime.planning.spec import Spec
+from runtime.planning.spec import AwsSection, Spec
 
 VPC_CIDR = "10.42.0.0/16"
 SUBNET_CIDR = "10.42.0.0/20"
@@ -48,7 +49,7 @@ class AwsClusterArgs:
     tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
-def choose_zone(instance_type: str, wanted: list[str], offered: list[str],
+def choose_zone(instance_type: str, wanted: list[str], offered: Sequence[str],
                 field: str = "aws.availability_zones") -> str:
     """The first wanted zone that offers the type (any offering zone when none is named)."""
     candidates = [z for z in wanted if z in offered] if wanted else sorted(offered)
@@ -65,7 +66,8 @@ def parameter_path(spec: Spec) -> str:
 
 def weight_buckets(spec: Spec) -> list[str]:
     """The buckets the nodes read weights from: aws.weights_bucket and the model source's bucket."""
-    buckets = [spec.aws.weights_bucket] if spec.aws.weights_bucket else []
+    section = spec.aws_section
+    buckets = [section.weights_bucket] if section.weights_bucket else []
     source = spec.model.source or ""
     if source.startswith("s3://"):
         bucket = source.removeprefix("s3://").split("/", 1)[0]
@@ -81,12 +83,12 @@ class AwsCluster(pulumi.ComponentResource):
 
     def __init__(self, name: str, args: AwsClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("herd:aws:Cluster", name, None, opts)
-        spec, plan, section = args.spec, args.plan, args.spec.aws
+        spec, plan, section = args.spec, args.plan, args.spec.aws_section
         child = pulumi.ResourceOptions(parent=self)
         tags = {"herd:deployment": spec.name}
 
         offered = aws.ec2.get_instance_type_offerings(
-            filters=[{"name": "instance-type", "values": [section.instance_type]}],
+            filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=[section.instance_type])],
             location_type="availability-zone").locations
         vpc_id, subnet_id = self._network(name, spec, offered, tags, child)
 
@@ -128,29 +130,33 @@ class AwsCluster(pulumi.ComponentResource):
         profile = self._role(name, spec, bucket, bundle_key, secrets, session_manager, tags, child)
 
         ami = aws.ec2.get_ami(most_recent=True, owners=section.ami_owners,
-                              filters=[{"name": "name", "values": [section.ami_name_pattern]},
-                                       {"name": "architecture", "values": ["x86_64"]},
-                                       {"name": "state", "values": ["available"]}])
+                              filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[section.ami_name_pattern]),
+                                       aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"]),
+                                       aws.ec2.GetAmiFilterArgs(name="state", values=["available"])])
+        # Nested inputs as the provider's typed Args (not dicts): a type checker then checks their keys
+        # and types, which mocks echo unchecked. The EBS and interface booleans are strings in
+        # the launch template's schema ("true").
         template = aws.ec2.LaunchTemplate(
             f"{name}-node", image_id=ami.id, instance_type=section.instance_type,
             key_name=section.ssh_key_name, update_default_version=True, tags=tags,
-            iam_instance_profile={"arn": profile.arn},
-            metadata_options={"http_endpoint": "enabled", "http_tokens": "required",
-                              "http_put_response_hop_limit": 2, "instance_metadata_tags": "disabled"},
-            block_device_mappings=[{"device_name": "/dev/sda1", "ebs": {
-                "volume_size": section.root_volume_gb or disk_gb(plan), "volume_type": "gp3", "encrypted": "true",
-                "iops": 16000, "throughput": 1000, "delete_on_termination": "true"}}],
-            network_interfaces=[{"network_card_index": slot.network_card_index,
-                                 "device_index": slot.device_index, "interface_type": slot.interface_type,
-                                 "subnet_id": subnet_id, "security_groups": [sg.id],
-                                 "delete_on_termination": "true"}
-                                for slot in interface_layout(section.instance_type)],
-            placement={"group_name": self.placement_group.name},
+            iam_instance_profile=aws.ec2.LaunchTemplateIamInstanceProfileArgs(arn=profile.arn),
+            metadata_options=aws.ec2.LaunchTemplateMetadataOptionsArgs(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=2,
+                instance_metadata_tags="disabled"),
+            block_device_mappings=[aws.ec2.LaunchTemplateBlockDeviceMappingArgs(
+                device_name="/dev/sda1", ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
+                    volume_size=section.root_volume_gb or disk_gb(plan), volume_type="gp3", encrypted="true",
+                    iops=16000, throughput=1000, delete_on_termination="true"))],
+            network_interfaces=[aws.ec2.LaunchTemplateNetworkInterfaceArgs(
+                network_card_index=slot.network_card_index, device_index=slot.device_index,
+                interface_type=slot.interface_type, subnet_id=subnet_id, security_groups=[sg.id],
+                delete_on_termination="true")
+                for slot in interface_layout(section.instance_type)],
+            placement=aws.ec2.LaunchTemplatePlacementArgs(group_name=self.placement_group.name),
             instance_market_options=self._market(section),
-            capacity_reservation_specification=(
-                {"capacity_reservation_target": {"capacity_reservation_id": section.capacity_reservation_id}}
-                if section.capacity_reservation_id else None),
-            tag_specifications=[{"resource_type": kind, "tags": tags} for kind in ("instance", "volume")],
+            capacity_reservation_specification=self._reservation(section),
+            tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type=kind, tags=tags)
+                                for kind in ("instance", "volume")],
             opts=child)
         self.launch_template = template
 
@@ -168,8 +174,11 @@ class AwsCluster(pulumi.ComponentResource):
                                       lambda uri, known=node_secrets: aws_sources(uri, section.region, known),
                                       bundle_uri, nodes[0].private_ip if rank else None)
                 # The parameters exist before the node boots and reads them.
+                # The template's latest_version is a number, the instance's launch_template.version
+                # a string ("1", "$Latest"): the provider rejects a number there.
                 node = aws.ec2.Instance(
-                    f"{name}-{label}", launch_template={"id": template.id, "version": template.latest_version},
+                    f"{name}-{label}", launch_template=aws.ec2.InstanceLaunchTemplateArgs(
+                        id=template.id, version=template.latest_version.apply(str)),
                     user_data=user_data, user_data_replace_on_change=True,
                     tags={**tags, "Name": f"{spec.name}-{label}", "herd:node-rank": str(rank),
                           **({"herd:replica": str(replica)} if spec.replicas > 1 else {})},
@@ -203,7 +212,8 @@ class AwsCluster(pulumi.ComponentResource):
         """The ALB in front of the replicas' heads, in the nodes' subnet and a second zone's subnet."""
         from infra.load_balancer import certificate_from_config
         from infra.load_balancer_aws import AwsLoadBalancer, AwsLoadBalancerArgs
-        if spec.aws.subnet_id:
+        section = spec.aws_section
+        if section.subnet_id:
             raise pulumi.RunError(f"replicas: {spec.replicas} with aws.subnet_id: the load balancer needs a second "
                                   "subnet in another zone, which herd makes only in a VPC of its own (remove "
                                   "aws.subnet_id, or use one replica)")
@@ -211,7 +221,7 @@ class AwsCluster(pulumi.ComponentResource):
         zones = aws.get_availability_zones(state="available").names
         others = [z for z in sorted(zones) if z != self.zone]
         if not others:
-            raise pulumi.RunError(f"aws.region: {spec.aws.region!r}: one zone only; an application load balancer "
+            raise pulumi.RunError(f"aws.region: {section.region!r}: one zone only; an application load balancer "
                                   "needs two")
         lb_subnet = aws.ec2.Subnet(f"{name}-lb-subnet", vpc_id=vpc_id, cidr_block=LB_SUBNET_CIDR,
                                    availability_zone=others[0], map_public_ip_on_launch=False, tags=tags,
@@ -221,19 +231,20 @@ class AwsCluster(pulumi.ComponentResource):
         return AwsLoadBalancer(f"{name}-lb", AwsLoadBalancerArgs(
             deployment=spec.name, vpc_id=vpc_id, subnet_ids=[subnet_id, lb_subnet.id],
             node_security_group=self.security_group, api_port=spec.serving.port, heads=heads,
-            allowed_cidrs=spec.aws.allowed_cidrs, certificate=certificate_from_config("certificateArn", "aws"),
+            allowed_cidrs=section.allowed_cidrs, certificate=certificate_from_config("certificateArn", "aws"),
             tags=tags), opts=child)
 
     # ------------------------------------------------------------------ parts
-    def _network(self, name: str, spec: Spec, offered: list[str], tags: dict, child):
+    def _network(self, name: str, spec: Spec, offered: Sequence[str], tags: dict, child):
         """(VPC id, subnet id): the spec's subnet, which must be in a zone that offers the type, or a new
         VPC and subnet in the first wanted zone that does."""
-        if spec.aws.subnet_id:
-            subnet = aws.ec2.get_subnet(id=spec.aws.subnet_id)
-            choose_zone(spec.aws.instance_type, [subnet.availability_zone], offered,
-                        f"aws.subnet_id: {spec.aws.subnet_id!r} (its zone)")
+        section = spec.aws_section
+        if section.subnet_id:
+            subnet = aws.ec2.get_subnet(id=section.subnet_id)
+            choose_zone(section.instance_type, [subnet.availability_zone], offered,
+                        f"aws.subnet_id: {section.subnet_id!r} (its zone)")
             return subnet.vpc_id, subnet.id
-        zone = choose_zone(spec.aws.instance_type, spec.aws.availability_zones, offered)
+        zone = choose_zone(section.instance_type, section.availability_zones, offered)
         self.zone = zone
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, enable_dns_hostnames=True,
                           enable_dns_support=True, tags=tags, opts=child)
@@ -241,7 +252,8 @@ class AwsCluster(pulumi.ComponentResource):
         subnet = aws.ec2.Subnet(f"{name}-subnet", vpc_id=vpc.id, cidr_block=SUBNET_CIDR, availability_zone=zone,
                                 map_public_ip_on_launch=False, tags=tags, opts=child)
         routes = aws.ec2.RouteTable(f"{name}-routes", vpc_id=vpc.id, tags=tags, opts=child,
-                                    routes=[{"cidr_block": "0.0.0.0/0", "gateway_id": gateway.id}])
+                                    routes=[aws.ec2.RouteTableRouteArgs(cidr_block="0.0.0.0/0",
+                                                                        gateway_id=gateway.id)])
         self.route_table = routes
         aws.ec2.RouteTableAssociation(f"{name}-routes-subnet", subnet_id=subnet.id, route_table_id=routes.id,
                                       opts=child)
@@ -255,9 +267,11 @@ class AwsCluster(pulumi.ComponentResource):
                                        restrict_public_buckets=True, opts=child)
         aws.s3.BucketServerSideEncryptionConfiguration(
             f"{name}-artifacts-sse", bucket=bucket.id, opts=child,
-            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "aws:kms",
-                                                                "kms_master_key_id": self.key.arn},
-                    "bucket_key_enabled": True}])
+            rules=[aws.s3.BucketServerSideEncryptionConfigurationRuleArgs(
+                apply_server_side_encryption_by_default=(
+                    aws.s3.BucketServerSideEncryptionConfigurationRuleApplyServerSideEncryptionByDefaultArgs(
+                        sse_algorithm="aws:kms", kms_master_key_id=self.key.arn)),
+                bucket_key_enabled=True)])
         key = f"herd/{bundle.name}"
         aws.s3.BucketObjectv2(f"{name}-bundle", bucket=bucket.id, key=key, source=pulumi.FileAsset(str(bundle)),
                               server_side_encryption="aws:kms", kms_key_id=self.key.arn, opts=child)
@@ -290,7 +304,7 @@ class AwsCluster(pulumi.ComponentResource):
                            "Principal": {"Service": "ec2.amazonaws.com"}}]}))
         caller = aws.get_caller_identity()
         partition = caller.arn.split(":")[1]          # aws, aws-cn, aws-us-gov: from the caller's own ARN
-        region, account = spec.aws.region, caller.account_id
+        region, account = spec.aws_section.region, caller.account_id
         weights = weight_buckets(spec)
 
         def policy(known: list[str]) -> str:
@@ -332,10 +346,19 @@ class AwsCluster(pulumi.ComponentResource):
         return aws.iam.InstanceProfile(f"{name}-node", role=role.name, tags=tags, opts=child)
 
     @staticmethod
-    def _market(section):
+    def _market(section: AwsSection) -> aws.ec2.LaunchTemplateInstanceMarketOptionsArgs | None:
         if section.capacity_block:
-            return {"market_type": "capacity-block"}
+            return aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(market_type="capacity-block")
         if section.spot:
-            return {"market_type": "spot", "spot_options": {"instance_interruption_behavior": "terminate",
-                                                            "spot_instance_type": "one-time"}}
+            return aws.ec2.LaunchTemplateInstanceMarketOptionsArgs(
+                market_type="spot", spot_options=aws.ec2.LaunchTemplateInstanceMarketOptionsSpotOptionsArgs(
+                    instance_interruption_behavior="terminate", spot_instance_type="one-time"))
         return None
+
+    @staticmethod
+    def _reservation(section: AwsSection) -> aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs | None:
+        if not section.capacity_reservation_id:
+            return None
+        target = aws.ec2.LaunchTemplateCapacityReservationSpecificationCapacityReservationTargetArgs(
+            capacity_reservation_id=section.capacity_reservation_id)
+        return aws.ec2.LaunchTemplateCapacityReservationSpecificationArgs(capacity_reservation_target=target)

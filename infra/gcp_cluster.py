@@ -39,7 +39,8 @@ class GcpClusterArgs:
 
 def weight_buckets(spec: Spec) -> list[str]:
     """The buckets the nodes read weights from: gcp.weights_bucket and the model source's bucket."""
-    buckets = [spec.gcp.weights_bucket] if spec.gcp.weights_bucket else []
+    section = spec.gcp_section
+    buckets = [section.weights_bucket] if section.weights_bucket else []
     source = spec.model.source or ""
     if source.startswith("gs://"):
         bucket = source.removeprefix("gs://").split("/", 1)[0]
@@ -51,7 +52,7 @@ def weight_buckets(spec: Spec) -> list[str]:
 class GcpCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: GcpClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("herd:gcp:Cluster", name, None, opts)
-        spec, plan, section = args.spec, args.plan, args.spec.gcp
+        spec, plan, section = args.spec, args.plan, args.spec.gcp_section
         child = pulumi.ResourceOptions(parent=self)
         region = region_of(section.zone)
         gpus = gpu_type(section.machine_type)
@@ -64,22 +65,21 @@ class GcpCluster(pulumi.ComponentResource):
                                         ip_cidr_range=SUBNET_CIDR, private_ip_google_access=True, opts=child)
         self.internal_firewall = gcp.compute.Firewall(
             f"{name}-internal", network=network.id, direction="INGRESS", source_tags=[tag], target_tags=[tag],
-            allows=[{"protocol": "tcp"}, {"protocol": "udp"}, {"protocol": "icmp"}], opts=child)
+            allows=[gcp.compute.FirewallAllowArgs(protocol=p) for p in ("tcp", "udp", "icmp")], opts=child)
         # The API port from allowed_cidrs to the one group; with replicas, only from the load balancer.
         direct = [str(spec.serving.port)] if spec.replicas == 1 else []
         self.external_firewall = gcp.compute.Firewall(
             f"{name}-api-ssh", network=network.id, direction="INGRESS",
             source_ranges=section.allowed_cidrs, target_tags=[tag],
-            allows=[{"protocol": "tcp", "ports": [*direct, "22"]}], opts=child)
+            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[*direct, "22"])], opts=child)
 
         # One compact placement policy per replica (its vm_count is one group's nodes); replica 0 keeps
         # the one-group name.
         placement = None
         if plan.nodes > 1:
+            compact = gcp.compute.ResourcePolicyGroupPlacementPolicyArgs(collocation="COLLOCATED", vm_count=plan.nodes)
             placement = [gcp.compute.ResourcePolicy(f"{name}-compact" if r == 0 else f"{name}-r{r}-compact",
-                                                    region=region, opts=child,
-                                                    group_placement_policy={"collocation": "COLLOCATED",
-                                                                            "vm_count": plan.nodes})
+                                                    region=region, group_placement_policy=compact, opts=child)
                          for r in range(spec.replicas)]
         self.placement_policy = placement[0] if placement else None
         self.placement_policies = placement or []
@@ -113,8 +113,9 @@ class GcpCluster(pulumi.ComponentResource):
             if value is None:
                 continue
             secret_id = f"herd-{spec.name}-{file}"
-            secret = gcp.secretmanager.Secret(f"{name}-{file}", secret_id=secret_id, replication={"auto": {}},
-                                              labels=labels, opts=child)
+            secret = gcp.secretmanager.Secret(
+                f"{name}-{file}", secret_id=secret_id, labels=labels, opts=child,
+                replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()))
             versions.append(gcp.secretmanager.SecretVersion(f"{name}-{file}-v", secret=secret.id,
                                                             secret_data=pulumi.Output.secret(value), opts=child))
             gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", secret_id=secret.id, member=member,
@@ -142,17 +143,22 @@ class GcpCluster(pulumi.ComponentResource):
                 replica_label = {"herd-replica": str(replica)} if spec.replicas > 1 else {}
                 # Replica 0's addresses are reserved before the nodes (its head's certificate names them);
                 # later replicas sit behind the load balancer, whose certificate clients see.
-                access = {"nat_ip": ips[rank].address} if replica == 0 else {}
+                access = gcp.compute.InstanceNetworkInterfaceAccessConfigArgs(
+                    nat_ip=ips[rank].address if replica == 0 else None)
                 node = gcp.compute.Instance(
                     f"{name}-{label}", name=f"{spec.name}-{label}", machine_type=section.machine_type,
                     zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank), **replica_label},
-                    boot_disk={"initialize_params": {
-                        "image": f"projects/{section.image_project}/global/images/family/{section.image_family}",
-                        "size": section.boot_disk_gb or disk_gb(plan), "type": gpus.boot_disk_type}},
-                    guest_accelerators=[{"type": gpus.accelerator_type, "count": instance.gpus}],
+                    boot_disk=gcp.compute.InstanceBootDiskArgs(
+                        initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
+                            image=f"projects/{section.image_project}/global/images/family/{section.image_family}",
+                            size=section.boot_disk_gb or disk_gb(plan), type=gpus.boot_disk_type)),
+                    guest_accelerators=[gcp.compute.InstanceGuestAcceleratorArgs(type=gpus.accelerator_type,
+                                                                                 count=instance.gpus)],
                     scheduling=self._scheduling(section.spot),
-                    network_interfaces=[{"subnetwork": subnet.id, "nic_type": "GVNIC", "access_configs": [access]}],
-                    service_account={"email": account.email, "scopes": ["cloud-platform"]},
+                    network_interfaces=[gcp.compute.InstanceNetworkInterfaceArgs(
+                        subnetwork=subnet.id, nic_type="GVNIC", access_configs=[access])],
+                    service_account=gcp.compute.InstanceServiceAccountArgs(email=account.email,
+                                                                           scopes=["cloud-platform"]),
                     metadata={"startup-script": startup, "enable-oslogin": "TRUE",
                               "block-project-ssh-keys": "TRUE"},
                     resource_policies=placement[replica].id if placement else None,
@@ -181,9 +187,11 @@ class GcpCluster(pulumi.ComponentResource):
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
     @staticmethod
-    def _scheduling(spot: bool) -> dict:
+    def _scheduling(spot: bool) -> gcp.compute.InstanceSchedulingArgs:
         # GPUs cannot live-migrate: maintenance stops the VM (TERMINATE), and it comes back by itself.
         if spot:
-            return {"on_host_maintenance": "TERMINATE", "automatic_restart": False, "preemptible": True,
-                    "provisioning_model": "SPOT", "instance_termination_action": "STOP"}
-        return {"on_host_maintenance": "TERMINATE", "automatic_restart": True, "provisioning_model": "STANDARD"}
+            return gcp.compute.InstanceSchedulingArgs(
+                on_host_maintenance="TERMINATE", automatic_restart=False, preemptible=True,
+                provisioning_model="SPOT", instance_termination_action="STOP")
+        return gcp.compute.InstanceSchedulingArgs(on_host_maintenance="TERMINATE", automatic_restart=True,
+                                                  provisioning_model="STANDARD")

@@ -69,9 +69,10 @@ class AwsLoadBalancer(pulumi.ComponentResource):
             # The group with the fewest requests in flight gets the next one (HAProxy's leastconn).
             load_balancing_algorithm_type="least_outstanding_requests",
             deregistration_delay=GENERATION_TIMEOUT_S,
-            health_check={"enabled": True, "protocol": "HTTP", "port": "traffic-port", "path": HEALTH_PATH,
-                          "matcher": "200", "interval": HEALTH_INTERVAL_S, "timeout": HEALTH_TIMEOUT_S,
-                          "healthy_threshold": HEALTHY_THRESHOLD, "unhealthy_threshold": UNHEALTHY_THRESHOLD})
+            health_check=aws.lb.TargetGroupHealthCheckArgs(
+                enabled=True, protocol="HTTP", port="traffic-port", path=HEALTH_PATH, matcher="200",
+                interval=HEALTH_INTERVAL_S, timeout=HEALTH_TIMEOUT_S, healthy_threshold=HEALTHY_THRESHOLD,
+                unhealthy_threshold=UNHEALTHY_THRESHOLD))
         self.attachments = [
             aws.lb.TargetGroupAttachment(f"{name}-replica-{r}", target_group_arn=self.target_group.arn,
                                          target_id=head.id, port=args.api_port, opts=child)
@@ -93,6 +94,6 @@ class AwsLoadBalancer(pulumi.ComponentResource):
         self.listener = aws.lb.Listener(
             f"{name}-https", load_balancer_arn=self.load_balancer.arn, port=HTTPS_PORT, protocol="HTTPS",
             ssl_policy=SSL_POLICY, certificate_arn=certificate_arn, opts=child,
-            default_actions=[{"type": "forward", "target_group_arn": self.target_group.arn}])
+            default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=self.target_group.arn)])
         self.endpoint = pulumi.Output.concat("https://", self.load_balancer.dns_name)
         self.register_outputs({"endpoint": self.endpoint})

@@ -43,26 +43,31 @@ class GcpLoadBalancer(pulumi.ComponentResource):
         # The heads' API port: from Google's front ends only (health checks and the proxies).
         self.firewall = gcp.compute.Firewall(
             f"{name}-front-ends", network=args.network, direction="INGRESS", source_ranges=GCP_FRONT_END_RANGES,
-            target_tags=[args.node_tag], allows=[{"protocol": "tcp", "ports": [str(args.api_port)]}],
+            target_tags=[args.node_tag], allows=[gcp.compute.FirewallAllowArgs(protocol="tcp",
+                                                                               ports=[str(args.api_port)])],
             description=f"herd {args.deployment}: the load balancer and its health checks to the API", opts=child)
 
         self.groups = [
             gcp.compute.InstanceGroup(f"{name}-replica-{r}", zone=args.zone, network=args.network,
                                       instances=[head.self_link],
-                                      named_ports=[{"name": PORT_NAME, "port": args.api_port}],
+                                      named_ports=[gcp.compute.InstanceGroupNamedPortArgs(name=PORT_NAME,
+                                                                                          port=args.api_port)],
                                       description=f"herd {args.deployment}: replica {r}'s head", opts=child)
             for r, head in enumerate(args.heads)]
 
         self.health_check = gcp.compute.HealthCheck(
             f"{name}-ready", check_interval_sec=HEALTH_INTERVAL_S, timeout_sec=HEALTH_TIMEOUT_S,
             healthy_threshold=HEALTHY_THRESHOLD, unhealthy_threshold=UNHEALTHY_THRESHOLD,
-            http_health_check={"port": args.api_port, "request_path": HEALTH_PATH}, opts=child)
+            http_health_check=gcp.compute.HealthCheckHttpHealthCheckArgs(port=args.api_port,
+                                                                         request_path=HEALTH_PATH),
+            opts=child)
 
         self.backend_service = gcp.compute.BackendService(
             f"{name}-replicas", load_balancing_scheme="EXTERNAL_MANAGED", protocol="HTTP", port_name=PORT_NAME,
             health_checks=self.health_check.id, timeout_sec=GENERATION_TIMEOUT_S,
             connection_draining_timeout_sec=GENERATION_TIMEOUT_S, locality_lb_policy="LEAST_REQUEST",
-            backends=[{"group": group.self_link, "balancing_mode": "UTILIZATION", "capacity_scaler": 1.0}
+            backends=[gcp.compute.BackendServiceBackendArgs(group=group.self_link, balancing_mode="UTILIZATION",
+                                                            capacity_scaler=1.0)
                       for group in self.groups],
             opts=child)
         self.url_map = gcp.compute.URLMap(f"{name}-urls", default_service=self.backend_service.id, opts=child)

@@ -50,7 +50,7 @@ def pinned_host_key(known_hosts: Path, host: OnpremHost) -> str:
 class OnpremCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: OnpremClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("herd:onprem:Cluster", name, None, opts)
-        spec, plan, section = args.spec, args.plan, args.spec.onprem
+        spec, plan, section = args.spec, args.plan, args.spec.onprem_section
         home = section.install_dir
         key_file = Path(section.ssh_key).expanduser()
         if not key_file.is_file():
@@ -74,7 +74,7 @@ class OnpremCluster(pulumi.ComponentResource):
             wheels = remote.CopyToRemote(f"{name}-wheels-{rank}", connection=connection,
                                          source=pulumi.FileArchive(str(args.wheels)),
                                          remote_path=f"{home}/wheels", opts=child)
-            depends = [bundle, wheels]
+            depends: list[pulumi.Resource] = [bundle, wheels]
             handed = {"api-key": args.api_key} if args.api_key is not None else {}
             if rank == 0:
                 handed.update(tls_values)     # only the head serves HTTPS
@@ -84,7 +84,7 @@ class OnpremCluster(pulumi.ComponentResource):
                     f"{name}-{file}-{rank}", connection=connection, stdin=pulumi.Output.secret(value),
                     create=f"mkdir -p {home}/secrets && chmod 700 {home}/secrets && "
                            f"(umask 077; cat > {home}/secrets/{file})",
-                    delete=f"rm -f {home}/secrets/{file}", logging="none", opts=child))
+                    delete=f"rm -f {home}/secrets/{file}", logging=remote.Logging.NONE, opts=child))
             steps = plan_host(spec, plan, profile, head, f"{home}/models/{spec.model.id}", spec.model.source,
                               f"{home}/environment.yaml")
             sources = BootSources(fetch_bundle='cp /tmp/herd-node-bundle.tar.gz "$bundle"',

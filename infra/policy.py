@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from runtime.planning import catalog
+
+if TYPE_CHECKING:     # the policy extra: imported only where the CrossGuard pack is built
+    from pulumi_policy import Policy
 
 WORLD = ("0.0.0.0/0", "::/0")
 
@@ -46,7 +49,7 @@ def _true(value) -> bool:
 
 
 def no_world_ingress(typ: str, props: dict, open_cidrs: frozenset) -> list[str]:
-    ranges: list[str] = []
+    ranges: list[str | None] = []   # an unset cidrIpv4 / cidrIpv6 is None
     if typ == "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule":
         ranges = [props.get("cidrIpv4"), props.get("cidrIpv6")]
     elif typ == "aws:ec2/securityGroup:SecurityGroup":
@@ -339,7 +342,7 @@ def violations(resources, open_cidrs=frozenset(), level: str = "mandatory") -> l
     return out
 
 
-def crossguard_policies():
+def crossguard_policies() -> list[Policy]:
     """The same rules as CrossGuard policies (each at its level). Config `openCidrs` lists world-open
     ranges an environment deliberately allows."""
     from pulumi_policy import (EnforcementLevel, PolicyConfigSchema, ResourceValidationPolicy,
@@ -364,11 +367,12 @@ def crossguard_policies():
                 report_violation(f"{name}: {message}", urns.get(name))
         return validate
 
-    return [ResourceValidationPolicy(name=rule.name, description=rule.description,
-                                     enforcement_level=levels[rule.level], validate=validator(rule),
-                                     config_schema=schema)
-            for rule in RULES] + \
-           [StackValidationPolicy(name=rule.name, description=rule.description,
-                                  enforcement_level=levels[rule.level], validate=stack_validator(rule),
-                                  config_schema=schema)
-            for rule in STACK_RULES]
+    policies: list[Policy] = [ResourceValidationPolicy(name=rule.name, description=rule.description,
+                                                       enforcement_level=levels[rule.level],
+                                                       validate=validator(rule), config_schema=schema)
+                              for rule in RULES]
+    policies += [StackValidationPolicy(name=rule.name, description=rule.description,
+                                       enforcement_level=levels[rule.level], validate=stack_validator(rule),
+                                       config_schema=schema)
+                 for rule in STACK_RULES]
+    return policies

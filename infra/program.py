@@ -25,15 +25,15 @@ def main():
         from infra.gcp_cluster import GcpCluster, GcpClusterArgs
         cluster = GcpCluster(spec.name, GcpClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token,
                                                           tls=inputs.tls))
-        ssh = pulumi.Output.from_input([f"gcloud compute ssh {spec.name}-node-{rank} --zone {spec.gcp.zone} "
-                                        f"--project {spec.gcp.project}" for rank in range(plan.nodes)])
+        ssh = pulumi.Output.from_input([f"gcloud compute ssh {spec.name}-node-{rank} --zone {spec.gcp_section.zone} "
+                                        f"--project {spec.gcp_section.project}" for rank in range(plan.nodes)])
     elif spec.target == "onprem":
         from infra.onprem_cluster import OnpremCluster, OnpremClusterArgs
         from provisioning.bundle import wheel_bundle
         cluster = OnpremCluster(spec.name, OnpremClusterArgs(spec, plan, bundle, wheel_bundle(console),
                                                              inputs.api_key, tls=inputs.tls))
         ssh = pulumi.Output.from_input([f"ssh -p {h.port} {h.user}@{h.address}"
-                                        for h in spec.onprem.hosts[:plan.nodes]])
+                                        for h in spec.onprem_section.hosts[:plan.nodes]])
     else:
         raise pulumi.RunError(f"target: {spec.target!r}: has no infrastructure (allowed in a stack: aws, gcp, "
                               "onprem); run `herd up` for it")

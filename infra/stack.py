@@ -65,7 +65,8 @@ def stack_tls(spec: Spec, where: str) -> StackTls:
     if not spec.serving.tls_enabled:
         return StackTls(spec)
     t = spec.serving.tls
-    if tls.is_secret_reference(t.cert):
+    # cert and key come together (TlsSection refuses one without the other).
+    if t.cert and t.key and tls.is_secret_reference(t.cert):
         refs = {f: v.split(":", 1)[1] for f, v in zip(TLS_FILES, (t.cert, t.key))}
         return StackTls(spec, references=refs, ca_file=Path(t.ca).expanduser() if t.ca else None)
     named = tls.named_material(spec, where)

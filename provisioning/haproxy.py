@@ -27,6 +27,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from typing import Callable, Union
 
 from runtime.errors import UserError
 
@@ -218,7 +219,7 @@ def balancer_config(spec, plan, **overrides) -> BalancerConfig:
     files where onprem.load_balancer puts them. Replicas serving TLS are verified against the
     deployment's CA, uploaded beside the certificate (BACKEND_CA_NAME)."""
     from runtime.planning.plan_spec import replica_hosts
-    lb = spec.onprem.load_balancer
+    lb = spec.onprem_section.load_balancer
     if lb is None:
         raise UserError("onprem.load_balancer: not set (address: the host that runs HAProxy)")
     replicas = tuple(Replica(replica_name(i), group[0].address, spec.serving.port)
@@ -252,7 +253,7 @@ def balancer_steps(spec, plan):
     Outside Debian's /etc/haproxy, HAProxy runs as one process of its own (Debian's unit would load
     /etc/haproxy/haproxy.cfg, not ours)."""
     from provisioning.steps import HostProfile, HostSteps, step_names
-    lb, home = spec.onprem.load_balancer, spec.onprem.install_dir
+    lb, home = spec.onprem_section.load_balancer, spec.onprem_section.install_dir
     profile = HostProfile(name=lb.address, address=lb.address, node_rank=-1, gpu=False, gpus=0, home=home)
     config = balancer_config(spec, plan)
     env = step_env(config, home, f"{home}/secrets/haproxy.pem", config_path=f"{lb.config_dir}/haproxy.cfg",
@@ -304,13 +305,16 @@ def server_states(show_stat: str, backend: str = BACKEND) -> list[ServerState]:
             for row in rows if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")]
 
 
-def ask(socket, command: str) -> str:
+AdminSocket = Union[str, Callable[[str], str]]   # a socket path here, or a function reaching one elsewhere
+
+
+def ask(socket: AdminSocket, command: str) -> str:
     """One admin command: `socket` is the socket's path on this machine, or a function that sends the
     command to the balancer's socket on its host (over SSH) and returns the answer."""
     return socket(command) if callable(socket) else admin(socket, command)
 
 
-def set_state(socket, server: str, state: str, backend: str = BACKEND) -> str:
+def set_state(socket: AdminSocket, server: str, state: str, backend: str = BACKEND) -> str:
     """Take a replica out of rotation while its requests finish (drain), stop it (maint), or put it back
     (ready): what a rolling update does to one replica at a time. `socket`: as for ask()."""
     if state not in ("ready", "drain", "maint"):
@@ -318,7 +322,7 @@ def set_state(socket, server: str, state: str, backend: str = BACKEND) -> str:
     return ask(socket, f"set server {backend}/{_word('replica name', server)} state {state}")
 
 
-def rolling_update(socket_path, names: list[str], replace, ready, drain_timeout: float = GENERATION_TIMEOUT_S,
+def rolling_update(socket_path: AdminSocket, names: list[str], replace, ready, drain_timeout: float = GENERATION_TIMEOUT_S,
                    ready_timeout: float = 3600, poll_s: float = 0.2, say=lambda line: None,
                    backend: str = BACKEND) -> list[dict]:
     """Replace replicas one at a time behind HAProxy without failing a request: for each, check that every

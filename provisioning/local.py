@@ -50,7 +50,10 @@ def state_dir(spec: Spec) -> Path:
 def endpoint(spec: Spec) -> str:
     """https:// whenever the deployment serves TLS (always off loopback); a wildcard bind is reached
     through 127.0.0.1, which the generated certificate names."""
-    return tls.endpoint_for(spec)
+    url = tls.endpoint_for(spec)
+    if url is None:   # a cloud target: only its stack knows the address
+        raise UserError(f"target: {spec.target!r}: its address is the stack output `endpoint` (herd status)")
+    return url
 
 
 def server_tls(spec: Spec, env_path: str, state: Path):

@@ -29,6 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from rich.console import Console
@@ -46,6 +47,9 @@ from runtime.planning.plan_spec import replica_hosts, request_from_spec
 from runtime.planning.planner import plan
 from runtime.serving.serve import read_api_key
 from runtime.planning.spec import OnpremHost, Spec, parse_spec
+
+if TYPE_CHECKING:     # imported where SSH is used: the onprem extra
+    import paramiko
 
 RDZV_PORT = 29400
 
@@ -91,17 +95,18 @@ def _record_host_key(known_hosts: Path, hostname: str, key, console: Console, wh
                   f"(recorded in {escape(str(known_hosts))})[/]")
 
 
-class TrustOnFirstUse:
+def trust_on_first_use(known_hosts: Path, console: Console) -> paramiko.MissingHostKeyPolicy:
     """Accept a host never seen before and record it (only with --trust-new-hosts). A host already in
     known_hosts never reaches this policy: paramiko compares its key (Host handles a key of a type
-    not recorded for it)."""
+    not recorded for it). Made here because paramiko is imported only once SSH is used."""
+    import paramiko
 
-    def __init__(self, known_hosts: Path, console: Console):
-        self.known_hosts, self.console = known_hosts, console
+    class TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            _record_host_key(known_hosts, hostname, key, console, "new host key")
 
-    def missing_host_key(self, client, hostname, key):
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        _record_host_key(self.known_hosts, hostname, key, self.console, "new host key")
+    return TrustOnFirstUse()
 
 
 class Host:
@@ -151,16 +156,26 @@ class Host:
         self.client = client
         # A long, silent step (hashing weights) leaves the connection idle for minutes: keepalives keep
         # firewalls and NAT from dropping it, and make a dead one fail on send.
-        client.get_transport().set_keepalive(15)
+        self._transport().set_keepalive(15)
         self.sftp = client.open_sftp()
-        self.sftp.get_channel().settimeout(SFTP_TIMEOUT_S)
+        channel = self.sftp.get_channel()
+        if channel is None:
+            raise HostError(f"{self.name}: SSH failed: the SFTP session has no channel")
+        channel.settimeout(SFTP_TIMEOUT_S)
+
+    def _transport(self) -> paramiko.Transport:
+        """The connection's transport; paramiko has none once the connection is closed."""
+        transport = self.client.get_transport()
+        if transport is None:
+            raise HostError(f"{self.name}: SSH failed: the connection is closed")
+        return transport
 
     def _connect(self, spec_host: OnpremHost, key: Path, known_hosts: Path, trust_new: bool):
         import paramiko
         client = paramiko.SSHClient()
         if known_hosts.exists():
             client.load_host_keys(str(known_hosts))
-        client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts, self.console) if trust_new
+        client.set_missing_host_key_policy(trust_on_first_use(known_hosts, self.console) if trust_new
                                            else paramiko.RejectPolicy())
         try:
             sock = socket.create_connection((spec_host.address, spec_host.port), timeout=10)
@@ -179,7 +194,7 @@ class Host:
         filling its stderr while we wait on its stdout would otherwise stall both sides for good), and
         the command gets `timeout` seconds (COMMAND_TIMEOUT_S by default)."""
         limit = COMMAND_TIMEOUT_S if timeout is None else timeout
-        channel = self.client.get_transport().open_session(timeout=30)
+        channel = self._transport().open_session(timeout=30)
         # The host enforces the deadline too: coreutils `timeout` signals the command's whole process
         # group (TERM, then KILL 10 s later), so a hung command does not linger after we gave up.
         channel.exec_command(f"timeout -k 10 {max(1, math.ceil(limit))} bash -c {shlex.quote(command)}")
@@ -536,7 +551,7 @@ class Installer:
             raise UserError(f"target: {spec.target!r}: the on-prem installer needs target onprem")
         self.spec, self.env_path, self.console = spec, Path(env_path), console
         self.trust_new = trust_new_hosts
-        section = spec.onprem
+        section = spec.onprem_section
         self.key = Path(section.ssh_key).expanduser()
         self.known_hosts = Path(section.known_hosts).expanduser()
         if not self.key.is_file():
@@ -555,7 +570,10 @@ class Installer:
 
     def endpoint(self) -> str:
         """Where clients go: the balancer when there is one, else the head."""
-        return tls.endpoint_for(self.spec)
+        url = tls.endpoint_for(self.spec)
+        if url is None:   # only a cloud target has none, and the constructor refused those
+            raise UserError(f"target: {self.spec.target!r}: has no endpoint the spec locates")
+        return url
 
     def head_endpoint(self, group: int) -> str:
         """One replica's own API (its head), as the balancer's health checks reach it."""
@@ -684,8 +702,10 @@ class Installer:
         """The 90-haproxy step on the balancer host: the PEM bundle (the deployment's certificate, or
         onprem.load_balancer.pem_file) and the replicas' CA uploaded as 0600 files, then the step."""
         steps = haproxy.balancer_steps(self.spec, self.plan)
-        if self.balancer.pem_file:
-            pem = Path(self.balancer.pem_file).expanduser().read_text()
+        lb = self.spec.onprem_section.load_balancer
+        assert lb is not None   # only called with a balancer
+        if lb.pem_file:
+            pem = Path(lb.pem_file).expanduser().read_text()
         elif self.tls is not None:
             pem = self.tls.certfile.read_text() + self.tls.keyfile.read_text()
         else:

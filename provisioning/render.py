@@ -15,7 +15,7 @@ from runtime.planning.spec import Spec
 
 def node_addresses(spec: Spec, nodes: int) -> list[str]:
     if spec.target == "onprem":
-        return [h.address for h in spec.onprem.hosts[:nodes]]
+        return [h.address for h in spec.onprem_section.hosts[:nodes]]
     return [f"<node-{i}>" for i in range(nodes)]  # cloud addresses exist once infra has run
 
 

@@ -16,7 +16,7 @@ from runtime.planning.plan_spec import replica_hosts
 
 def group_shape(spec, plan) -> dict[str, object]:
     """What a rolling update must keep: the replica groups and how each is split."""
-    lb = spec.onprem.load_balancer
+    lb = spec.onprem_section.load_balancer
     return {
         "replicas": spec.replicas,
         "hosts of each replica": [[h.address for h in group] for group in replica_hosts(spec, plan)],

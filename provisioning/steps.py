@@ -298,7 +298,7 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
 def profiles_for(spec: Spec, plan: Plan, hosts=None) -> list[HostProfile]:
     """One profile per node of one serving group: `hosts` (a replica's hosts, its head first), by default
     the first `nodes` hosts of the spec."""
-    section = spec.onprem
+    section = spec.onprem_section
     hosts = section.hosts[:plan.nodes] if hosts is None else hosts
     gpu = section.gpus_per_host > 0
     acc = catalog.accelerator(section.accelerator) if gpu else None
@@ -312,6 +312,8 @@ def profiles_for(spec: Spec, plan: Plan, hosts=None) -> list[HostProfile]:
 
 def cloud_profiles(spec: Spec, plan: Plan, address: str) -> list[HostProfile]:
     """One profile per cloud node; `address` stands for each node's own address until boot."""
+    if spec.instance_type is None:   # on-prem hosts are profiled by profiles_for
+        raise UserError(f"target: {spec.target!r}: cloud node profiles need target aws or gcp")
     instance = catalog.instance(spec.instance_type)
     # Every 8-GPU A100/H100/H200 type in the catalog is an HGX board with NVSwitches.
     nvswitch = instance.gpus == 8

@@ -27,7 +27,7 @@ class AwsClients:
 def clients_for(region: str) -> AwsClients:
     import boto3
     try:
-        session = boto3.session.Session(region_name=region)
+        session = boto3.Session(region_name=region)
     except ProfileNotFound as err:
         raise UserError(f"AWS_PROFILE: {err.kwargs.get('profile')!r}: no such profile in the AWS config files "
                         "(allowed: a profile listed by `aws configure list-profiles`)") from None
@@ -49,7 +49,7 @@ def offered_zones(ec2, instance_type: str) -> list[str]:
 
 def check_zones(spec: Spec, zones: list[str]) -> Finding:
     """zones: where the region offers the instance type (offered_zones)."""
-    section = spec.aws
+    section = spec.aws_section
     if not zones:
         return fail("offering", f"{section.instance_type} is not offered in any zone of {section.region}")
     if section.availability_zones:
@@ -62,7 +62,7 @@ def check_zones(spec: Spec, zones: list[str]) -> Finding:
 
 
 def check_efa(ec2, spec: Spec) -> Finding:
-    inst = catalog.instance(spec.aws.instance_type)
+    inst = catalog.instance(spec.aws_section.instance_type)
     info = ec2.describe_instance_types(InstanceTypes=[inst.id])["InstanceTypes"][0]
     network = info.get("NetworkInfo", {})
     if not network.get("EfaSupported"):
@@ -97,7 +97,7 @@ def _count(plan: Plan) -> str:
 
 
 def check_quota(ec2, quotas, spec: Spec, plan: Plan) -> Finding:
-    section = spec.aws
+    section = spec.aws_section
     if section.capacity_block:
         return ok("quota", "capacity block: the block's own capacity applies, not the P-instance quota")
     code = SPOT_P if section.spot else ON_DEMAND_P
@@ -116,19 +116,19 @@ def check_quota(ec2, quotas, spec: Spec, plan: Plan) -> Finding:
 
 
 def check_ami(ec2, spec: Spec) -> Finding:
-    pattern = spec.aws.ami_name_pattern
-    images = ec2.describe_images(Owners=spec.aws.ami_owners, Filters=[
+    pattern = spec.aws_section.ami_name_pattern
+    images = ec2.describe_images(Owners=spec.aws_section.ami_owners, Filters=[
         {"Name": "name", "Values": [pattern]}, {"Name": "state", "Values": ["available"]},
         {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
     if not images:
         return fail("ami", f"aws.ami_name_pattern: {pattern!r}: no available image owned by "
-                           f"{', '.join(spec.aws.ami_owners)} matches in {spec.aws.region}")
+                           f"{', '.join(spec.aws_section.ami_owners)} matches in {spec.aws_section.region}")
     newest = max(images, key=lambda i: i.get("CreationDate", ""))
     return ok("ami", f"{newest['ImageId']} ({newest.get('Name')})")
 
 
 def check_reservation(ec2, spec: Spec, plan: Plan) -> Finding | None:
-    rid = spec.aws.capacity_reservation_id
+    rid = spec.aws_section.capacity_reservation_id
     if not rid:
         return None
     try:
@@ -136,16 +136,16 @@ def check_reservation(ec2, spec: Spec, plan: Plan) -> Finding | None:
     except ClientError as err:
         return fail("reservation", f"aws.capacity_reservation_id: {rid!r}: {_error(err)}")
     if not found:
-        return fail("reservation", f"aws.capacity_reservation_id: {rid!r}: not found in {spec.aws.region}")
+        return fail("reservation", f"aws.capacity_reservation_id: {rid!r}: not found in {spec.aws_section.region}")
     cr = found[0]
     problems = []
     if cr["State"] not in ("active", "scheduled"):
         problems.append(f"state is {cr['State']}")
-    if cr["InstanceType"] != spec.aws.instance_type:
-        problems.append(f"it reserves {cr['InstanceType']}, the spec asks for {spec.aws.instance_type}")
+    if cr["InstanceType"] != spec.aws_section.instance_type:
+        problems.append(f"it reserves {cr['InstanceType']}, the spec asks for {spec.aws_section.instance_type}")
     if cr.get("AvailableInstanceCount", 0) < plan.total_nodes:
         problems.append(f"{cr.get('AvailableInstanceCount', 0)} instances available, {_count(plan)} needed")
-    if spec.aws.availability_zones and cr["AvailabilityZone"] not in spec.aws.availability_zones:
+    if spec.aws_section.availability_zones and cr["AvailabilityZone"] not in spec.aws_section.availability_zones:
         problems.append(f"it is in {cr['AvailabilityZone']}, outside aws.availability_zones")
     if problems:
         return fail("reservation", f"aws.capacity_reservation_id: {rid!r}: " + "; ".join(problems))
@@ -154,9 +154,9 @@ def check_reservation(ec2, spec: Spec, plan: Plan) -> Finding | None:
 
 
 def aws_findings(spec: Spec, plan: Plan, clients: AwsClients | None = None) -> list[Finding]:
-    clients = clients or clients_for(spec.aws.region)
+    clients = clients or clients_for(spec.aws_section.region)
     try:
-        zones = offered_zones(clients.ec2, spec.aws.instance_type)
+        zones = offered_zones(clients.ec2, spec.aws_section.instance_type)
         findings = [check_zones(spec, zones), check_efa(clients.ec2, spec),
                     check_quota(clients.ec2, clients.quotas, spec, plan), check_ami(clients.ec2, spec)]
         reservation = check_reservation(clients.reservations, spec, plan)
@@ -164,5 +164,5 @@ def aws_findings(spec: Spec, plan: Plan, clients: AwsClients | None = None) -> l
         raise UserError("aws: no credentials found: set AWS_PROFILE (or AWS_ACCESS_KEY_ID and "
                         "AWS_SECRET_ACCESS_KEY) for an account that may describe EC2 and read Service Quotas") from None
     except (ClientError, BotoCoreError) as err:
-        raise UserError(f"aws: {spec.aws.region}: {_error(err)}") from None
+        raise UserError(f"aws: {spec.aws_section.region}: {_error(err)}") from None
     return findings + ([reservation] if reservation else [])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from infra.gcp_types import gpu_type, quota_metric, region_of
 from infra.preflight import Finding, fail, ok, unknown
@@ -12,6 +13,9 @@ from runtime.errors import UserError
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
 
+if TYPE_CHECKING:     # imported when the clients are made: the CLI starts without the Google SDK
+    from google.cloud import compute_v1
+
 # A private or test endpoint for the Compute API (e.g. http://127.0.0.1:PORT); unset: Google's.
 ENDPOINT_ENV = "HERD_GCE_ENDPOINT"
 COMPUTE_READ_ONLY = "https://www.googleapis.com/auth/compute.readonly"
@@ -19,10 +23,10 @@ COMPUTE_READ_ONLY = "https://www.googleapis.com/auth/compute.readonly"
 
 @dataclass
 class GcpClients:
-    machine_types: object
-    accelerator_types: object
-    regions: object
-    images: object
+    machine_types: compute_v1.MachineTypesClient
+    accelerator_types: compute_v1.AcceleratorTypesClient
+    regions: compute_v1.RegionsClient
+    images: compute_v1.ImagesClient
 
 
 def clients_for(endpoint: str | None = None) -> GcpClients:
@@ -66,7 +70,7 @@ def _exists(check: str, get, missing: str, found) -> Finding:
 
 
 def check_machine_type(clients: GcpClients, spec: Spec) -> Finding:
-    s = spec.gcp
+    s = spec.gcp_section
     return _exists("offering",
                    lambda: clients.machine_types.get(project=s.project, zone=s.zone, machine_type=s.machine_type),
                    f"gcp.machine_type: {s.machine_type!r} is not offered in zone {s.zone}",
@@ -74,7 +78,7 @@ def check_machine_type(clients: GcpClients, spec: Spec) -> Finding:
 
 
 def check_accelerator(clients: GcpClients, spec: Spec) -> Finding:
-    s = spec.gcp
+    s = spec.gcp_section
     accelerator = gpu_type(s.machine_type).accelerator_type
     return _exists("accelerator",
                    lambda: clients.accelerator_types.get(project=s.project, zone=s.zone,
@@ -84,7 +88,7 @@ def check_accelerator(clients: GcpClients, spec: Spec) -> Finding:
 
 
 def check_quota(clients: GcpClients, spec: Spec, plan: Plan) -> Finding:
-    section = spec.gcp
+    section = spec.gcp_section
     region = region_of(section.zone)
     metric = quota_metric(section.machine_type, section.spot)
     need = catalog.instance(section.machine_type).gpus * plan.total_nodes   # every replica
@@ -102,7 +106,7 @@ def check_quota(clients: GcpClients, spec: Spec, plan: Plan) -> Finding:
 
 
 def check_image(clients: GcpClients, spec: Spec) -> Finding:
-    s = spec.gcp
+    s = spec.gcp_section
     return _exists("image", lambda: clients.images.get_from_family(project=s.image_project, family=s.image_family),
                    f"gcp.image_family: {s.image_family!r}: no image in project {s.image_project}",
                    lambda image: f"{image.name} ({s.image_project}/{s.image_family})")
@@ -110,12 +114,13 @@ def check_image(clients: GcpClients, spec: Spec) -> Finding:
 
 def gcp_findings(spec: Spec, plan: Plan, clients: GcpClients | None = None) -> list[Finding]:
     from google.api_core import exceptions as api_errors
+    section = spec.gcp_section
     clients = clients or clients_for()
     try:
         return [check_machine_type(clients, spec), check_accelerator(clients, spec),
                 check_quota(clients, spec, plan), check_image(clients, spec)]
     except api_errors.Forbidden as err:
-        raise UserError(f"gcp.project: {spec.gcp.project!r}: {_api_message(err)} (the credentials need "
+        raise UserError(f"gcp.project: {section.project!r}: {_api_message(err)} (the credentials need "
                         "compute.machineTypes.get, compute.regions.get and compute.images.getFromFamily)") from None
     except api_errors.GoogleAPICallError as err:
-        raise UserError(f"gcp: {spec.gcp.project}/{spec.gcp.zone}: {_api_message(err)}") from None
+        raise UserError(f"gcp: {section.project}/{section.zone}: {_api_message(err)}") from None

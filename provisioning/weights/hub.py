@@ -33,7 +33,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import urlparse
+
+from tqdm import tqdm   # huggingface_hub's dependency; its downloads take a tqdm class for progress
 
 from provisioning.weights.manifest import CHUNK, unsafe_reason
 from provisioning.weights.transfer import ChecksumMismatch, RemoteFile, Transfer, matches
@@ -203,23 +206,11 @@ class HubSource:
         return [Path(real) for real in unique]
 
 
-class _Quiet:
-    """A progress bar for huggingface_hub that shows nothing (herd draws its own)."""
+class _Quiet(tqdm):
+    """A progress bar for huggingface_hub that shows nothing (herd draws its own): tqdm, disabled."""
 
     def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
+        super().__init__(*args, **{**kwargs, "disable": True})
 
 
 class _Incoming:
@@ -409,7 +400,8 @@ class HubTransfer:
             have = incoming.absorb_prefix() if resume else 0
             self.on_bytes(have)
             try:
-                http_get(location, incoming, resume_size=have, headers=headers, expected_size=f.size,
+                # http_get declares a BinaryIO and uses write, tell, seek and truncate: _Incoming's.
+                http_get(location, cast(BinaryIO, incoming), resume_size=have, headers=headers, expected_size=f.size,
                          displayed_filename=f.name, tqdm_class=_Quiet)
             except HfHubHTTPError as err:
                 raise UserError(f"{self.source.uri}: {f.name}: HTTP {err.response.status_code} after "

@@ -92,12 +92,12 @@ def _convert(gguf: Path, out: Path) -> None:
     """GGUF -> safetensors. A gguf-loaded model refuses save_pretrained, so copy its dequantized
     state into a plain model of the same config (see shared notes)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    if hasattr(config, "quantization_config"):   # set by the gguf loader only: not a declared attribute
+        delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in loaded.state_dict().items()})
     plain.save_pretrained(out)

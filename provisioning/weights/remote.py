@@ -75,7 +75,7 @@ class S3Store:
         self.uri = uri
         self.bucket, self.prefix = split_bucket(uri)
         # A session of its own: boto3's default session caches credentials for the whole process.
-        self.client = boto3.session.Session().client(
+        self.client = boto3.Session().client(
             "s3", config=Config(max_pool_connections=max(10, concurrency * 2),
                                 retries={"max_attempts": 8, "mode": "adaptive"}))
 

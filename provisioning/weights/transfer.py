@@ -173,6 +173,8 @@ class Transfer:
         log.unlink(missing_ok=True)
 
     def _chunk(self, f: RemoteFile, index: int, chunk: int, fd: int, log_fd: int) -> None:
+        if self.read_into is None:   # made to check names and paths only (the Hub's transfer)
+            raise TypeError("this Transfer has no reader: it cannot fetch")
         start = index * chunk
         end = min(f.size, start + chunk)
         buffer = getattr(self._buffers, "view", None)

@@ -31,7 +31,7 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
 
 def use_grouped_decode_attention(model) -> None:
     """Switch `model` to the grouped decode attention (same masks as SDPA)."""
-    from transformers import AttentionInterface
+    from transformers.modeling_utils import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     AttentionInterface.register(NAME, grouped_decode_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)

@@ -10,11 +10,11 @@ model identical inputs, which tensor parallelism requires.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer
 
 from runtime.engine.kv_slots import SlotLayer, slot_cache
 
@@ -32,7 +32,7 @@ NO_JOINS, JOINS, SHUTDOWN = 0, 1, 2
 
 # (row id, new token or None, state, (logprob, [(id, logprob)...]) or None); for state ERROR the last
 # item is the reason (a string) instead.
-Event = tuple[int, "int | None", int, "tuple[float, list[tuple[int, float]]] | str | None"]
+Event = tuple[str, "int | None", int, "tuple[float, list[tuple[int, float]]] | str | None"]
 # Driver side: take(limit, block) -> rows to join ([] for none, None to shut down).
 Take = Callable[[int, bool], "list[Row] | None"]
 # Driver side: on_step(events) -> ids cancelled meanwhile.
@@ -40,7 +40,24 @@ OnStep = Callable[[list[Event]], set[str]]
 # All ranks: share(tensor) broadcasts the driver's tensor in place; share_object(obj) returns the
 # driver's object. Identity functions when there is one rank.
 Share = Callable[[torch.Tensor], None]
-ShareObject = Callable[[object], object]
+T = TypeVar("T")
+
+
+class ShareObject(Protocol):
+    def __call__(self, obj: T, /) -> T: ...
+
+
+def _unbatchable(layer) -> TypeError:
+    return TypeError(f"{type(layer).__name__}: continuous batching merges and cuts key/value caches only "
+                     "(a linear-attention layer's recurrent state cannot take rows of another batch)")
+
+
+def _kv(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefilled cache layer's keys and values: DynamicLayer's and its sliding-window and quantized
+    kinds' (SlotLayer's too)."""
+    if isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None:
+        return layer.keys, layer.values
+    raise _unbatchable(layer)
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -64,6 +81,12 @@ class RunningBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def _state(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cache, mask, positions, logits): set by the first join, None while the batch is empty."""
+        if self.cache is None or self.mask is None or self.positions is None or self.logits is None:
+            raise RuntimeError("the batch has no rows")
+        return self.cache, self.mask, self.positions, self.logits
 
     def _prefill(self, rows: list[Row], cache=None):
         longest = max(len(r.input_ids) for r in rows)
@@ -91,17 +114,21 @@ class RunningBatch:
             cache, mask, positions, logits = self._prefill(rows, self._new_cache())
             self.rows, self.cache, self.mask, self.positions, self.logits = list(rows), cache, mask, positions, logits
             return
+        running, running_mask, running_positions, running_logits = self._state()
         cache, mask, positions, logits = self._prefill(rows)
-        length = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
+        length = max(running_mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(running.layers, cache.layers):
             if isinstance(mine, SlotLayer):    # new rows go into free slots; nothing already there moves
-                mine.join(theirs.keys, theirs.values)
-                continue
-            mine.keys = torch.cat([_pad_left(mine.keys, length, -2), _pad_left(theirs.keys, length, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, -2), _pad_left(theirs.values, length, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
-        self.positions = torch.cat([self.positions, positions])
-        self.logits = torch.cat([self.logits, logits])
+                mine.join(*_kv(theirs))
+            elif isinstance(mine, DynamicLayer):
+                (keys, values), (new_keys, new_values) = _kv(mine), _kv(theirs)
+                mine.keys = torch.cat([_pad_left(keys, length, -2), _pad_left(new_keys, length, -2)])
+                mine.values = torch.cat([_pad_left(values, length, -2), _pad_left(new_values, length, -2)])
+            elif not isinstance(mine, DummyLayer):   # a DummyLayer holds no cache: nothing to merge
+                raise _unbatchable(mine)
+        self.mask = torch.cat([_pad_left(running_mask, length, 1), _pad_left(mask, length, 1)])
+        self.positions = torch.cat([running_positions, positions])
+        self.logits = torch.cat([running_logits, logits])
         self.rows += rows
 
     def keep(self, indices: list[int]) -> None:
@@ -110,29 +137,35 @@ class RunningBatch:
         if not indices:
             self.__init__(self.model, self.pad_id)
             return
+        cache, mask, positions, logits = self._state()
         index = torch.tensor(indices, device=self.device)
         self.rows = [self.rows[i] for i in indices]
-        for layer in self.cache.layers:
+        for layer in cache.layers:
             if isinstance(layer, SlotLayer):
                 layer.keep_rows(index)
-            else:
+            elif isinstance(layer, (DynamicLayer, DummyLayer)):
                 layer.batch_select_indices(index)
-        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+            else:
+                raise _unbatchable(layer)
+        mask = mask[index]
+        self.mask, self.positions, self.logits = mask, positions[index], logits[index]
         # Columns that are padding for every remaining row cost attention work for nothing.
-        unused = int((self.mask.cumsum(-1) == 0).all(0).sum())
+        unused = int((mask.cumsum(-1) == 0).all(0).sum())
         if unused:
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
+            self.mask = mask[:, unused:]
+            for layer in cache.layers:
                 if isinstance(layer, SlotLayer):
                     layer.drop_left(unused)
-                else:
-                    layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+                elif isinstance(layer, DynamicLayer):
+                    keys, values = _kv(layer)
+                    layer.keys, layer.values = keys[:, :, unused:], values[:, :, unused:]
 
     def step(self, tokens: list[int]) -> None:
-        self.mask = torch.cat([self.mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], dim=-1)
-        self.positions = self.positions + 1
+        cache, mask, positions, _ = self._state()
+        self.mask = torch.cat([mask, torch.ones((len(tokens), 1), dtype=torch.long, device=self.device)], dim=-1)
+        self.positions = positions + 1
         self.logits = self.model(input_ids=torch.tensor(tokens, device=self.device).unsqueeze(-1), attention_mask=self.mask,
-                                 position_ids=self.positions, cache=self.cache, use_cache=True).logits[:, -1, :]
+                                 position_ids=self.positions, cache=cache, use_cache=True).logits[:, -1, :]
 
 
 class DriverState:
@@ -179,6 +212,8 @@ class DriverState:
         """Every row's next token in one pass on the logits' device; the ids (and any logprobs) reach
         the host in one transfer per step."""
         rows, logits = batch.rows, batch.logits
+        if logits is None:
+            raise RuntimeError("choose() needs a batch with rows")
         picked = sample(self._adjusted(rows, logits), [r.temperature for r in rows], [r.top_p for r in rows],
                         [self.generators[r.id] for r in rows])
         self._remember(rows, picked)
@@ -187,7 +222,7 @@ class DriverState:
         if wanting:
             index = torch.tensor(wanting, device=logits.device)
             lps = row_logprobs(logits.index_select(0, index), picked.index_select(0, index),
-                               max(rows[i].logprobs for i in wanting))
+                               max(rows[i].logprobs or 0 for i in wanting))
         chosen = picked.tolist()
         if lps is not None:
             lp_picked, lp_values, lp_ids = (t.tolist() for t in lps)
@@ -248,13 +283,15 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
     fails the rows it was for (on every rank alike, as they run the same inputs); the batch goes on."""
     batch = batch if batch is not None else RunningBatch(model, pad_id)
     driver = DriverState() if is_driver else None
+    if driver is not None and take is None:
+        raise TypeError("run_engine: the driver rank needs `take`")
     vocab = _vocab(model)
     waiting: list[Row] = []      # driver: taken rows that do not fit the static batch yet
     while True:
         n = len(batch)
         payload = torch.zeros(2 * n + 1, dtype=torch.long)  # tokens, states, then the joins flag
         joins: list[Row] | None = []
-        if is_driver:
+        if driver is not None and take is not None:   # the driver (which has a take: checked above)
             if n:
                 tokens, states, events = driver.choose(batch)
                 payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
@@ -269,29 +306,29 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
             payload[2 * n] = SHUTDOWN if joins is None else JOINS if joins else NO_JOINS
         share(payload)
         tokens, states, flag = payload[:n].tolist(), payload[n:2 * n].tolist(), int(payload[2 * n])
-        if is_driver and n and on_step is not None:
+        if driver is not None and n and on_step is not None:
             driver.cancelled |= on_step(events)
         if flag == SHUTDOWN:
             return driver
         if flag == JOINS:
             joins = share_object(joins)
         kept = [i for i, s in enumerate(states) if s == RUNNING]
-        if is_driver:
+        if driver is not None:
             for i, s in enumerate(states):
                 if s != RUNNING:
                     driver.forget(batch.rows[i].id)
         batch.keep(kept)
         if kept:
             batch.step([tokens[i] for i in kept])
-        if flag == JOINS:
+        if flag == JOINS and joins:
             try:
                 batch.join(joins)
             except Exception as err:   # noqa: BLE001 - a prefill fault fails its rows, not the group
-                if is_driver and on_step is not None:
+                if driver is not None and on_step is not None:
                     reason = f"prefill failed: {type(err).__name__}: {err}"[:300]
                     on_step([(row.id, None, ERROR, reason) for row in joins])
                 continue
-            if is_driver:
+            if driver is not None:
                 driver.admit(joins, batch.device)
 
 

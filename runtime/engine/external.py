@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -49,7 +50,7 @@ class ExternalEngine:
         self._tasks: list[asyncio.Task] = []
         self._client = httpx.AsyncClient(base_url=cfg.engine_url, timeout=httpx.Timeout(None, connect=5))
         self._lost = asyncio.Event()
-        self.on_restart = None
+        self.on_restart: Callable[[], None] | None = None   # hook for metrics
         self._metrics_failing: str | None = None
 
     @property

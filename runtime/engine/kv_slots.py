@@ -21,7 +21,8 @@ LEFT_ROOM, RIGHT_ROOM = 64, 128
 
 class SlotLayer(DynamicLayer):
     def __init__(self, **kwargs):
-        self._k = self._v = None
+        self._k: torch.Tensor | None = None   # the buffers, allocated by the first update
+        self._v: torch.Tensor | None = None
         self.rows = self.start = self.end = 0
         super().__init__(**kwargs)
 
@@ -72,7 +73,7 @@ class SlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
-        if self._k is None or self._k.numel() == 0 or self.rows == 0:
+        if self._k is None or self._v is None or self._k.numel() == 0 or self.rows == 0:
             b, h, _, d = key_states.shape
             self._k = torch.zeros((b, h, LEFT_ROOM + n + RIGHT_ROOM, d), dtype=key_states.dtype, device=key_states.device)
             self._v = torch.zeros((b, h, LEFT_ROOM + n + RIGHT_ROOM, value_states.shape[-1]), dtype=value_states.dtype,
@@ -92,6 +93,8 @@ class SlotLayer(DynamicLayer):
     # ---------------------------------------------------------------- batch changes
     def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append rows whose cache (left-padded among themselves) ends at the batch's last column."""
+        if self._k is None or self._v is None:
+            raise RuntimeError("SlotLayer.join before the first update: no rows to join")
         k, length = keys.shape[0], keys.shape[-2]
         used = self.end - self.start
         if length > used:   # longer than the batch: open columns on the left
@@ -113,6 +116,8 @@ class SlotLayer(DynamicLayer):
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Only the rows in `index` stay, packed at the top (a copy of the kept rows)."""
+        if self._k is None or self._v is None:
+            raise RuntimeError("SlotLayer.keep_rows before the first update: no rows to keep")
         kept = index.numel()
         self._k[:kept] = self._k.index_select(0, index)
         self._v[:kept] = self._v.index_select(0, index)
@@ -124,7 +129,7 @@ class SlotLayer(DynamicLayer):
 
 def slot_cache(config):
     """A DynamicCache whose layers are SlotLayers (attention code sees ordinary tensors)."""
-    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicCache
     cache = DynamicCache(config=config)
-    cache.layers = [SlotLayer() for _ in cache.layers]
+    cache.layers[:] = [SlotLayer() for _ in cache.layers]   # in place: the cache's list holds any layer kind
     return cache

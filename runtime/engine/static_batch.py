@@ -13,7 +13,7 @@ on the cache they were traced with, so a fresh cache per batch would recompile (
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+from transformers.cache_utils import StaticCache
 
 from runtime.engine.request import Row
 
@@ -53,6 +53,8 @@ class StaticBatch:
 
     @property
     def logits(self) -> torch.Tensor:
+        if self._all_logits is None:
+            raise RuntimeError("the batch has no rows")
         return self._all_logits[self.active]
 
     def fits(self, row: Row) -> bool:
@@ -113,12 +115,15 @@ class StaticBatch:
                           use_cache=True).logits[:, -1, :]
 
     def step(self, tokens: list[int]) -> None:
-        width = self.mask.shape[0]
+        mask, positions, length = self.mask, self.positions, self.length   # set by join, None while empty
+        if mask is None or positions is None or length is None:
+            raise RuntimeError("the batch has no rows")
+        width = mask.shape[0]
         full = torch.full((width, 1), self.pad_id, dtype=torch.long)
         full[self.active, 0] = torch.tensor(tokens)
-        self.mask[:, self.length] = 1
-        self.length += 1
-        self.positions = self.positions + 1
+        mask[:, length] = 1
+        self.length = length + 1
+        self.positions = positions + 1
         if self.compiled:
             # A new step: the previous step's outputs (in the graph's memory pool) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()

@@ -13,11 +13,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from runtime.engine.decode import run_engine
+from runtime.engine.decode import OnStep, Take, run_engine
 
 log = logging.getLogger("herd.worker")
 
@@ -32,10 +33,10 @@ def _env(name: str, default: str | None = None) -> str:
 def load_model(model_dir: str, dtype: torch.dtype, world: int, device: str = "cpu"):
     """This rank's shard on its device. Under tensor parallelism transformers places the shard on the
     device bound to LOCAL_RANK (set by `place`); alone, the whole model goes to `device`."""
-    from transformers import AutoModelForCausalLM
-    kwargs = {"dtype": dtype}
+    from transformers.models.auto import AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if world > 1:
-        from transformers.distributed import DistributedConfig
+        from transformers.distributed.configuration_utils import DistributedConfig
         kwargs["distributed_config"] = DistributedConfig(tp_size=world)
     elif device != "cpu":
         kwargs["device_map"] = device
@@ -55,15 +56,20 @@ def place(local_rank: int, world: int):
     device = torch.device(placement.device)
     if placement.on_cuda:
         torch.cuda.set_device(device)
-    control = None
+    control: dist.ProcessGroup | None = None
     if world > 1:
         # Idle ranks wait in a broadcast between batches; the canary keeps that wait short, and a dead
         # peer breaks it at once (closed socket), so a long timeout only guards against true hangs.
         timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(placement.backend, timeout=timeout,
                                 device_id=device if placement.on_cuda else None)
-        control = dist.new_group(backend=placement.control_backend, timeout=timeout) \
-            if placement.control_backend != placement.backend else dist.group.WORLD
+        control = dist.group.WORLD
+        if placement.control_backend != placement.backend:
+            group = dist.new_group(backend=placement.control_backend, timeout=timeout)
+            # new_group answers a rank outside the group with an int (NON_GROUP_MEMBER); this one has all.
+            if not isinstance(group, dist.ProcessGroup):
+                sys.exit(f"herd worker: rank not in the {placement.control_backend} control group")
+            control = group
     log.info("rank on %s, collectives over %s", placement.device, placement.backend)
     return placement, control
 
@@ -85,7 +91,7 @@ def main() -> int:
     wants_driver = os.environ.get("HERD_HEAD") == "1" and local_rank == 0
     driver_rank = _agree_on_driver(rank, world, wants_driver, control)
     is_driver = rank == driver_rank
-    channel = None
+    channel = None   # the driver's line to the supervisor; other ranks have none
     if is_driver:
         from runtime.engine.control import DriverChannel
         channel = DriverChannel(_env("HERD_CONTROL"), _env("HERD_CONTROL_TOKEN"))
@@ -93,7 +99,7 @@ def main() -> int:
 
     started = time.monotonic()
     store = dist.distributed_c10d._get_default_store() if world > 1 else None
-    if is_driver and store is not None:
+    if channel is not None and store is not None:
         _report_loading(store, channel, world)
     read_before = _disk_read_bytes()
     from runtime.planning import dtypes
@@ -109,14 +115,14 @@ def main() -> int:
         store.add("herd/loaded", 1)
         threading.Thread(target=_heartbeat, args=(store, rank), daemon=True, name="herd-heartbeat").start()
         dist.barrier(group=control)
-        if is_driver:
+        if channel is not None:
             threading.Thread(target=_watch_heartbeats, args=(store, world, channel), daemon=True,
                              name="herd-heartbeat-watch").start()
     loads = [load]
     if world > 1:
         loads = [None] * world
         dist.all_gather_object(loads, load, group=control)
-    if is_driver:
+    if channel is not None:
         channel.send({"type": "loaded", "world": world, "loads": loads})
 
     max_batch = int(_env("HERD_MAX_BATCH", "8"))
@@ -124,14 +130,15 @@ def main() -> int:
     pad_id = int(_env("HERD_PAD_ID", "0"))
     share, share_object = sharing(world, driver_rank, control)
 
-    take = on_step = None
-    if is_driver:
-        def take(limit, block):
+    take: Take | None = None
+    on_step: OnStep | None = None
+    if channel is not None:
+        def take_rows(limit, block):
             rows = channel.take(limit, block, window)
             if rows:
                 channel.send({"type": "batch", "size": len(rows)})
             return rows
-        on_step = _streamer(channel)
+        take, on_step = take_rows, _streamer(channel)
     batch = None
     if os.environ.get("HERD_DECODE") == "static":
         from runtime.engine.static_batch import StaticBatch
@@ -223,7 +230,7 @@ def _shard_bytes(model) -> int:
 def _agree_on_driver(rank: int, world: int, wants: bool, group) -> int:
     if world == 1:
         return 0
-    flags = [None] * world
+    flags: list[bool | None] = [None] * world
     dist.all_gather_object(flags, wants, group=group)
     return flags.index(True) if True in flags else 0
 

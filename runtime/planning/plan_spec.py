@@ -75,5 +75,5 @@ def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
 def replica_hosts(spec: Spec, plan) -> list[list]:
     """On-prem: the hosts of each replica, in spec order: replica r is hosts[r*nodes:(r+1)*nodes]; its
     first host is the replica's head (the one serving HTTP)."""
-    hosts, n = spec.onprem.hosts, plan.nodes
+    hosts, n = spec.onprem_section.hosts, plan.nodes
     return [list(hosts[r * n:(r + 1) * n]) for r in range(spec.replicas)]

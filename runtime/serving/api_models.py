@@ -82,6 +82,11 @@ class SamplingFields(ApiModel):
     def bias_pairs(self) -> list[tuple[int, float]]:
         return [(int(k), float(v)) for k, v in (self.logit_bias or {}).items()]
 
+    @property
+    def top_n(self) -> int | None:
+        """Alternatives to report per token (logprobs); None: no logprobs. Each body reads its own fields."""
+        return None
+
 
 class CompletionBody(SamplingFields):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | \
@@ -96,6 +101,17 @@ class CompletionBody(SamplingFields):
     @property
     def top_n(self) -> int | None:
         return self.logprobs
+
+    def prompt_text(self) -> str | None:
+        """The prompt's text (given alone or as a list of one); None when it is token ids."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        first = self.prompt[0]
+        return first if isinstance(first, str) else None
+
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids (none for a text prompt)."""
+        return [t for t in self.prompt if isinstance(t, int)] if isinstance(self.prompt, list) else []
 
 
 class ChatMessage(ApiModel):

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from runtime.errors import UserError
+from runtime.serving.tls import Verify
 
 OVERRIDES = ("max_tokens", "temperature", "top_p", "stop", "seed", "top_logprobs", "logprobs")
 RETRY_STATUSES = {429, 503}          # the server says: later (a full queue, a rank restarting)
@@ -93,7 +94,7 @@ class Settings:
     temperature: float = 0.0
     logprobs: int | None = None
     api_key: str | None = None
-    verify: object = True            # httpx's verify: True (system trust) or a context pinning a CA
+    verify: Verify = True            # httpx's verify: True (system trust) or a context pinning a CA
     max_attempts: int = 8            # for 429/503 phases
     max_transient_attempts: int = 4  # for connection errors and other 5xx
     backoff_s: float = 0.5

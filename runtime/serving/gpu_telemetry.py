@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -40,7 +41,8 @@ class GpuCollector:
     """A prometheus_client collector; `nvml` is the pynvml module (a stand-in in unit tests)."""
 
     def __init__(self, nvml=None):
-        self._nvml = nvml
+        # pynvml's functions wrap ctypes calls and carry no types; the unit tests' stand-in neither.
+        self._nvml: Any = nvml
         self._lock = threading.Lock()          # scrapes render in worker threads
         self._started = False
         self.available = False

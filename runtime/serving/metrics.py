@@ -137,7 +137,7 @@ class Metrics:
         return generate_latest(self.registry).decode() + relayed
 
     def _engine_gauges(self, up: bool, seconds: float) -> None:
-        if self._engine_up is None:
+        if self._engine_up is None or self._engine_seconds is None:
             self._engine_up = Gauge("herd_engine_metrics_up", "1 when the engine's own /metrics answered "
                                     "(and parsed) during this scrape; its families follow herd's.",
                                     registry=self.registry)

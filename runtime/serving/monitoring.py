@@ -77,7 +77,7 @@ def targets_for(spec: Spec, on_head: bool = False, outputs: Path | None = None,
         static.append(f"{local_addr}:{port}")
         note = "the head's own endpoint (Prometheus runs there)" if on_head else "the local endpoint"
     elif spec.target == "onprem":
-        head = spec.onprem.hosts[0].address
+        head = spec.onprem_section.hosts[0].address
         if spec.serving.loopback_only:
             static.append(f"127.0.0.1:{port}")
             note = (f"serving.host is {bind}: /metrics answers on the head only, so this Prometheus "
@@ -127,7 +127,10 @@ def scrape_config(spec: Spec, targets: Targets, scrape_interval: str = "15s",
 
 
 def _seconds(duration: str) -> float:
-    number, unit = re.match(r"^([0-9]+)(ms|s|m|h)$", duration).groups()
+    match = re.match(r"^([0-9]+)(ms|s|m|h)$", duration)
+    if match is None:
+        raise ValueError(f"{duration!r}: not a Prometheus duration such as 15s (allowed units: ms, s, m, h)")
+    number, unit = match.groups()
     return int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
 
 

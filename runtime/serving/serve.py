@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from runtime.api_keys import read_api_key  # noqa: F401 - installers import it from here
@@ -16,6 +17,9 @@ from runtime.errors import UserError
 from runtime.serving.launch import LaunchConfig
 from runtime.paths import model_dir_for
 from runtime.planning.spec import Spec, load_spec
+
+if TYPE_CHECKING:     # imported when serving starts: the CLI's other commands need none of it
+    from runtime.serving.supervisor import Supervisor
 
 log = logging.getLogger("herd.serve")
 
@@ -214,7 +218,7 @@ async def _until_stopped_or_given_up(supervisor, stopped) -> None:
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
-                      max_queue: int | None, tls=None) -> None:
+                      max_queue: int | None, tls=None) -> Supervisor:
     import uvicorn
 
     from runtime.serving.metrics import Metrics

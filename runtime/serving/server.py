@@ -80,7 +80,8 @@ def _route_of(app: FastAPI, scope) -> str:
     for candidate in app.router.routes:
         match, _ = candidate.matches(scope)
         if match == Match.FULL:
-            return candidate.path
+            # Route, WebSocketRoute and Mount have a path template; a BaseRoute need not (Host has none).
+            return getattr(candidate, "path", UNMATCHED_ROUTE)
     return UNMATCHED_ROUTE
 
 
@@ -415,12 +416,12 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
               responses={200: {"model": Completion, "content": stream_doc}, **generation_errors})
     async def completions(request: Request, body: CompletionBody):
         await _checked(request, body)
-        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
-            if any(t >= vocab for t in body.prompt):
+        text = body.prompt_text()
+        if text is None:
+            ids = body.prompt_ids()
+            if any(t >= vocab for t in ids):
                 raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", param="prompt")
-            ids = list(body.prompt)
         else:
-            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             ids = await asyncio.to_thread(codec.encode, text)   # off the event loop
         return await _respond(request, body, _request(ids, body, body.max_tokens), chat=False)
 

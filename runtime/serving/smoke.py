@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime.errors import UserError
+from runtime.serving.tls import Verify
 
 
 @dataclass
@@ -55,7 +56,7 @@ def add_client_options(p, what: str) -> None:
                                      "system's trust store)")
 
 
-def client_settings(args) -> tuple[str, object, str | None]:
+def client_settings(args) -> tuple[str, Verify, str | None]:
     """(endpoint, httpx verify, API key) from a client command's options and, where given, its
     environment file: flags first, then the spec and the deployment's state."""
     from runtime.serving import tls
@@ -206,7 +207,7 @@ def _streamed(client, model, prompt, max_tokens=32) -> Streamed:
                     chunks += 1
     total = time.monotonic() - started
     ttft = first - started if first else None
-    rate = (tokens - 1) / (total - ttft) if first and tokens > 1 and total > ttft else None
+    rate = (tokens - 1) / (total - ttft) if ttft is not None and tokens > 1 and total > ttft else None
     return Streamed("".join(pieces), chunks, done, ttft, rate)
 
 
@@ -214,7 +215,7 @@ def _streamed(client, model, prompt, max_tokens=32) -> Streamed:
 def _words(text: str, words) -> list[str]:
     """Which of `words` the text names, as whole words, case-insensitively, in the order they appear."""
     found = {w: m.start() for w in words if (m := re.search(rf"\b{w}\b", text.lower()))}
-    return sorted(found, key=found.get)
+    return sorted(found, key=lambda word: found[word])
 
 
 def hangul_share(text: str) -> float:
@@ -269,7 +270,7 @@ def stream_check(streamed: Streamed) -> tuple[bool, str]:
 
 
 def run_smoke(endpoint: str, api_key: str | None, timeout: float, console: Console,
-              verify=True) -> SmokeReport:
+              verify: Verify = True) -> SmokeReport:
     """`verify`: httpx's, e.g. runtime.serving.tls.client_verify(ca_file) to trust a deployment CA only."""
     report = SmokeReport(endpoint=endpoint)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

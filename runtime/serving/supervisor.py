@@ -23,7 +23,7 @@ import signal
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +158,7 @@ class Supervisor:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._group_generation = 0
-        self.on_restart = None  # hook for metrics
+        self.on_restart: Callable[[], None] | None = None  # hook for metrics
         self.batches = 0        # batches the driver ran, and the rows in them
         self.batched_rows = 0
 
@@ -192,7 +192,7 @@ class Supervisor:
             self._phase_since = time.monotonic()
         self.health.phase, self.health.reason = phase, reason
 
-    async def _launch(self) -> None:
+    async def _launch(self) -> asyncio.subprocess.Process:
         ranks = self.cfg.state_dir / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
         for stale in ranks.glob("*.pid"):
@@ -208,6 +208,7 @@ class Supervisor:
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, env=worker_env(self.cfg, self._control_addr, self._token, self.pad_id),
             start_new_session=True, preexec_fn=die_with_parent)
+        return self._proc
 
     async def _kill_group(self) -> None:
         await stop_group(self._proc, grace_s=10)
@@ -227,8 +228,8 @@ class Supervisor:
 
     async def _run_group(self) -> None:
         while not self._stopping:
-            await self._launch()
-            code = await self._proc.wait()
+            proc = await self._launch()
+            code = await proc.wait()
             if self._stopping:
                 return
             self._doomed = True

@@ -3,13 +3,13 @@ and stop strings (the ranks only ever see ids)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
 class TextCodec:
     def __init__(self, model_dir: Path):
-        from transformers import AutoTokenizer
+        from transformers.models.auto import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = self._eos_ids(model_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
@@ -43,7 +43,7 @@ class Detokenizer:
     output: at 16k tokens that was quadratic, on the server's event loop). Holds back a trailing partial
     UTF-8 character until the token that completes it; `flush()` gives whatever is still held."""
 
-    def __init__(self, codec: TextCodec, skip: set[int] = frozenset()):
+    def __init__(self, codec: TextCodec, skip: Iterable[int] = frozenset()):
         self.codec = codec
         self.skip = frozenset(skip)   # end-of-sequence ids: never part of the text
         backend = _rust_tokenizer(codec.tokenizer)

@@ -25,6 +25,7 @@ import re
 import socket
 import ssl
 import stat
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ RENEW_BEFORE = dt.timedelta(days=30)
 SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 LOOPBACK_SANS = ("localhost", "127.0.0.1", "::1")
 SECRET_PREFIXES = {"ssm:": "aws", "secretmanager:": "gcp"}
+# httpx's `verify=` as herd's clients pass it: True (the system's trust store) or a context pinning a CA.
+Verify = ssl.SSLContext | bool
 _DNS = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                   r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$")
 
@@ -96,7 +99,7 @@ def machine_names() -> list[str]:
     return names
 
 
-def server_sans(bind_host: str, known: list[str] = ()) -> list[str]:
+def server_sans(bind_host: str, known: Sequence[str] = ()) -> list[str]:
     """The names a generated server certificate carries: the bind address (or, on a wildcard bind, this
     machine's names), the names the spec knows for the node, and the loopback names."""
     names = list(known)
@@ -346,9 +349,9 @@ def spec_sans(spec) -> list[str]:
     """Names the spec knows for the serving node: on-prem host addresses, serving.tls.sans."""
     names = list(spec.serving.tls.sans)
     if spec.target == "onprem":
-        names += [h.address for h in spec.onprem.hosts]
-        if spec.onprem.load_balancer is not None:   # HAProxy presents the same certificate
-            names.append(spec.onprem.load_balancer.address)
+        names += [h.address for h in spec.onprem_section.hosts]
+        if spec.onprem_section.load_balancer is not None:   # HAProxy presents the same certificate
+            names.append(spec.onprem_section.load_balancer.address)
     return names
 
 
@@ -389,13 +392,13 @@ def endpoint_for(spec) -> str | None:
     if spec.target == "local":
         host = spec.serving.host
         host = "127.0.0.1" if host == "localhost" or _wildcard(host) else host
-    elif spec.target == "onprem" and spec.onprem.load_balancer is not None:
+    elif spec.target == "onprem" and spec.onprem_section.load_balancer is not None:
         # Replicas: clients (smoke, generate, status) go through the balancer, which terminates TLS.
-        lb = spec.onprem.load_balancer
+        lb = spec.onprem_section.load_balancer
         host = f"[{lb.address}]" if ":" in lb.address else lb.address
         return f"https://{host}:{lb.listen_port}"
     elif spec.target == "onprem":
-        host = spec.onprem.hosts[0].address
+        host = spec.onprem_section.hosts[0].address
     else:
         return None
     host = f"[{host}]" if ":" in host else host
@@ -403,7 +406,7 @@ def endpoint_for(spec) -> str | None:
 
 
 # ------------------------------------------------------------------ clients
-def client_verify(ca_file: str | Path | None, endpoint: str | None = None, field: str = "--ca-file"):
+def client_verify(ca_file: str | Path | None, endpoint: str | None = None, field: str = "--ca-file") -> Verify:
     """httpx's `verify=`: a context trusting only `ca_file` (pinned: the system store is not consulted),
     else True (the system store). A CA for a plain-HTTP endpoint is refused: it would silently go unused."""
     if ca_file is None:
@@ -425,12 +428,13 @@ def verify_failure(err: BaseException) -> str | None:
     """The certificate check that failed under a transport error, if that is what it was: such a failure
     is permanent, so callers report it at once instead of retrying until their timeout."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, ssl.SSLCertVerificationError):
-            return err.verify_message or str(err)
-        text = str(err)
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause.verify_message or str(cause)
+        text = str(cause)
         if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
             return text
-        err = err.__cause__ or err.__context__
+        cause = cause.__cause__ or cause.__context__
     return None

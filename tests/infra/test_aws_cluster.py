@@ -66,6 +66,16 @@ def test_the_launch_template_is_efa_imdsv2_encrypted_and_placed(run_stack, env):
     assert {"name": "name", "values": [spec.aws.ami_name_pattern]} in ami_query["filters"]
 
 
+def test_nodes_launch_from_the_templates_latest_version_as_a_string(run_stack):
+    """The template's latest_version is a number (the mocks answer 1, as AWS does); an instance's
+    launch_template.version is a string in the provider's schema ("1", "$Latest"), so it is converted."""
+    mocks, _ = run_stack(ENVS / "aws-p4de-405b-bf16-2node.yaml")
+    template = mocks.one("aws:ec2/launchTemplate:LaunchTemplate")
+    nodes = mocks.of_type("aws:ec2/instance:Instance")
+    assert len(nodes) == 2
+    assert all(n.inputs["launchTemplate"] == {"id": f"{template.name}-id", "version": "1"} for n in nodes)
+
+
 def test_ingress_is_the_named_cidrs_on_the_api_and_ssh_ports_and_the_nodes_themselves(run_stack, tmp_path):
     base = yaml.safe_load((ENVS / "aws-p5-405b-fp8.yaml").read_text())
     env = write_env(tmp_path, "two-cidrs", base, aws={"allowed_cidrs": ["203.0.113.0/24", "198.51.100.7/32"]},
