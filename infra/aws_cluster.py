@@ -21,6 +21,7 @@ import pulumi_aws as aws
 
 from infra.efa import interface_layout
 from infra.nodes import disk_gb, node_boot
+from infra.rollout_gate import ROLLOUT_TAG, readiness_gate
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import aws_sources
 from runtime.planning.planner import Plan
@@ -161,9 +162,15 @@ class AwsCluster(pulumi.ComponentResource):
         self.launch_template = template
 
         bundle_uri = pulumi.Output.concat("s3://", bucket.bucket, "/", bundle_key)
-        groups, addresses = [], []
+        # Replicas: the load balancer first, so each replica's head joins it as it is made and the next
+        # replica waits until it is healthy there (infra/rollout_gate.py).
+        self.load_balancer = self._load_balancer(name, spec, vpc_id, subnet_id, tags) if spec.replicas > 1 else None
+        groups, addresses, gate = [], [], None
+        self.gates = []
         for replica in range(spec.replicas):
             nodes = []
+            after = [gate] if gate is not None else []
+            rollout = {ROLLOUT_TAG: gate.stdout} if gate is not None else {}
             for rank in range(plan.nodes):
                 # Replica 0 keeps the names of a one-group deployment: adding replicas adds resources and
                 # replaces none.
@@ -181,8 +188,8 @@ class AwsCluster(pulumi.ComponentResource):
                         id=template.id, version=template.latest_version.apply(str)),
                     user_data=user_data, user_data_replace_on_change=True,
                     tags={**tags, "Name": f"{spec.name}-{label}", "herd:node-rank": str(rank),
-                          **({"herd:replica": str(replica)} if spec.replicas > 1 else {})},
-                    opts=pulumi.ResourceOptions(parent=self, depends_on=[template, *self.parameters]))
+                          **({"herd:replica": str(replica)} if spec.replicas > 1 else {}), **rollout},
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[template, *self.parameters, *after]))
                 if replica == 0:   # allocated before the nodes, so the head's certificate can name it
                     eip = eips[rank]
                     aws.ec2.EipAssociation(f"{name}-ip-{rank}-attach", allocation_id=eip.allocation_id,
@@ -193,23 +200,32 @@ class AwsCluster(pulumi.ComponentResource):
                 nodes.append(node)
                 addresses.append(eip.public_ip)
             groups.append(nodes)
+            if self.load_balancer is not None:
+                attachment = self.load_balancer.attach(replica, nodes[0])
+                if replica < spec.replicas - 1:
+                    argv = pulumi.Output.all(self.load_balancer.target_group.arn, nodes[0].id).apply(
+                        lambda known, r=replica: ["herd", "wait-healthy", "aws", "--region", section.region,
+                                                  "--target-group", known[0], "--target", known[1],
+                                                  "--port", str(spec.serving.port), "--replica", f"replica-{r}"])
+                    gate = readiness_gate(f"{name}-r{replica}-ready", argv, nodes[0].id,
+                                          depends_on=[attachment, *nodes], parent=self)
+                    self.gates.append(gate)
         self.replicas = groups
         self.nodes = [node for group in groups for node in group]
         nodes = self.nodes
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
         self.private_addresses = pulumi.Output.all(*[n.private_ip for n in nodes])
-        self.load_balancer = None
-        if spec.replicas > 1:
-            self.load_balancer = self._load_balancer(name, spec, vpc_id, subnet_id, [g[0] for g in groups], tags)
+        if self.load_balancer is not None:
             self.endpoint = self.load_balancer.endpoint
         else:
             scheme = "https://" if self.tls.enabled else "http://"
             self.endpoint = pulumi.Output.concat(scheme, addresses[0], f":{spec.serving.port}")
         self.register_outputs({"endpoint": self.endpoint, "node_addresses": self.node_addresses})
 
-    def _load_balancer(self, name: str, spec: Spec, vpc_id, subnet_id, heads: list, tags: dict):
-        """The ALB in front of the replicas' heads, in the nodes' subnet and a second zone's subnet."""
+    def _load_balancer(self, name: str, spec: Spec, vpc_id, subnet_id, tags: dict):
+        """The ALB in front of the replicas' heads (attached as each is made), in the nodes' subnet and a
+        second zone's subnet."""
         from infra.load_balancer import certificate_from_config
         from infra.load_balancer_aws import AwsLoadBalancer, AwsLoadBalancerArgs
         section = spec.aws_section
@@ -230,7 +246,7 @@ class AwsCluster(pulumi.ComponentResource):
                                       route_table_id=self.route_table.id, opts=child)
         return AwsLoadBalancer(f"{name}-lb", AwsLoadBalancerArgs(
             deployment=spec.name, vpc_id=vpc_id, subnet_ids=[subnet_id, lb_subnet.id],
-            node_security_group=self.security_group, api_port=spec.serving.port, heads=heads,
+            node_security_group=self.security_group, api_port=spec.serving.port,
             allowed_cidrs=section.allowed_cidrs, certificate=certificate_from_config("certificateArn", "aws"),
             tags=tags), opts=child)
 

@@ -30,7 +30,12 @@ def cmd_preflight(args) -> int:
     return preflight(spec, Console(stderr=args.json), as_json=args.json)
 
 
-INFRA_COMMANDS = [*PROVISIONING_COMMANDS, add_preflight]
+def add_wait_healthy(sub) -> None:
+    from infra.readiness import add_wait_healthy as add
+    add(sub)
+
+
+INFRA_COMMANDS = [*PROVISIONING_COMMANDS, add_preflight, add_wait_healthy]
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ import pulumi_gcp as gcp
 
 from infra.gcp_types import gpu_type, region_of
 from infra.nodes import disk_gb, node_boot
+from infra.rollout_gate import readiness_gate
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import gcp_sources
 from runtime.planning import catalog
@@ -129,9 +130,24 @@ class GcpCluster(pulumi.ComponentResource):
 
         bundle_uri = pulumi.Output.concat("gs://", bucket.name, "/", bundle_key)
         instance = catalog.instance(section.machine_type)
-        groups, addresses = [], []
+        # Replicas: the load balancer first, so each replica's head joins it as it is made and the next
+        # replica waits until it is healthy there (infra/rollout_gate.py).
+        self.load_balancer = None
+        if spec.replicas > 1:
+            from infra.load_balancer import certificate_from_config
+            from infra.load_balancer_gcp import GcpLoadBalancer, GcpLoadBalancerArgs
+            self.load_balancer = GcpLoadBalancer(f"{name}-lb", GcpLoadBalancerArgs(
+                deployment=spec.name, zone=section.zone, network=network.id, node_tag=tag,
+                api_port=spec.serving.port, replicas=spec.replicas,
+                certificate=certificate_from_config("sslCertificate", "gcp"), labels=labels), opts=child)
+        groups, addresses, gate = [], [], None
+        self.gates = []
         for replica in range(spec.replicas):
             nodes = []
+            after = [gate] if gate is not None else []
+            # GCP label values: lowercase letters, digits, - and _ (the gate prints a self link).
+            rollout = ({"herd-rollout-after": gate.stdout.apply(lambda out: out.strip().rsplit("/", 1)[-1][:63])}
+                       if gate is not None else {})
             for rank in range(plan.nodes):
                 # Replica 0 keeps the names of a one-group deployment: adding replicas replaces nothing.
                 label = f"node-{rank}" if replica == 0 else f"r{replica}-node-{rank}"
@@ -147,7 +163,7 @@ class GcpCluster(pulumi.ComponentResource):
                     nat_ip=ips[rank].address if replica == 0 else None)
                 node = gcp.compute.Instance(
                     f"{name}-{label}", name=f"{spec.name}-{label}", machine_type=section.machine_type,
-                    zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank), **replica_label},
+                    zone=section.zone, tags=[tag], labels={**labels, "herd-node-rank": str(rank), **replica_label, **rollout},
                     boot_disk=gcp.compute.InstanceBootDiskArgs(
                         initialize_params=gcp.compute.InstanceBootDiskInitializeParamsArgs(
                             image=f"projects/{section.image_project}/global/images/family/{section.image_family}",
@@ -164,22 +180,26 @@ class GcpCluster(pulumi.ComponentResource):
                     resource_policies=placement[replica].id if placement else None,
                     allow_stopping_for_update=True,
                     # The secrets' values exist before the node boots and reads them.
-                    opts=pulumi.ResourceOptions(parent=self, depends_on=versions))
+                    opts=pulumi.ResourceOptions(parent=self, depends_on=[*versions, *after]))
                 nodes.append(node)
                 addresses.append(node.network_interfaces[0].access_configs[0].nat_ip)
             groups.append(nodes)
+            if self.load_balancer is not None:
+                membership = self.load_balancer.attach(replica, nodes[0])
+                if replica < spec.replicas - 1:
+                    argv = pulumi.Output.all(self.load_balancer.backend_service.name,
+                                             self.load_balancer.groups[replica].self_link).apply(
+                        lambda known, r=replica: ["herd", "wait-healthy", "gcp", "--project", section.project,
+                                                  "--backend-service", known[0], "--group", known[1],
+                                                  "--replica", f"replica-{r}"])
+                    gate = readiness_gate(f"{name}-r{replica}-ready", argv, nodes[0].id,
+                                          depends_on=[membership, *nodes], parent=self)
+                    self.gates.append(gate)
         self.replicas = groups
         self.nodes = [node for group in groups for node in group]
         self.head_address = addresses[0]
         self.node_addresses = pulumi.Output.all(*addresses)
-        self.load_balancer = None
-        if spec.replicas > 1:
-            from infra.load_balancer import certificate_from_config
-            from infra.load_balancer_gcp import GcpLoadBalancer, GcpLoadBalancerArgs
-            self.load_balancer = GcpLoadBalancer(f"{name}-lb", GcpLoadBalancerArgs(
-                deployment=spec.name, zone=section.zone, network=network.id, node_tag=tag,
-                api_port=spec.serving.port, heads=[g[0] for g in groups],
-                certificate=certificate_from_config("sslCertificate", "gcp"), labels=labels), opts=child)
+        if self.load_balancer is not None:
             self.endpoint = self.load_balancer.endpoint
         else:
             scheme = "https://" if self.tls.enabled else "http://"

@@ -11,7 +11,7 @@ a second public subnet in another zone that holds only the load balancer's inter
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_aws as aws
@@ -31,10 +31,10 @@ class AwsLoadBalancerArgs:
     subnet_ids: list[pulumi.Input[str]]           # two zones at least
     node_security_group: aws.ec2.SecurityGroup
     api_port: int
-    heads: list[aws.ec2.Instance]                 # one per replica
     allowed_cidrs: list[str]
     certificate: Certificate
     tags: dict
+    heads: list[aws.ec2.Instance] = field(default_factory=list)   # one per replica; or attach() each
 
 
 class AwsLoadBalancer(pulumi.ComponentResource):
@@ -73,10 +73,8 @@ class AwsLoadBalancer(pulumi.ComponentResource):
                 enabled=True, protocol="HTTP", port="traffic-port", path=HEALTH_PATH, matcher="200",
                 interval=HEALTH_INTERVAL_S, timeout=HEALTH_TIMEOUT_S, healthy_threshold=HEALTHY_THRESHOLD,
                 unhealthy_threshold=UNHEALTHY_THRESHOLD))
-        self.attachments = [
-            aws.lb.TargetGroupAttachment(f"{name}-replica-{r}", target_group_arn=self.target_group.arn,
-                                         target_id=head.id, port=args.api_port, opts=child)
-            for r, head in enumerate(args.heads)]
+        self._name, self._port, self._child = name, args.api_port, child
+        self.attachments = [self.attach(r, head) for r, head in enumerate(args.heads)]
 
         self.load_balancer = aws.lb.LoadBalancer(
             f"{name}-alb", load_balancer_type="application", internal=False, security_groups=[sg.id],
@@ -97,3 +95,9 @@ class AwsLoadBalancer(pulumi.ComponentResource):
             default_actions=[aws.lb.ListenerDefaultActionArgs(type="forward", target_group_arn=self.target_group.arn)])
         self.endpoint = pulumi.Output.concat("https://", self.load_balancer.dns_name)
         self.register_outputs({"endpoint": self.endpoint})
+
+    def attach(self, replica: int, head: aws.ec2.Instance) -> aws.lb.TargetGroupAttachment:
+        """Put replica `replica`'s head in the target group (the cluster does so as each replica is made,
+        so the next one can wait until it is healthy)."""
+        return aws.lb.TargetGroupAttachment(f"{self._name}-replica-{replica}", target_group_arn=self.target_group.arn,
+                                            target_id=head.id, port=self._port, opts=self._child)

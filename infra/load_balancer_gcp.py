@@ -1,6 +1,7 @@
 """GCP: a global external Application Load Balancer in front of the replicas' heads.
 
-One unmanaged instance group per replica holds its head (named port `api`); one backend service over
+One unmanaged instance group per replica holds its head (named port `api`; the head joins it as the
+cluster makes it, InstanceGroupMembership, so the next replica can wait until it is healthy); one backend service over
 those groups checks `/health/ready` (a GCP HTTP health check passes on 200 only), balances per request
 to the group with the fewest requests in flight (LEAST_REQUEST), waits the generation timeout for a
 response (the default 30 s cuts a long non-streaming generation) and drains a removed group as long.
@@ -28,7 +29,7 @@ class GcpLoadBalancerArgs:
     network: pulumi.Input[str]
     node_tag: str
     api_port: int
-    heads: list[gcp.compute.Instance]             # one per replica
+    replicas: int                                 # one instance group each; attach() puts its head in
     certificate: Certificate
     labels: dict
 
@@ -49,11 +50,11 @@ class GcpLoadBalancer(pulumi.ComponentResource):
 
         self.groups = [
             gcp.compute.InstanceGroup(f"{name}-replica-{r}", zone=args.zone, network=args.network,
-                                      instances=[head.self_link],
                                       named_ports=[gcp.compute.InstanceGroupNamedPortArgs(name=PORT_NAME,
                                                                                           port=args.api_port)],
                                       description=f"herd {args.deployment}: replica {r}'s head", opts=child)
-            for r, head in enumerate(args.heads)]
+            for r in range(args.replicas)]
+        self._name, self._zone, self._child = name, args.zone, child
 
         self.health_check = gcp.compute.HealthCheck(
             f"{name}-ready", check_interval_sec=HEALTH_INTERVAL_S, timeout_sec=HEALTH_TIMEOUT_S,
@@ -87,3 +88,9 @@ class GcpLoadBalancer(pulumi.ComponentResource):
             ip_protocol="TCP", load_balancing_scheme="EXTERNAL_MANAGED", labels=args.labels, opts=child)
         self.endpoint = pulumi.Output.concat("https://", self.address.address)
         self.register_outputs({"endpoint": self.endpoint})
+
+    def attach(self, replica: int, head: gcp.compute.Instance) -> gcp.compute.InstanceGroupMembership:
+        """Put replica `replica`'s head in its instance group, behind the backend service."""
+        return gcp.compute.InstanceGroupMembership(f"{self._name}-replica-{replica}-head", zone=self._zone,
+                                                   instance_group=self.groups[replica].name,
+                                                   instance=head.self_link, opts=self._child)

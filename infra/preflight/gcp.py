@@ -29,15 +29,15 @@ class GcpClients:
     images: compute_v1.ImagesClient
 
 
-def clients_for(endpoint: str | None = None) -> GcpClients:
+def client_kwargs(endpoint: str | None = None, scopes: tuple[str, ...] = (COMPUTE_READ_ONLY,)) -> dict:
+    """Credentials and endpoint for a google-cloud-compute client: HERD_GCE_ENDPOINT (or `endpoint`)
+    points it elsewhere; a plain-HTTP endpoint is a local one, which gets no Google credentials."""
     from google.api_core.client_options import ClientOptions
-    from google.cloud import compute_v1
     endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
     kwargs: dict = {}
     if endpoint:
         kwargs["client_options"] = ClientOptions(api_endpoint=endpoint)
     if endpoint and endpoint.startswith("http://"):
-        # A plain-HTTP endpoint is a local one: no Google credentials go to it.
         from google.auth.credentials import AnonymousCredentials
         kwargs["credentials"] = AnonymousCredentials()
     else:
@@ -45,10 +45,16 @@ def clients_for(endpoint: str | None = None) -> GcpClients:
         import google.auth
         from google.auth.exceptions import DefaultCredentialsError
         try:
-            kwargs["credentials"], _ = google.auth.default(scopes=[COMPUTE_READ_ONLY])
+            kwargs["credentials"], _ = google.auth.default(scopes=list(scopes))
         except DefaultCredentialsError:
             raise UserError("gcp: no credentials found: set GOOGLE_APPLICATION_CREDENTIALS or run "
                             "`gcloud auth application-default login`") from None
+    return kwargs
+
+
+def clients_for(endpoint: str | None = None) -> GcpClients:
+    from google.cloud import compute_v1
+    kwargs = client_kwargs(endpoint)
     return GcpClients(compute_v1.MachineTypesClient(**kwargs), compute_v1.AcceleratorTypesClient(**kwargs),
                       compute_v1.RegionsClient(**kwargs), compute_v1.ImagesClient(**kwargs))
 

@@ -3,6 +3,7 @@ registers is recorded with its inputs (camelCase, as on the wire) for the tests 
 from __future__ import annotations
 
 import itertools
+import shlex
 from dataclasses import dataclass, field
 
 import pulumi
@@ -65,6 +66,11 @@ class CloudMocks(pulumi.runtime.Mocks):
             state["email"] = f"{state['accountId']}@my-project.iam.gserviceaccount.com"
         elif args.typ == "gcp:storage/bucket:Bucket":
             state["name"] = f"{args.name}-9e1b"
+        elif args.typ == "command:local:Command":
+            # A readiness gate (`herd wait-healthy ...`) prints what became healthy: its --target or --group.
+            words = shlex.split(state.get("create") or "")
+            flag = "--target" if "--target" in words else "--group"
+            state["stdout"] = words[words.index(flag) + 1] + "\n" if flag in words else ""
         return [rid, state]
 
     def call(self, args: pulumi.runtime.MockCallArgs):

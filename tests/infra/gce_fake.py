@@ -1,6 +1,7 @@
 """A loopback stand-in for the Compute Engine REST API (there is no emulator): the four GET endpoints
-preflight uses, answering in the API's JSON shapes and error format, so the real
-google-cloud-compute client (transport, paging, error mapping) runs against it."""
+preflight uses, and backendServices.getHealth (the readiness gate between replicas), answering in the
+API's JSON shapes and error format, so the real google-cloud-compute client (transport, paging, error
+mapping) runs against it."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,8 @@ class ComputeState:
     quotas: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # region -> metric -> (limit, usage)
     image_families: dict[tuple[str, str], str] = field(default_factory=dict)  # (project, family) -> image name
     forbidden_projects: set[str] = field(default_factory=set)
+    # (backend service, instance group self link) -> the health state of its instance, as getHealth says
+    backend_health: dict[tuple[str, str], str] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
 
 
@@ -74,6 +77,22 @@ class _Handler(BaseHTTPRequestHandler):
                                        "forbidden")
                 return getattr(self, kind)(*match.groups())
         self._error(404, f"no route for {self.path}", "notFound")
+
+    def do_POST(self):
+        self.state.requests.append(self.path)
+        match = re.match(r"^/compute/v1/projects/([^/]+)/global/backendServices/([^/]+)/getHealth", self.path)
+        if not match:
+            return self._error(404, f"no route for {self.path}", "notFound")
+        project, service = match.groups()
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        group = body.get("group", "")
+        state = self.state.backend_health.get((service, group))
+        if state is None:
+            return self._error(404, f"The resource 'projects/{project}/global/backendServices/{service}' has no "
+                                    f"backend {group}", "notFound")
+        instance = group.rsplit("/", 1)[-1] + "-head"
+        self._send(200, {"kind": "compute#backendServiceGroupHealth",
+                         "healthStatus": [{"instance": instance, "port": 8000, "healthState": state}]})
 
     def machine_type(self, project, zone, name):
         if name not in self.state.machine_types.get(zone, set()):

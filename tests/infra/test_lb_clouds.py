@@ -3,6 +3,7 @@
 from the load balancer only."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 import pulumi
@@ -11,6 +12,7 @@ import yaml
 
 from infra.load_balancer import DETECTION_S, GCP_FRONT_END_RANGES
 from infra.policy import violations
+from infra.rollout_gate import ROLLOUT_TAG
 from tests.conftest import ROOT
 from tests.infra.conftest import ZONES, CloudMocks, is_secret, plain_text, write_env
 
@@ -44,6 +46,9 @@ class LbMocks(CloudMocks):
             state["arn"] = f"arn:aws:acm:us-east-1:123456789012:certificate/{args.name}"
         elif args.typ in ("gcp:compute/instance:Instance", "gcp:compute/instanceGroup:InstanceGroup"):
             state["selfLink"] = f"https://www.googleapis.com/compute/v1/projects/my-project/zones/us-central1-a/x/{args.name}"
+            state.setdefault("name", args.name)
+        elif args.typ == "gcp:compute/backendService:BackendService":
+            state.setdefault("name", args.name)
         elif args.typ == "gcp:compute/globalAddress:GlobalAddress":
             state["address"] = GCP_LB_IP
         self.states[args.name] = state
@@ -187,9 +192,11 @@ def test_gcp_backend_service_checks_readiness_waits_for_long_generations_and_dra
     assert sorted(nodes) == ["gcp-x2-node-0", "gcp-x2-r1-node-0"]
     assert nodes["gcp-x2-r1-node-0"]["name"] == "gcp-x2-r1-node-0"
     groups = by_name(mocks, "gcp:compute/instanceGroup:InstanceGroup")
-    assert {n: g["instances"] for n, g in groups.items()} == {
-        "gcp-x2-lb-replica-0": [mocks.states["gcp-x2-node-0"]["selfLink"]],
-        "gcp-x2-lb-replica-1": [mocks.states["gcp-x2-r1-node-0"]["selfLink"]]}
+    members = by_name(mocks, "gcp:compute/instanceGroupMembership:InstanceGroupMembership")
+    assert {m["instanceGroup"]: m["instance"] for m in members.values()} == {
+        "gcp-x2-lb-replica-0": mocks.states["gcp-x2-node-0"]["selfLink"],
+        "gcp-x2-lb-replica-1": mocks.states["gcp-x2-r1-node-0"]["selfLink"]}
+    assert sorted(groups) == ["gcp-x2-lb-replica-0", "gcp-x2-lb-replica-1"]
     assert all(g["namedPorts"] == [{"name": "api", "port": 8000}] and g["zone"] == "us-central1-a"
                for g in groups.values())
     check = mocks.one("gcp:compute/healthCheck:HealthCheck").inputs
@@ -250,3 +257,48 @@ def test_gcp_one_replica_has_no_load_balancer(run_stack):
     mocks, outputs = run_stack(ENVS / "gcp-a3-405b-fp8.yaml", mocks=LbMocks())
     assert not mocks.of_type("gcp:compute/backendService:BackendService")
     assert outputs["endpoint"].startswith("https://")   # one group: its head serves TLS itself
+
+
+# ------------------------------------------------------------------ one replica after another
+def gate_argv(gate) -> dict:
+    words = shlex.split(gate.inputs["create"])
+    return {"command": words[:3], **{w: words[i + 1] for i, w in enumerate(words) if w.startswith("--")}}
+
+
+def test_aws_replicas_come_up_one_after_another_behind_a_readiness_gate(run_stack, tmp_path):
+    """Replica 1's nodes carry (in a tag) what replica 0's gate printed once its head was healthy in the
+    target group: Pulumi cannot create or replace them before that gate has passed."""
+    env = env_with(tmp_path, "aws-p4de-405b-bf16-2node", "aws-x3", replicas=3)
+    mocks, _ = run_stack(env, config={"herd:certificateArn": ACM_ARN}, mocks=LbMocks())
+    gates = {g.name: g for g in mocks.of_type("command:local:Command")}
+    assert sorted(gates) == ["aws-x3-r0-ready", "aws-x3-r1-ready"]        # none after the last replica
+    target_group = mocks.states["aws-x3-lb-heads"]["arn"]
+    for replica, head in ((0, "aws-x3-node-0"), (1, "aws-x3-r1-node-0")):
+        gate = gates[f"aws-x3-r{replica}-ready"]
+        assert gate_argv(gate) == {"command": ["herd", "wait-healthy", "aws"], "--region": "us-east-1",
+                                   "--target-group": target_group, "--target": f"{head}-id", "--port": "8000",
+                                   "--replica": f"replica-{replica}"}
+        assert gate.inputs["triggers"] == [f"{head}-id"]     # a replaced head passes its gate again
+    nodes = by_name(mocks, "aws:ec2/instance:Instance")
+    assert {n: t["tags"].get(ROLLOUT_TAG) for n, t in nodes.items()} == {
+        "aws-x3-node-0": None, "aws-x3-node-1": None,
+        "aws-x3-r1-node-0": "aws-x3-node-0-id\n", "aws-x3-r1-node-1": "aws-x3-node-0-id\n",
+        "aws-x3-r2-node-0": "aws-x3-r1-node-0-id\n", "aws-x3-r2-node-1": "aws-x3-r1-node-0-id\n"}
+    # Each head joins the target group as its replica is made (the gate waits on that membership).
+    attachments = {a.name: a.inputs["targetId"] for a in mocks.of_type("aws:lb/targetGroupAttachment:TargetGroupAttachment")}
+    assert attachments == {"aws-x3-lb-replica-0": "aws-x3-node-0-id", "aws-x3-lb-replica-1": "aws-x3-r1-node-0-id",
+                           "aws-x3-lb-replica-2": "aws-x3-r2-node-0-id"}
+
+
+def test_gcp_replicas_come_up_one_after_another_behind_a_readiness_gate(run_stack, tmp_path):
+    mocks, _ = gcp_groups(run_stack, tmp_path, replicas=3)
+    [gate0, gate1] = sorted(mocks.of_type("command:local:Command"), key=lambda g: g.name)
+    assert (gate0.name, gate1.name) == ("gcp-x3-r0-ready", "gcp-x3-r1-ready")
+    group0 = mocks.states["gcp-x3-lb-replica-0"]["selfLink"]
+    assert gate_argv(gate0) == {"command": ["herd", "wait-healthy", "gcp"], "--project": "my-project",
+                                "--backend-service": "gcp-x3-lb-replicas", "--group": group0,
+                                "--replica": "replica-0"}
+    assert gate0.inputs["triggers"] == ["gcp-x3-node-0-id"]
+    nodes = by_name(mocks, "gcp:compute/instance:Instance")
+    assert {n: node["labels"].get("herd-rollout-after") for n, node in nodes.items()} == {
+        "gcp-x3-node-0": None, "gcp-x3-r1-node-0": "gcp-x3-lb-replica-0", "gcp-x3-r2-node-0": "gcp-x3-lb-replica-1"}
