@@ -69,7 +69,7 @@ class BalancerConfig:
     replicas: tuple[Replica, ...]
     bind_address: str = "0.0.0.0"
     bind_port: int = 443
-    pem_path: str = PEM_PATH
+    pem_path: str | None = PEM_PATH   # None: plain HTTP (the local target on loopback only)
     socket_path: str = SOCKET_PATH
     generation_timeout_s: int = GENERATION_TIMEOUT_S
     check_inter_s: float = CHECK_INTER_S
@@ -119,7 +119,9 @@ def render(config: BalancerConfig) -> str:
         raise UserError(f"load balancer: generation timeout {config.generation_timeout_s}s: at least 60s "
                         "(long non-streaming generations send nothing until they end)")
     bind = _host("onprem.load_balancer.listen_address", config.bind_address)
-    pem = _word("load balancer certificate (PEM bundle) path", config.pem_path)
+    if config.pem_path is None and not ipaddress.ip_address(config.bind_address).is_loopback:
+        raise UserError(f"load balancer: {config.bind_address} is not loopback: it needs a certificate (TLS)")
+    pem = _word("load balancer certificate (PEM bundle) path", config.pem_path) if config.pem_path else None
     sock = _word("load balancer stats socket path", config.socket_path)
     gen = _seconds(config.generation_timeout_s)
     inter = _seconds(config.check_inter_s)
@@ -180,8 +182,8 @@ def render(config: BalancerConfig) -> str:
     lines += [
         "",
         f"frontend {FRONTEND}",
-        f"    bind {bind}:{int(config.bind_port)} ssl crt {pem} alpn h2,http/1.1",
-        "    http-request set-header X-Forwarded-Proto https",
+        f"    bind {bind}:{int(config.bind_port)}" + (f" ssl crt {pem} alpn h2,http/1.1" if pem else ""),
+        f"    http-request set-header X-Forwarded-Proto {'https' if pem else 'http'}",
         # Which replica answered: for clients reporting a problem, and for tests.
         "    http-response set-header X-Herd-Replica %s",
         f"    default_backend {BACKEND}",

@@ -5,6 +5,10 @@ background process (pid file + log file under the spec's state_dir).
 `herd status`   : is it running, is it ready, why not
 `herd down`     : stop it; nothing is left behind
 
+With `replicas: N`, N groups of `herd serve` listen on loopback (serving.port + 1 .. + N, state under
+state_dir/replica-I) behind HAProxy on serving.port, itself a managed process (state_dir/haproxy): the
+same configuration, health checks and retries as on-prem (provisioning/haproxy.py).
+
 `herd serve` runs under a keeper (`python -m provisioning.local -- CMD...`, see keep_alive): what
 systemd's Restart=on-failure does on a provisioned node. When the worker group spends its restart
 budget, `herd serve` exits with EXIT_RESTARTS_SPENT and the keeper starts it again. The keeper leads
@@ -100,6 +104,8 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     if (pid := _running_pid(state)) is not None:
         console.print(f"already running (pid {pid}); `herd down {env_path}` first to restart it")
         return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+    if spec.replicas > 1:
+        return _up_replicas(spec, env_path, console, state, smoke, ready_timeout)
     if not _port_free(spec.serving.host, spec.serving.port):
         raise UserError(f"serving.port: {spec.serving.port} is already in use on {spec.serving.host} "
                         "(stop what holds it, or choose another port)")
@@ -120,6 +126,81 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     pid = start_managed(cmd, state, cwd=Path(env_path).resolve().parent.parent)
     console.print(f"started herd serve under its keeper (pid {pid}); log: {state / LOG_NAME}")
     return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+
+
+def replica_ports(spec: Spec) -> list[int]:
+    """Where the local replicas listen (loopback): the ports after serving.port, HAProxy's."""
+    return [spec.serving.port + 1 + i for i in range(spec.replicas)]
+
+
+def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke: bool,
+                 ready_timeout: float) -> int:
+    """N groups of `herd serve` on loopback behind HAProxy on serving.port, each a managed process."""
+    import shutil
+    from provisioning.haproxy import BalancerConfig, Replica, render, replica_name
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        raise UserError(f"replicas: {spec.replicas} on the local target run behind HAProxy, which is not "
+                        "installed (Debian: apt install haproxy; `make system` installs it)")
+    bind = "127.0.0.1" if spec.serving.host == "localhost" else spec.serving.host
+    ports = replica_ports(spec)
+    for port in [spec.serving.port, *ports]:
+        if not _port_free(bind if port == spec.serving.port else "127.0.0.1", port):
+            raise UserError(f"replicas: port {port} is already in use (the balancer takes serving.port "
+                            f"{spec.serving.port}, the replicas the {spec.replicas} ports after it)")
+    model_dir = model_dir_from_spec(spec)
+    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
+        fetch(spec.model.source, model_dir_for(spec.model.id))
+    material = server_tls(spec, env_path, state)
+    # The replicas serve TLS only when the spec asks for it on loopback too (a named certificate, or
+    # tls mode on), with the deployment's own material, which HAProxy then verifies against its CA.
+    replica_tls = material is not None and (spec.serving.tls.cert is not None or spec.serving.tls.mode == "on")
+    backend_ca = None
+    if replica_tls:
+        backend_ca = material.ca_file or tls.client_ca(spec)
+        if backend_ca is None:
+            raise UserError("serving.tls.ca: the balancer verifies the replicas' certificate: name its CA")
+    cwd = Path(env_path).resolve().parent.parent
+    for i, port in enumerate(ports):
+        cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()), "--model-dir",
+               str(model_dir), "--state-dir", str(state / f"replica-{i}"), "--host", "127.0.0.1", "--port", str(port)]
+        if replica_tls:
+            cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
+        pid = start_managed(cmd, state / f"replica-{i}", cwd)
+        console.print(f"{replica_name(i)}: herd serve on 127.0.0.1:{port} under its keeper (pid {pid})")
+    balancer = state / "haproxy"
+    balancer.mkdir(mode=0o700, exist_ok=True)
+    pem = None
+    if material is not None:
+        console.print(tls.announce(material), markup=False, highlight=False, soft_wrap=True)
+        pem = balancer / "herd.pem"
+        pem.touch(mode=0o600)
+        pem.write_text(material.certfile.read_text() + material.keyfile.read_text())
+    config = BalancerConfig(
+        replicas=tuple(Replica(replica_name(i), "127.0.0.1", port) for i, port in enumerate(ports)),
+        bind_address=bind, bind_port=spec.serving.port, pem_path=str(pem) if pem else None,
+        socket_path=str(balancer / "admin.sock"), backend_ca_path=str(backend_ca) if backend_ca else None,
+        run_as=None, chroot=None, log_target="stdout")
+    (balancer / "haproxy.cfg").write_text(render(config))
+    check = subprocess.run([haproxy, "-c", "-q", "-f", str(balancer / "haproxy.cfg")], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise UserError(f"the load balancer's configuration is invalid: {(check.stderr.strip().splitlines() or ['?'])[0]}")
+    # The balancer is this deployment's serve.pid: `herd up` waits on it, `herd down` stops it with the rest.
+    pid = start_managed([haproxy, "-W", "-db", "-f", str(balancer / "haproxy.cfg")], state, cwd)
+    console.print(f"HAProxy on {bind}:{spec.serving.port} in front of {spec.replicas} replicas (pid {pid})")
+    code = _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+    if code == 0:
+        for i, port in enumerate(ports):   # every replica, not only the first to answer
+            url = f"{'https' if replica_tls else 'http'}://127.0.0.1:{port}"
+            verify = tls.client_verify(str(backend_ca) if backend_ca else None)
+            with httpx.Client(base_url=url, timeout=5, verify=verify) as client:
+                try:
+                    wait_ready(client, ready_timeout, console)
+                except TimeoutError as err:
+                    console.print(f"[red]{replica_name(i)}: {err}[/]")
+                    return 1
+        console.print(f"{spec.replicas} replicas ready behind the balancer")
+    return code
 
 
 def start_managed(cmd: list[str], state: Path, cwd: Path, policy: KeepAlive | None = None) -> int:
@@ -191,6 +272,8 @@ def status_local(spec: Spec, env_path: str, console: Console, as_json: bool = Fa
             info["health"] = r.json()
         except (httpx.TransportError, ValueError) as err:
             info["health"] = {"status": "unreachable", "reason": str(err)}
+    if spec.replicas > 1:
+        info.update(_replicas_status(spec, state))
     if as_json:
         print(json.dumps(info, indent=2))
     elif pid is None:
@@ -199,16 +282,50 @@ def status_local(spec: Spec, env_path: str, console: Console, as_json: bool = Fa
         h = info["health"]
         console.print(f"{spec.name}: running (pid {pid}) at {info['endpoint']}: {h.get('status')}"
                       f" ({h.get('reason')}); log {info['log']}")
+        for name, replica in info.get("replicas", {}).items():
+            view = (info.get("balancer") or {}).get(name, "?")
+            console.print(f"{name}: {replica['health']} on {replica['endpoint']}; balancer: {view}")
     return 0 if pid is not None and info["health"].get("status") == "ready" else 3
+
+
+def _replicas_status(spec: Spec, state: Path) -> dict:
+    """Each local replica's own readiness, and HAProxy's view of it (its admin socket)."""
+    from provisioning.haproxy import admin, replica_name, server_states
+    replicas = {}
+    for i, port in enumerate(replica_ports(spec)):
+        url = f"http://127.0.0.1:{port}"
+        try:
+            health = httpx.get(f"{url}/health/ready", timeout=5).json().get("status")
+        except (httpx.HTTPError, ValueError):
+            health = "unreachable"
+        replicas[replica_name(i)] = {"endpoint": url, "health": health,
+                                     "running": _running_pid(state / f"replica-{i}") is not None}
+    try:
+        balancer = {s.name: s.status for s in server_states(admin(str(state / "haproxy" / "admin.sock"), "show stat"))}
+    except (OSError, ValueError) as err:
+        balancer = {"error": str(err)}
+    return {"replicas": replicas, "balancer": balancer}
 
 
 def down_local(spec: Spec, env_path: str, console: Console, timeout: float = 30) -> int:
     state = state_dir(spec)
+    # The balancer (or the one group) first, so no request goes to a replica that is stopping.
+    groups = [state, *sorted(p for p in state.glob("replica-*") if p.is_dir())]
+    stopped = [group for group in groups if _stop_managed(group, console, timeout)]
+    if not stopped:
+        console.print(f"{spec.name}: not running")
+    else:
+        console.print(f"{spec.name}: stopped" + (f" ({len(stopped) - 1} replicas and the balancer)"
+                                                 if len(groups) > 1 else ""))
+    return 0
+
+
+def _stop_managed(state: Path, console: Console, timeout: float) -> bool:
+    """Stop the keeper whose pid state/serve.pid holds, and everything under it; whether one ran."""
     pid = _running_pid(state)
     if pid is None:
         (state / PID_NAME).unlink(missing_ok=True)
-        console.print(f"{spec.name}: not running")
-        return 0
+        return False
     # The keeper was started in its own session: its process group holds it and herd serve (which
     # stops torchrun and its ranks); the keeper does not relaunch after a SIGTERM.
     os.killpg(pid, signal.SIGTERM)
@@ -222,8 +339,7 @@ def down_local(spec: Spec, env_path: str, console: Console, timeout: float = 30)
     if leftovers := kill_ranks(state):
         console.print(f"[yellow]killed {len(leftovers)} leftover rank(s)[/]")
     (state / PID_NAME).unlink(missing_ok=True)
-    console.print(f"{spec.name}: stopped")
-    return 0
+    return True
 
 
 def _group_alive(pgid: int) -> bool:

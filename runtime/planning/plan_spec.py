@@ -40,8 +40,10 @@ def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
             # Each replica is its own group of hosts: a group may use at most its share of the list.
             max_nodes=max(1, len(section.hosts) // spec.replicas), hosts=len(section.hosts))
     host = host or HostFacts.measure()
+    # Local replicas share this machine: each group plans with its share of the RAM (the weights on
+    # disk are one copy for all).
     return Hardware(accelerator=catalog.accelerator("cpu"), devices_per_node=_ranks(spec, host.cpus),
-                    host_ram_bytes=host.ram_bytes, disk_bytes=host.free_disk_bytes, max_nodes=1)
+                    host_ram_bytes=host.ram_bytes // spec.replicas, disk_bytes=host.free_disk_bytes, max_nodes=1)
 
 
 def _ranks(spec: Spec, default: int) -> int:

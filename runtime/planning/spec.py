@@ -251,9 +251,6 @@ class Spec(Strict):
         if self.target != "local" and getattr(self, self.target) is None:
             raise ValueError(f"target {self.target!r} needs its own section: add '{self.target}:' "
                              "with its settings")
-        if self.replicas > 1 and self.target == "local":
-            raise ValueError(f"replicas: {self.replicas}: the local target runs one group (allowed: 1; "
-                             "replicas are for onprem, aws and gcp)")
         if self.replicas > 1 and self.onprem is not None:   # the target is onprem (checked above)
             if self.onprem.load_balancer is None:
                 raise ValueError(f"replicas: {self.replicas} needs onprem.load_balancer (address: the host "

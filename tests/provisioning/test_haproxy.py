@@ -482,3 +482,18 @@ def test_a_rolling_update_under_load_replaces_one_replica_at_a_time_without_a_fa
     assert [s.args[s.args.index("--max-model-len") + 1] for s in servers] == ["256", "256"]
     wait_states(lb, {"replica-0": "UP", "replica-1": "UP"}, within=30)
     print(f"\nrolling update under load: {len(outcomes)} requests, 0 failed; {steps}")
+
+
+@needs_haproxy
+def test_a_loopback_balancer_may_serve_plain_http_and_no_other(tmp_path):
+    """The local target's replicas on loopback: HAProxy without TLS, only on a loopback address."""
+    replicas = (Replica("replica-0", "127.0.0.1", 8001), Replica("replica-1", "127.0.0.1", 8002))
+    config = BalancerConfig(replicas=replicas, bind_address="127.0.0.1", bind_port=8000, pem_path=None,
+                            socket_path=str(tmp_path / "admin.sock"), run_as=None, chroot=None, log_target="stdout")
+    text = render(config)
+    done = haproxy_check(text, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line.strip() for line in text.splitlines()]
+    assert "bind 127.0.0.1:8000" in lines and "http-request set-header X-Forwarded-Proto http" in lines
+    with pytest.raises(UserError, match="0.0.0.0 is not loopback: it needs a certificate"):
+        render(BalancerConfig(replicas=replicas, bind_address="0.0.0.0", pem_path=None))

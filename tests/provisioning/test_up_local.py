@@ -5,7 +5,10 @@ ranks, readiness, the smoke test, then `herd status` and `herd down` leaving not
 """
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -69,3 +72,45 @@ def test_up_refuses_a_plan_that_does_not_fit(herd, tmp_path):
     out = herd("up", str(path))
     assert out.returncode == 1 and "refusing to start" in out.stdout
     assert not (tmp_path / "state" / "serve.pid").exists()
+
+
+@pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="haproxy is installed by `make system`")
+def test_local_replicas_serve_behind_haproxy_and_stop_together(herd, local_env):
+    """`replicas: 2` on this machine: two groups of TP 1 on loopback behind HAProxy on serving.port."""
+    path, spec = local_env
+    spec.update(replicas=2)
+    spec["parallelism"]["tensor"] = 1
+    path.write_text(yaml.safe_dump(spec))
+    url = f"http://127.0.0.1:{spec['serving']['port']}"
+    state = path.parent / "state"
+    try:
+        up = herd("up", str(path), timeout=900)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert "smoke passed" in up.stdout and "2 replicas ready behind the balancer" in up.stdout
+        status = herd("status", str(path), "--json")
+        info = json.loads(status.stdout)
+        assert status.returncode == 0, status.stdout + status.stderr
+        port = spec["serving"]["port"]
+        assert info["replicas"] == {
+            "replica-0": {"endpoint": f"http://127.0.0.1:{port + 1}", "health": "ready", "running": True},
+            "replica-1": {"endpoint": f"http://127.0.0.1:{port + 2}", "health": "ready", "running": True}}
+        assert info["balancer"] == {"replica-0": "UP", "replica-1": "UP"}
+        # Requests through the balancer reach both groups (least connections, two at a time).
+        served = set()
+        with httpx.Client(base_url=url, timeout=120) as client, ThreadPoolExecutor(2) as pool:
+            def ask(_):
+                r = client.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hello",
+                                                         "max_tokens": 8, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return r.headers["x-herd-replica"]
+            served.update(pool.map(ask, range(8)))
+        assert served == {"replica-0", "replica-1"}
+    finally:
+        pids = [int(p.read_text()) for p in [state / "serve.pid", *state.glob("replica-*/serve.pid")] if p.exists()]
+        down = herd("down", str(path))
+    assert down.returncode == 0 and "stopped (2 replicas and the balancer)" in down.stdout, down.stdout
+    assert len(pids) == 3
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if alive(p)], "herd down left processes behind"

@@ -93,8 +93,16 @@ def test_replicas_default_to_one_group():
     assert all(load_spec(p).replicas == 1 for p in ENVIRONMENTS)
 
 
+def test_local_replicas_share_this_machine_s_ram(tmp_path):
+    from runtime.planning.plan_spec import HostFacts, hardware_for
+    host = HostFacts(cpus=8, ram_bytes=24 * 2**30, free_disk_bytes=100 * 2**30)
+    one = hardware_for(load_spec(write(tmp_path, LOCAL)), host)
+    three = hardware_for(load_spec(write(tmp_path, LOCAL + "replicas: 3\n")), host)
+    assert (one.host_ram_bytes, three.host_ram_bytes) == (24 * 2**30, 8 * 2**30)
+    assert three.disk_bytes == one.disk_bytes              # one copy of the weights serves every replica
+
+
 @pytest.mark.parametrize("text, expected", [
-    (LOCAL + "replicas: 2\n", "replicas: 2: the local target runs one group (allowed: 1;"),
     (LOCAL + "replicas: 0\n", "replicas: 0: Input should be greater than or equal to 1"),
     (ONPREM + "replicas: 2\n", "replicas: 2 needs onprem.load_balancer (address:"),
     (ONPREM + BALANCER + "replicas: 3\n", "replicas: 3 groups need at least 3 hosts, onprem.hosts lists 2"),
