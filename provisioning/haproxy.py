@@ -236,6 +236,8 @@ def step_env(config: BalancerConfig, home: str, pem_source: str | None = None, c
              pid_path: str = PID_PATH) -> dict[str, str]:
     """The 90-haproxy step's environment for this configuration. `pem_source`: where the installer
     uploaded the PEM bundle on the balancer (default HOME/secrets/haproxy.pem, 0600)."""
+    if config.pem_path is None:   # a balancer the step installs faces the network: always TLS
+        raise UserError("load balancer: a certificate (PEM bundle) is required on a balancer host")
     return {
         "HERD_HOME": home,
         "HERD_HAPROXY_CONFIG": render(config),

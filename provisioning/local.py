@@ -156,7 +156,7 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
     # tls mode on), with the deployment's own material, which HAProxy then verifies against its CA.
     replica_tls = material is not None and (spec.serving.tls.cert is not None or spec.serving.tls.mode == "on")
     backend_ca = None
-    if replica_tls:
+    if material is not None and replica_tls:
         backend_ca = material.ca_file or tls.client_ca(spec)
         if backend_ca is None:
             raise UserError("serving.tls.ca: the balancer verifies the replicas' certificate: name its CA")
@@ -164,7 +164,7 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
     for i, port in enumerate(ports):
         cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()), "--model-dir",
                str(model_dir), "--state-dir", str(state / f"replica-{i}"), "--host", "127.0.0.1", "--port", str(port)]
-        if replica_tls:
+        if material is not None and replica_tls:
             cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
         pid = start_managed(cmd, state / f"replica-{i}", cwd)
         console.print(f"{replica_name(i)}: herd serve on 127.0.0.1:{port} under its keeper (pid {pid})")
