@@ -40,7 +40,7 @@ from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
 from runtime.serving.serve import model_dir_from_spec
 from runtime.serving.smoke import render as render_smoke
-from runtime.serving.smoke import ServerExited, run_smoke, wait_ready
+from runtime.serving.smoke import ServerExited, ready_within, run_smoke, wait_ready
 from runtime.planning.spec import Spec
 from runtime.serving.supervisor import EXIT_RESTARTS_SPENT, die_with_parent, kill_ranks
 
@@ -190,15 +190,11 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
     console.print(f"HAProxy on {bind}:{spec.serving.port} in front of {spec.replicas} replicas (pid {pid})")
     code = _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
     if code == 0:
+        verify = tls.client_verify(str(backend_ca) if backend_ca else None)
         for i, port in enumerate(ports):   # every replica, not only the first to answer
             url = f"{'https' if replica_tls else 'http'}://127.0.0.1:{port}"
-            verify = tls.client_verify(str(backend_ca) if backend_ca else None)
-            with httpx.Client(base_url=url, timeout=5, verify=verify) as client:
-                try:
-                    wait_ready(client, ready_timeout, console)
-                except TimeoutError as err:
-                    console.print(f"[red]{replica_name(i)}: {err}[/]")
-                    return 1
+            if not ready_within(url, verify, ready_timeout, console, f"{replica_name(i)}: "):
+                return 1
         console.print(f"{spec.replicas} replicas ready behind the balancer")
     return code
 

@@ -942,7 +942,7 @@ def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
               trust_new_hosts: bool = False, ready_timeout: float = 900) -> int:
     from runtime.planning.plan_report import render as render_plan
     from runtime.serving.smoke import render as render_smoke
-    from runtime.serving.smoke import run_smoke, wait_ready
+    from runtime.serving.smoke import ready_within, run_smoke
     installer = Installer(spec, env_path, console, trust_new_hosts)
     render_plan(installer.plan, console)
     if not installer.plan.fits:
@@ -958,12 +958,8 @@ def up_onprem(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     if installer.tls is not None:
         console.print(tls.announce(installer.tls), markup=False, highlight=False, soft_wrap=True)
     verify = installer.verify()
-    with httpx.Client(base_url=installer.endpoint(), timeout=5, verify=verify) as client:
-        try:
-            wait_ready(client, ready_timeout, console)
-        except TimeoutError as err:
-            console.print(f"[red]{err}[/]")
-            return 1
+    if not ready_within(installer.endpoint(), verify, ready_timeout, console):
+        return 1
     console.print(f"install took {time.monotonic() - started:.1f}s")
     if smoke:
         report = run_smoke(installer.endpoint(), installer.api_key, 60, console, verify=verify)

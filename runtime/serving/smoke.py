@@ -138,6 +138,17 @@ def wait_ready(client: httpx.Client, timeout: float, console: Console, exited=No
             time.sleep(0.5)
 
 
+def ready_within(url: str, verify, timeout: float, console: Console, what: str = "") -> bool:
+    """Wait until `url`'s /health/ready answers 200; False, with the reason printed, after `timeout`."""
+    with httpx.Client(base_url=url, timeout=5, verify=verify) as client:
+        try:
+            wait_ready(client, timeout, console)
+            return True
+        except TimeoutError as err:
+            console.print(f"[red]{what}{err}[/]")
+            return False
+
+
 def _chat(client, model, messages, max_tokens=48) -> tuple[str, float]:
     started = time.monotonic()
     r = client.post("/v1/chat/completions", json={"model": model, "messages": messages,
