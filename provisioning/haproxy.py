@@ -362,6 +362,7 @@ def rolling_update(socket_path: AdminSocket, names: list[str], replace, ready, d
         replaced = time.monotonic() - started
         say(f"{name}: replaced; waiting until ready")
         became_ready = wait(f"{name} ready", lambda: ready(name), ready_timeout)
+        say(f"{name}: ready; putting it back")
         set_state(socket_path, name, "ready")
         back = wait(f"{name} back in rotation", lambda: states()[name].status == "UP", 60)
         say(f"{name}: back in rotation")

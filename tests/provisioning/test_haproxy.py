@@ -474,9 +474,10 @@ def test_a_rolling_update_under_load_replaces_one_replica_at_a_time_without_a_fa
     failed = [o for o in outcomes if not o.ok]
     assert not failed, [(o.replica, o.detail) for o in failed]
     for name, other in (("replica-0", "replica-1"), ("replica-1", "replica-0")):
-        begin, _, end = windows[name]     # draining, replaced, back in rotation
+        begin, _, end, _ = windows[name]     # draining, replaced, ready (put back), back in rotation
         # A request the client started in the instant before HAProxy applied the drain may still land on
-        # the draining replica (it is served, not failed): count from a second after the drain.
+        # the draining replica (it is served, not failed): count from a second after the drain, and up
+        # to the moment it is put back (from then on HAProxy may send it requests again).
         during = {o.replica for o in outcomes if o.started >= begin + 1.0 and o.ended <= end}
         assert during == {other}, (name, during)
     assert [s.args[s.args.index("--max-model-len") + 1] for s in servers] == ["256", "256"]

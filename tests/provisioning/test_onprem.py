@@ -232,6 +232,12 @@ def wait_until(check, timeout: float, message) -> None:
         time.sleep(0.2)
 
 
+def serve_logs(hosts_dir, lines: int = 40) -> str:
+    """The end of each host's runtime log, for a failure message."""
+    return "".join(f"\n--- {addr} serve.log ---\n" + ssh(hosts_dir, addr, f"tail -n {lines} /opt/herd/state/serve.log").stdout
+                   for addr in ADDRS)
+
+
 def runtime_of(hosts_dir, addr) -> dict[str, list[dict]]:
     procs = host_processes(hosts_dir, addr)
     launcher = matching(procs, LAUNCHER)     # torchrun: its command line names the ranks' module too
@@ -270,7 +276,7 @@ def test_install_serve_rerun_repair_kill_and_down(hosts, herd_cache, tmp_path):
         # Every command line on every host, while h3 resumes its steps and the runtime starts.
         with CommandLines(hosts, ADDRS) as during_install:
             first = herd_cli("up", str(env_file), env=secret_env, timeout=1200)
-        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:] + serve_logs(hosts)
         assert "smoke passed" in first.stdout and key not in first.stdout + first.stderr
         ca = state / "herd" / "deployments" / "onprem-test" / "tls" / "ca.pem"
         assert f"clients: --ca-file {ca}" in first.stdout
