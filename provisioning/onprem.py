@@ -890,17 +890,34 @@ class Installer:
 
     # ---------------------------------------------------------------- down / status
     def down(self) -> list[str]:
-        """Stop whatever runs on each host (the unit, a managed process, ranks left behind); the hosts
-        where something ran."""
-        hosts = self._connect_all()
+        """Stop whatever runs on each host (the unit, a managed process, ranks left behind), then the
+        balancer's HAProxy; the hosts where something ran (the balancer's address among them)."""
+        connected = self._connect_all(balancer=True)
+        hosts = connected[:len(self.hosts)]
         try:
             states, errors = self._on_every_host(lambda h: self._control(h, "stop"), hosts)
+            if errors:   # a command that failed or timed out: one line naming the host, as for the install
+                raise UserError("; ".join(sorted(errors)))
+            stopped = [s.host for s in states if s.state == "stopped"]
+            if self.balancer is not None and self._stop_balancer(connected[-1]):
+                stopped.append(connected[-1].name)
         finally:
-            for host in hosts:
+            for host in connected:
                 host.close()
-        if errors:   # a command that failed or timed out: one line naming the host, as for the install
-            raise UserError("; ".join(sorted(errors)))
-        return [s.host for s in states if s.state == "stopped"]
+        return stopped
+
+    def _stop_balancer(self, lb_host: Host) -> bool:
+        """Stop HAProxy as the 90-haproxy step started it (Debian's unit, or its own process); whether
+        it ran."""
+        env = haproxy.balancer_steps(self.spec, self.plan).env
+        pid_file = shlex.quote(env["HERD_HAPROXY_PID"])
+        unit = ("[ \"$(ps -p 1 -o comm= 2>/dev/null)\" = systemd ]" if env.get("HERD_SYSTEMD") != "0" else "false")
+        script = (f'if {unit}; then systemctl is-active -q haproxy && systemctl stop haproxy && echo stopped; '
+                  f'elif [ -f {pid_file} ] && kill -0 "$(head -n1 {pid_file})" 2>/dev/null; then '
+                  f'kill "$(head -n1 {pid_file})"; for _ in $(seq 50); do kill -0 "$(head -n1 {pid_file})" '
+                  f'2>/dev/null || break; sleep 0.1; done; rm -f {pid_file}; echo stopped; fi; true')
+        _, out = lb_host.run(as_root(script), quiet=True, timeout=COMMAND_TIMEOUT_S)
+        return "stopped" in out.split()
 
     def status(self, ca_file: str | None = None) -> dict:
         verify = self.verify(ca_file)

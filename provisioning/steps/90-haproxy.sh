@@ -35,6 +35,9 @@ if [ "$DRY_RUN" != 1 ]; then
     fail "$pem_source: a PEM bundle holds the certificate chain and its private key"
   fi
 fi
+# What HAProxy holds in memory besides its configuration: a new certificate or CA needs a reload too.
+certs() { { cat "$pem" "${HERD_HAPROXY_BACKEND_CA:-/dev/null}" 2>/dev/null || true; } | sha256sum; }
+certs_before=$(certs)
 as_root install -d -m 0700 "$(dirname "$pem")"
 as_root install -m 0600 "$pem_source" "$pem"
 # The CA the replicas' certificates are checked against (replicas serving TLS), where uploaded.
@@ -57,7 +60,8 @@ else
   check=$(haproxy -c -f "$candidate" 2>&1) || fail "the rendered configuration is invalid: $(grep -m3 ALERT <<<"$check")"
 fi
 running() { [ -f "$pidfile" ] && kill -0 "$(head -n1 "$pidfile")" 2>/dev/null; }
-if [ -f "$cfg" ] && cmp -s "$candidate" "$cfg" && { [ "$systemd" = 1 ] && systemctl is-active -q haproxy || running; }; then
+if [ -f "$cfg" ] && cmp -s "$candidate" "$cfg" && [ "$(certs)" = "$certs_before" ] &&
+   { [ "$systemd" = 1 ] && systemctl is-active -q haproxy || running; }; then
   ok "configuration up to date; haproxy running"
 fi
 # Debian's own configuration is kept once, beside ours.

@@ -247,6 +247,14 @@ def test_the_step_installs_validates_starts_and_is_idempotent(tmp_path):
         again = run_step(lb.env)
         assert again.returncode == 0 and "ok: configuration up to date; haproxy running" in again.stdout
         assert lb.pid_file.read_text().split()[0] == pid
+        # A new certificate with the same configuration: HAProxy reloads to serve it.
+        (tmp_path / "renewed").mkdir()
+        renewed = make_certs(tmp_path / "renewed")
+        swapped = run_step({**lb.env, "HERD_HAPROXY_PEM_SOURCE": str(renewed.bundle)})
+        assert swapped.returncode == 0 and "up to date" not in swapped.stdout, swapped.stdout + swapped.stderr
+        assert lb.pid_file.read_text().split()[0] != pid and pem.read_bytes() == renewed.bundle.read_bytes()
+        certs = renewed
+        pid = lb.pid_file.read_text().split()[0]
         # No replica listens: it is DOWN, and HAProxy answers the API's own error shape.
         deadline = time.monotonic() + 10
         while lb.states()["replica-0"].status != "DOWN" and time.monotonic() < deadline:
