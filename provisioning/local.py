@@ -111,21 +111,33 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
                         "(stop what holds it, or choose another port)")
 
     # 2. Weights: fetched and verified once, reused after.
-    model_dir = model_dir_from_spec(spec)
-    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
-        fetch(spec.model.source, model_dir_for(spec.model.id))
+    model_dir = _weights(spec)
 
     # 3. The runtime, as a background process that outlives this command, kept running.
-    cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()),
-           "--model-dir", str(model_dir), "--state-dir", str(state)]
     material = server_tls(spec, env_path, state)
     if material is not None:
         console.print(tls.announce(material), markup=False, highlight=False, soft_wrap=True)
-        # Absolute paths: the keeper runs from another directory than this command.
-        cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
-    pid = start_managed(cmd, state, cwd=Path(env_path).resolve().parent.parent)
+    pid = start_managed(_serve_command(env_path, model_dir, state, material), state,
+                        cwd=Path(env_path).resolve().parent.parent)
     console.print(f"started herd serve under its keeper (pid {pid}); log: {state / LOG_NAME}")
     return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
+
+
+def _weights(spec: Spec) -> Path:
+    """The model directory the runtime loads: fetched and verified here first unless it is a local path."""
+    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
+        fetch(spec.model.source, model_dir_for(spec.model.id))
+    return model_dir_from_spec(spec)
+
+
+def _serve_command(env_path: str, model_dir: Path, state: Path, material, *extra: str) -> list[str]:
+    """`herd serve` for one group, with its own state directory and, where given, its certificate."""
+    cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()),
+           "--model-dir", str(model_dir), "--state-dir", str(state), *extra]
+    if material is not None:
+        # Absolute paths: the keeper runs from another directory than this command.
+        cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
+    return cmd
 
 
 def replica_ports(spec: Spec) -> list[int]:
@@ -148,9 +160,7 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
         if not _port_free(bind if port == spec.serving.port else "127.0.0.1", port):
             raise UserError(f"replicas: port {port} is already in use (the balancer takes serving.port "
                             f"{spec.serving.port}, the replicas the {spec.replicas} ports after it)")
-    model_dir = model_dir_from_spec(spec)
-    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
-        fetch(spec.model.source, model_dir_for(spec.model.id))
+    model_dir = _weights(spec)
     material = server_tls(spec, env_path, state)
     # The replicas serve TLS only when the spec asks for it on loopback too (a named certificate, or
     # tls mode on), with the deployment's own material, which HAProxy then verifies against its CA.
@@ -162,10 +172,8 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
             raise UserError("serving.tls.ca: the balancer verifies the replicas' certificate: name its CA")
     cwd = Path(env_path).resolve().parent.parent
     for i, port in enumerate(ports):
-        cmd = [sys.executable, "-m", "infra.cli", "serve", str(Path(env_path).resolve()), "--model-dir",
-               str(model_dir), "--state-dir", str(state / f"replica-{i}"), "--host", "127.0.0.1", "--port", str(port)]
-        if material is not None and replica_tls:
-            cmd += ["--tls-certfile", str(material.certfile.resolve()), "--tls-keyfile", str(material.keyfile.resolve())]
+        cmd = _serve_command(env_path, model_dir, state / f"replica-{i}", material if replica_tls else None,
+                             "--host", "127.0.0.1", "--port", str(port))
         pid = start_managed(cmd, state / f"replica-{i}", cwd)
         console.print(f"{replica_name(i)}: herd serve on 127.0.0.1:{port} under its keeper (pid {pid})")
     balancer = state / "haproxy"

@@ -746,11 +746,7 @@ class Installer:
         return out.split()[:1] != [want]
 
     def _group_ready(self, group: int) -> bool:
-        try:
-            return httpx.get(f"{self.head_endpoint(group)}/health/ready", timeout=3,
-                             verify=self.verify()).status_code == 200
-        except httpx.TransportError:
-            return False
+        return self._ready_at(self.head_endpoint(group))
 
     def _roll(self, hosts: list[Host], group_steps: list[list[HostSteps]], lb_host: Host, bundle: Path,
               model_dir: Path, remote_model: str) -> list[HostResult]:
@@ -882,9 +878,12 @@ class Installer:
         return {state.host for state in started}
 
     def _ready_now(self) -> bool:
+        return self._ready_at(self.endpoint())
+
+    def _ready_at(self, url: str) -> bool:
+        """Whether `url`'s /health/ready answers 200 now (the balancer's endpoint, or one head)."""
         try:
-            return httpx.get(f"{self.endpoint()}/health/ready", timeout=3,
-                             verify=self.verify()).status_code == 200
+            return httpx.get(f"{url}/health/ready", timeout=3, verify=self.verify()).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -73,6 +73,35 @@ def env(monkeypatch):
     return apply
 
 
+def new_bucket(kind: str, label: str) -> str:
+    """A fresh bucket in the emulator the environment points at: moto's S3 (kind "s3") or the GCS one."""
+    name = f"herd-{label}-{os.getpid()}-{time.monotonic_ns() % 10**7}"
+    if kind == "s3":
+        import boto3
+        boto3.client("s3").create_bucket(Bucket=name)
+    else:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+        storage.Client(credentials=AnonymousCredentials(), project="t").create_bucket(name)
+    return name
+
+
+def tree_state(root, digests: bool = False) -> dict:
+    """Every path under root with its type, size and mtime (symlinks not followed) and, with `digests`,
+    each regular file's sha256: compared before and after to show nothing under root changed."""
+    from provisioning.weights.manifest import sha256_of
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            state = (st.st_mode, st.st_size, st.st_mtime_ns)
+            if digests:
+                state += (sha256_of(path) if os.path.isfile(path) and not os.path.islink(path) else None,)
+            found[os.path.relpath(path, root)] = state
+    return found
+
+
 def make_model_dir(path: Path, shards: int = 3, shard_bytes: int = 3 * 2**20, seed: int = 1) -> Path:
     """A model-shaped directory: config, tokenizer files and several safetensors-named shards."""
     import random

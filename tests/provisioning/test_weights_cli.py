@@ -13,7 +13,7 @@ import pytest
 from provisioning.weights.manifest import MANIFEST, sha256_of, verify
 from provisioning.weights.transfer import RemoteFile, Transfer
 from tests.conftest import ROOT, run_herd
-from tests.provisioning.conftest import CountingProxy, make_model_dir
+from tests.provisioning.conftest import CountingProxy, make_model_dir, new_bucket
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]   # loopback servers and emulators: 5-85 s here
 
@@ -22,18 +22,6 @@ def one_line_error(out) -> str:
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     return lines[0]
-
-
-def new_bucket(kind, label):
-    name = f"herd-{label}-{os.getpid()}-{time.monotonic_ns() % 10**7}"
-    if kind == "s3":
-        import boto3
-        boto3.client("s3").create_bucket(Bucket=name)
-    else:
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-        storage.Client(credentials=AnonymousCredentials(), project="t").create_bucket(name)
-    return name
 
 
 # ------------------------------------------------------------------ file://

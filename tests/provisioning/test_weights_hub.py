@@ -23,7 +23,7 @@ from provisioning.weights.fetching import FetchReport
 from provisioning.weights.manifest import MANIFEST, sha256_of, verify
 from runtime.errors import UserError
 from tests.conftest import ROOT, run_herd
-from tests.provisioning.conftest import CountingProxy, make_model_dir
+from tests.provisioning.conftest import CountingProxy, make_model_dir, tree_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]   # loopback servers and emulators: 5-85 s here
 REPO = "org/tiny"
@@ -48,18 +48,6 @@ def serving_files(repo):
 
 def shards(repo):
     return sorted(p.name for p in repo.glob("*.safetensors"))
-
-
-def cache_state(root):
-    """Every path in the Hugging Face cache: type, size, mtime and, for files, sha256."""
-    state = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            digest = sha256_of(path) if os.path.isfile(path) and not os.path.islink(path) else None
-            state[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return state
 
 
 def seed_cache(repo_id, names):
@@ -111,7 +99,7 @@ def test_a_fetch_goes_through_huggingface_hub_and_lfs_bytes_come_from_the_cdn(re
 def test_files_in_the_hugging_face_cache_are_reused_with_zero_bytes_downloaded(repo, fake_hub, tmp_path):
     cached = seed_cache(REPO, serving_files(repo))
     cache_root = os.environ["HF_HUB_CACHE"]
-    before = cache_state(cache_root)
+    before = tree_state(cache_root, digests=True)
     fake_hub.reset_counts()
     report = FetchReport(URI, "")
     dest = fetch(URI, tmp_path / "dest", quiet=True, report=report)
@@ -123,7 +111,7 @@ def test_files_in_the_hugging_face_cache_are_reused_with_zero_bytes_downloaded(r
     for name in shards(repo):
         assert os.path.samefile(dest / name, cached[name])
     assert not os.path.samefile(dest / "config.json", cached["config.json"])
-    assert cache_state(cache_root) == before, "the user's cache is only read"
+    assert tree_state(cache_root, digests=True) == before, "the user's cache is only read"
 
 
 def test_a_partly_cached_repo_downloads_only_what_the_cache_lacks(repo, fake_hub, tmp_path):
@@ -146,7 +134,7 @@ def test_a_corrupted_cached_file_is_refetched_and_the_cache_left_untouched(repo,
     with open(blob, "r+b") as f:   # same size, one byte flipped: bit rot
         f.write(data)
     cache_root = os.environ["HF_HUB_CACHE"]
-    before, blob_hash = cache_state(cache_root), sha256_of(blob)
+    before, blob_hash = tree_state(cache_root, digests=True), sha256_of(blob)
     fake_hub.reset_counts()
     report = FetchReport(URI, "")
     dest = fetch(URI, tmp_path / "dest", quiet=False, report=report)
@@ -154,7 +142,7 @@ def test_a_corrupted_cached_file_is_refetched_and_the_cache_left_untouched(repo,
     assert report.cache_mismatches == [bad] and report.cached_files == len(serving_files(repo)) - 1
     assert (dest / bad).read_bytes() == (repo / bad).read_bytes() and verify(dest) == []
     assert not os.path.samefile(dest / bad, blob)
-    assert sha256_of(blob) == blob_hash and cache_state(cache_root) == before
+    assert sha256_of(blob) == blob_hash and tree_state(cache_root, digests=True) == before
     assert f"{bad} in the Hugging Face cache does not match" in " ".join(capfd.readouterr().err.split())
 
 

@@ -4,9 +4,7 @@ already in the destination) are refused with the entry and the source named, bef
 written; the folders around the destination stay exactly as they were."""
 import hashlib
 import json
-import os
 import stat
-import time
 
 import pytest
 from rich.console import Console
@@ -15,22 +13,11 @@ from provisioning.weights import fetch
 from provisioning.weights.fetching import publish
 from provisioning.weights.manifest import MANIFEST, unsafe_reason, verify
 from runtime.errors import UserError
-from tests.provisioning.conftest import make_model_dir
+from tests.provisioning.conftest import make_model_dir, new_bucket, tree_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]   # each test: seconds to ~40 s here
 QUIET = Console(quiet=True)
 PAYLOAD = b"bytes that must never land outside the model directory\n"
-
-
-def snapshot(root):
-    """Every path under root with its type, size and mtime (symlinks not followed)."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            found[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_mtime_ns)
-    return found
 
 
 @pytest.fixture
@@ -44,7 +31,7 @@ def area(tmp_path):
 
 
 def assert_untouched(root, dest, before):
-    after = snapshot(root)
+    after = tree_state(root)
     outside = {k: v for k, v in after.items() if not k.startswith("outer/dest")}
     assert outside == {k: v for k, v in before.items() if not k.startswith("outer/dest")}
     # No transfer file was started anywhere (a link planted by a test is not one).
@@ -86,18 +73,6 @@ def put_gcs(bucket, key, data):
     storage.Client(credentials=AnonymousCredentials(), project="t").bucket(bucket).blob(key).upload_from_string(data)
 
 
-def new_bucket(kind, label):
-    name = f"herd-{label}-{os.getpid()}-{time.monotonic_ns() % 10**7}"
-    if kind == "s3":
-        import boto3
-        boto3.client("s3").create_bucket(Bucket=name)
-    else:
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
-        storage.Client(credentials=AnonymousCredentials(), project="t").create_bucket(name)
-    return name
-
-
 @pytest.fixture(params=["s3", "gs"])
 def store(request, env, moto_s3, gcs_emulator):
     env(moto_s3 if request.param == "s3" else gcs_emulator)
@@ -123,7 +98,7 @@ def test_a_listing_with_escaping_names_is_refused_and_nothing_lands_outside(stor
         put(bucket, f"m/{name}", PAYLOAD)
         if f"m/{name}" not in listed_names(kind, bucket):
             pytest.fail(f"{kind}: the emulator did not keep the key m/{name!r} as given")
-        before = snapshot(root)
+        before = tree_state(root)
         uri = f"{kind}://{bucket}/m"
         with pytest.raises(UserError) as refused:
             fetch(uri, dest, quiet=True)
@@ -151,7 +126,7 @@ def test_a_tampered_manifest_cannot_redirect_writes(store, area, tmp_path):
         if kind == "s3" or ".." not in name:
             put(bucket, f"m/{name}", PAYLOAD)
         put(bucket, f"m/{MANIFEST}", json.dumps(manifest).encode())
-        before = snapshot(root)
+        before = tree_state(root)
         with pytest.raises(UserError) as refused:
             fetch(uri, dest, quiet=True)
         message = str(refused.value)
@@ -197,7 +172,7 @@ def test_symlinks_in_the_destination_pointing_outside_are_not_followed(env, moto
                 p.unlink()
         dest.mkdir(exist_ok=True)
         plant(dest)
-        before = snapshot(root)
+        before = tree_state(root)
         with pytest.raises(UserError) as refused:
             fetch(uri, dest, quiet=True)
         message = str(refused.value)
@@ -214,7 +189,7 @@ def test_a_symlinked_subfolder_pointing_outside_is_refused(env, moto_s3, area):
     put_s3(bucket, "m/tokenizer/vocab.json", PAYLOAD)
     dest.mkdir()
     (dest / "tokenizer").symlink_to(dest.parent)
-    before = snapshot(root)
+    before = tree_state(root)
     with pytest.raises(UserError, match=r"entry 'tokenizer/vocab\.json' refused: .* outside"):
         fetch(f"s3://{bucket}/m", dest, quiet=True)
     assert_untouched(root, dest, before)
@@ -247,7 +222,7 @@ def test_a_hub_listing_with_escaping_names_is_refused(hub_env, fake_hub, area, t
                       ("..\\x.safetensors", "a backslash")]:
         fake_hub.extra_siblings["org/tiny"] = [{"rfilename": name, "size": 10,
                                                 "lfs": {"sha256": "0" * 64, "size": 10, "pointerSize": 134}}]
-        before = snapshot(root)
+        before = tree_state(root)
         with pytest.raises(UserError) as refused:
             fetch("hf://org/tiny", dest, quiet=True)
         assert f"entry {name!r} refused: {why}" in str(refused.value) and "hf://org/tiny" in str(refused.value)
