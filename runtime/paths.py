@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 def cache_root() -> Path:
@@ -12,3 +13,12 @@ def cache_root() -> Path:
 def model_dir_for(model_id: str) -> Path:
     """The converted/verified model directory for a catalog id."""
     return cache_root() / "models" / model_id
+
+
+def adapter_dir_for(model_dir: Path, name: str, source: str = "") -> Path:
+    """Where a LoRA adapter of the model in `model_dir` is served from: a local source in place (as the
+    weights are), else fetched beside the model, never inside it (the model's manifest covers the
+    model's files only)."""
+    if source.startswith("file:") or source.startswith("/"):
+        return Path(urlparse(source).path if source.startswith("file:") else source)
+    return model_dir.with_name(f"{model_dir.name}.adapters") / name

@@ -81,3 +81,24 @@ install_herd() {
     fail "expected one herd-$want-*.whl in $wheels, found ${#found[@]} (the installer uploads it)"
   bundle_pip "$venv" "$wheels" "${found[0]}" "$@"
 }
+
+# Venvs switched by a link: NAME-DIGEST holds one dependency set; $HERD_HOME/NAME links the one in use.
+# current NAME DIGEST: the link NAME already names a complete NAME-DIGEST.
+current() { [ "$(readlink "$HERD_HOME/$1" 2>/dev/null)" = "$1-$2" ] && [ -f "$HERD_HOME/$1-$2/.herd-complete" ]; }
+
+# switch NAME DIGEST: point the link NAME at NAME-DIGEST (a rename over the link: atomic); a real
+# folder of an older herd moves aside first. The venv the link named before stays, older ones go.
+switch() {
+  local name=$1 digest=$2 link="$HERD_HOME/$1" previous old
+  previous=$(readlink "$link" 2>/dev/null || true)
+  if [ -d "$link" ] && [ ! -L "$link" ]; then
+    run rm -rf "$link-unlinked"
+    run mv "$link" "$link-unlinked"
+  fi
+  run ln -sfn "$name-$digest" "$link.link"
+  run mv -T "$link.link" "$link"
+  for old in "$link"-*; do
+    [ -d "$old" ] || continue
+    case "$(basename "$old")" in "$name-$digest" | "$previous") ;; *) run rm -rf "$old" ;; esac
+  done
+}

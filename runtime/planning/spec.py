@@ -31,6 +31,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The LoRA ranks vLLM can reserve (`--max-lora-rank`); an adapter's rank is served in the next one up.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class AdapterSection(Strict):
+    """A LoRA adapter of the model (a fine-tuned or distilled variant), served beside the base model and
+    chosen per request by `model: NAME`. Fetched and verified like the weights (its directory holds
+    adapter_config.json and the adapter's safetensors)."""
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    source: str = Field(description="hf://org/repo[@rev] | s3://b/p | gs://b/p | file:///p")
+    rank: Annotated[int, Field(ge=1, le=512)] = Field(default=16, description="its LoRA rank (r) or more: "
+                                                     "the planner counts the memory, vLLM reserves it")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if value.startswith("pypi:"):
+            raise ValueError("adapters come from hf://, s3://, gs:// or file:// (pypi:// is for the embedded model)")
+        return value
+
+
 class ModelSection(Strict):
     id: str = Field(description="catalog id, or 'config:PATH' to read the architecture from a config.json")
     source: str | None = Field(default=None,
@@ -39,6 +60,22 @@ class ModelSection(Strict):
                                 "bf16 where computed natively, else float32")
     quantization: Quantization = "none"
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8"] = "auto"
+    adapters: list[AdapterSection] = Field(default_factory=list, description="LoRA adapters (engine vllm)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, value: list[AdapterSection]) -> list[AdapterSection]:
+        names = [a.name for a in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"adapter names must be unique; {', '.join(twice)} given more than once")
+        return value
+
+    @property
+    def lora_rank(self) -> int:
+        """`--max-lora-rank`: the smallest rank vLLM reserves that holds every adapter's."""
+        wanted = max((a.rank for a in self.adapters), default=0)
+        return next(r for r in LORA_RANKS if r >= wanted) if wanted else 0
 
 
 class ContextSection(Strict):
@@ -258,6 +295,15 @@ class Spec(Strict):
             if self.replicas > len(self.onprem.hosts):
                 raise ValueError(f"replicas: {self.replicas} groups need at least {self.replicas} hosts, "
                                  f"onprem.hosts lists {len(self.onprem.hosts)}")
+        if self.model.adapters:
+            if self.serving.engine != "vllm":
+                raise ValueError(f"model.adapters: LoRA adapters are served by engine 'vllm'; serving.engine is "
+                                 f"{self.serving.engine!r}")
+            base = self.serving.served_model_name or self.model.id
+            clash = [a.name for a in self.model.adapters if a.name == base]
+            if clash:
+                raise ValueError(f"model.adapters: {clash[0]!r} is the base model's own name; name the adapter "
+                                 "otherwise (requests choose it by `model`)")
         return self
 
     # The target's own section, never None: code that runs for one target (its cluster, its preflight,

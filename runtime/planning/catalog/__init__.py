@@ -22,11 +22,20 @@ class Fp8Checkpoint:
 
 
 @dataclass(frozen=True)
+class ToolCalling:
+    """How vLLM serves the model's tool calls: its parser, and the chat template herd ships for the model
+    when the model's own renders no tools (a file name under runtime/engine/chat_templates/, no suffix)."""
+    parser: str
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     source: str
     architecture: Architecture
     fp8_checkpoint: Fp8Checkpoint | None = None
+    tool_calling: ToolCalling | None = None
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,14 @@ def models() -> dict[str, Model]:
     out = {}
     for model_id, row in _load("models.yaml").items():
         fp8 = row.get("fp8_checkpoint")
+        tools = row.get("tool_calling")
         out[model_id] = Model(
             id=model_id,
             source=row["source"],
             architecture=Architecture.from_config(row),
             fp8_checkpoint=Fp8Checkpoint(fp8["source"], tuple(fp8["quantized_modules"]),
                                          bool(fp8["skip_first_last"])) if fp8 else None,
+            tool_calling=ToolCalling(tools["parser"], tools.get("chat_template")) if tools else None,
         )
     return out
 
