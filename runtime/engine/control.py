@@ -5,11 +5,15 @@ Line-delimited JSON over loopback TCP. The driver connects and proves itself wit
 
 driver -> supervisor: hello{token, world}, loading{loaded, world}, loaded{world},
                       token{id, token[, logprob, top]}, done{id, finish_reason, completion_tokens}, error{id, message}
-supervisor -> driver: generate{id, input_ids, max_tokens, temperature, top_p, seed, stop_token_ids, logprobs},
-                      cancel{id}
+supervisor -> driver: generate{id, input_ids, max_tokens, temperature, top_p, seed, stop_token_ids, logprobs,
+                      priority}, cancel{id}
+
+A generate with priority (the supervisor's canary) is admitted before every request already waiting:
+the canary measures the engine, not the queue in front of it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import socket
@@ -22,6 +26,28 @@ from runtime.engine.request import Row
 
 def encode(message: dict) -> bytes:
     return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+class Requests:
+    """The driver's waiting requests: priority ones first, then the others in arrival order. None
+    (shut down) waits in line like a request, so what arrived before it is still served."""
+
+    def __init__(self):
+        self._queue: queue.PriorityQueue[tuple[int, int, Row | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()   # unique: ties never compare rows
+
+    def put(self, row: Row | None, priority: bool = False) -> None:
+        self._queue.put((0 if priority else 1, next(self._arrivals), row))
+
+    def get(self, timeout: float | None = None) -> Row | None:
+        """Blocks (up to `timeout`); queue.Empty when none came."""
+        return self._queue.get(timeout=timeout)[2]
+
+    def get_nowait(self) -> Row | None:
+        return self._queue.get_nowait()[2]
+
+    def __len__(self) -> int:
+        return self._queue.qsize()
 
 
 class DriverChannel:
@@ -41,7 +67,7 @@ class DriverChannel:
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._lock = threading.Lock()
-        self.requests: queue.Queue[Row | None] = queue.Queue()
+        self.requests = Requests()
         self.cancelled: set[str] = set()
         self.send({"type": "hello", "token": token})
         threading.Thread(target=self._read, daemon=True, name="herd-control").start()
@@ -56,7 +82,8 @@ class DriverChannel:
                 message = json.loads(line)
                 if message["type"] == "generate":
                     # The message carries the supervisor's request fields; Row keeps the defaults.
-                    self.requests.put(Row(**{f.name: message[f.name] for f in fields(Row) if f.name in message}))
+                    row = Row(**{f.name: message[f.name] for f in fields(Row) if f.name in message})
+                    self.requests.put(row, priority=bool(message.get("priority")))
                 elif message["type"] == "cancel":
                     self.cancelled.add(message["id"])
         except OSError:

@@ -3,6 +3,8 @@
 Every rank loads its shard; the driver rank (local rank 0 on the head node) receives requests from
 the supervisor, shares each batch with the other ranks, and all ranks decode in lockstep.
 Configuration comes from the environment the launcher sets (HERD_*), and torchrun's own variables.
+One more is for tests only: HERD_TEST_STEP_DELAY_S, seconds the driver sleeps in each decode step,
+makes a healthy group slow (the supervision tests load a busy group with it); unset, nothing sleeps.
 """
 from __future__ import annotations
 
@@ -138,7 +140,8 @@ def main() -> int:
             if rows:
                 channel.send({"type": "batch", "size": len(rows)})
             return rows
-        take, on_step = take_rows, _streamer(channel)
+        delay_s = float(os.environ.get("HERD_TEST_STEP_DELAY_S") or 0)   # tests only: see the docstring
+        take, on_step = take_rows, _slowed(_streamer(channel), delay_s)
     batch = None
     if os.environ.get("HERD_DECODE") == "static":
         from runtime.engine.static_batch import StaticBatch
@@ -248,6 +251,18 @@ def _report_loading(store, channel, world: int) -> None:
                 seen = loaded
             time.sleep(0.2)
     threading.Thread(target=poll, daemon=True, name="herd-loading").start()
+
+
+def _slowed(on_step: OnStep, delay_s: float) -> OnStep:
+    """Test only (HERD_TEST_STEP_DELAY_S): every step takes `delay_s` longer, on every rank alike (they
+    wait for the driver's next payload). Busy but healthy: tokens keep coming, slowly."""
+    if delay_s <= 0:
+        return on_step
+
+    def slow_step(events):
+        time.sleep(delay_s)
+        return on_step(events)
+    return slow_step
 
 
 def _streamer(channel):

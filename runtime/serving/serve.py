@@ -117,9 +117,10 @@ def add_serve(sub) -> None:
                         "exits with code 75 so its service manager starts it afresh")
     p.add_argument("--restart-window", type=positive_float, default=300.0,
                    help="seconds over which restarts count against --max-restarts (default 300)")
-    p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between idle canaries")
+    p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between canaries (idle or busy)")
     p.add_argument("--canary-timeout", type=positive_float, default=5.0,
-                   help="seconds a canary may take before it counts as failed")
+                   help="seconds a canary may take before it counts as failed (not while other "
+                        "requests are getting tokens: that group is busy, not broken)")
     p.add_argument("--canary-retries", type=count, default=2,
                    help="failed canaries retried before the worker group restarts")
     p.add_argument("--decode", choices=["continuous", "static"],

@@ -5,6 +5,11 @@ answering (heartbeat), stalls under load or keeps failing the canary, and keeps 
 state: ready only when every rank has loaded and a canary generation came back in time. Requests reach
 the driver rank over the control channel; when the group is lost, requests in flight fail at once.
 
+The canary runs every canary_interval_s, idle or busy. The driver admits it ahead of the requests
+waiting (in the next free batch slot), so it measures the engine rather than the queue. Under load it
+may still time out waiting for a slot; a timeout while real requests got tokens shows a busy group,
+not a broken one, and counts for nothing. Only canaries that fail while nobody else is served count.
+
 Restarts are budgeted per time window (RestartBudget): at most `max_restarts` within
 `restart_window_s`, with a backoff that doubles inside the window and starts over with it. When the
 budget is spent the supervisor gives up (phase `failed`, `gave_up` set) and `herd serve` exits with
@@ -38,6 +43,13 @@ log = logging.getLogger("herd.supervisor")
 # within the window. 75 is EX_TEMPFAIL (sysexits.h): a temporary failure, worth starting again; the
 # systemd unit's Restart=on-failure and the local target's keeper both do.
 EXIT_RESTARTS_SPENT = 75
+
+TIMED_OUT = "timed out"   # how a canary's outcome starts when no answer came in time
+CANARY_ID = "canary-"     # how a canary's request id starts: even its late tokens are not progress
+
+
+def is_canary(request_id: str) -> bool:
+    return request_id.startswith(CANARY_ID)
 
 
 class EngineUnavailable(Exception):
@@ -73,7 +85,8 @@ class Health:
     restarts_in_window: int = 0  # restarts counted against the budget now (the last restart_window_s)
     max_restarts: int = 0        # the budget: restarts allowed within restart_window_s
     restart_window_s: float = 0.0
-    canary_failures: int = 0     # canaries failed in a row; reset by one that answers
+    canary_failures: int = 0     # canaries failed in a row with no token for anyone else either;
+                                 # reset by one that answers, or one that timed out while others were served
     control_rejected: int = 0    # control-channel connections refused (wrong, missing or garbled token)
 
     @property
@@ -154,7 +167,8 @@ class Supervisor:
         self._doomed = False             # this group is being torn down: no canary may call it ready
         self._phase_since = time.monotonic()
         self._probe: asyncio.Task | None = None
-        self._last_progress = time.monotonic()
+        self._last_progress = time.monotonic()   # the stall clock: the last token for anyone
+        self._served_at = float("-inf")          # the last token (or end) of a real request, not a canary
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
         self._group_generation = 0
@@ -283,7 +297,7 @@ class Supervisor:
     # ------------------------------------------------------------------ watching
     async def _watch(self) -> None:
         """Every 0.25 s: rank liveness (pid files), readiness stuck off, stalls under load, and the
-        canary when idle. Each check that finds the group broken restarts it."""
+        canary when due. Each check that finds the group broken restarts it."""
         next_canary = time.monotonic() + self.cfg.canary_interval_s
         while not self._stopping:
             await asyncio.sleep(0.25)
@@ -294,7 +308,7 @@ class Supervisor:
             if problem := self._dead_rank() or self._stuck_not_ready(now) or self._stall(now):
                 await self._restart(problem)
             elif self.health.phase == "ready":
-                next_canary = self._idle_canary(now, next_canary)
+                next_canary = self._due_canary(now, next_canary)
 
     def _dead_rank(self) -> str | None:
         dead = sorted(rank for rank, pid in rank_pids(self.cfg.state_dir).items() if not pid_alive(pid))
@@ -316,10 +330,9 @@ class Supervisor:
             return f"engine stalled: no token for {self.cfg.stall_timeout_s:.0f}s"
         return None
 
-    def _idle_canary(self, now: float, next_canary: float) -> float:
-        """Start a canary when the engine is idle and one is due; returns when the next is due."""
-        if self._pending:
-            return now + self.cfg.canary_interval_s
+    def _due_canary(self, now: float, next_canary: float) -> float:
+        """Start a canary when one is due and none is running, idle or busy (it is admitted ahead of
+        queued requests, so under load it still measures the engine); returns when the next is due."""
         if now >= next_canary and (self._probe is None or self._probe.done()):
             self._start_probe(self.cfg.canary_timeout_s)
             return now + self.cfg.canary_interval_s
@@ -330,27 +343,31 @@ class Supervisor:
         self._probe = asyncio.get_running_loop().create_task(self._probe_canary(timeout))
 
     async def _probe_canary(self, timeout: float) -> None:
-        """The canary, retried: one that answers makes the group ready (again); after
-        canary_retries + 1 failures in a row the group restarts (counted in the budget)."""
-        generation, attempts = self._group_generation, self.cfg.canary_retries + 1
-        for attempt in range(1, attempts + 1):
+        """The canary, retried until it answers, which makes the group ready (again). Only failures
+        while no real request got a token either count: after canary_retries + 1 of those in a row
+        the group restarts (counted in the budget). A timeout while real requests got tokens counts
+        for nothing and leaves readiness as it is: the group is busy, not broken, and turning clients
+        away or restarting would lose the work in flight. (A group busy with nothing to show for it
+        is a stall: no token for anyone, which counts here and in _stall.)"""
+        generation, attempts, failures = self._group_generation, self.cfg.canary_retries + 1, 0
+        while failures < attempts:
+            started = time.monotonic()
             outcome = await self._canary(timeout)
             if outcome in ("ok", "lost") or generation != self._group_generation or self._doomed:
                 return  # answered, or the group is already being restarted for another reason
-            self.health.canary_failures = attempt
-            if time.monotonic() - self._last_progress < timeout:
-                # Real requests got tokens meanwhile: the group is busy, not broken. A slow canary on a
-                # loaded host must not turn clients away; the retry decides.
-                log.warning("canary %s (%d/%d) while requests are making progress: retrying", outcome,
-                            attempt, attempts)
+            if outcome.startswith(TIMED_OUT) and self._served_at > started:
+                failures = self.health.canary_failures = 0   # not in a row any more: counting starts over
+                log.warning("canary %s while requests are making progress: not counted, retrying", outcome)
                 continue
+            failures = self.health.canary_failures = failures + 1
             # Honest meanwhile: a group that answers neither its canary nor anyone else is not ready.
             # Requests already waiting stay (a restart, if it comes, fails them).
-            self._set_phase("not_ready", f"canary {outcome} ({attempt}/{attempts})")
+            self._set_phase("not_ready", f"canary {outcome} ({failures}/{attempts})")
         await self._restart(f"canary failed {attempts} times in a row (last: {self.health.reason})")
 
     async def _canary(self, timeout: float) -> str:
-        """One canary generation: "ok", "lost" (the group went away), or what went wrong."""
+        """One canary generation: "ok", "lost" (the group went away), or what went wrong (a timeout
+        starts with TIMED_OUT)."""
         started = time.monotonic()
         request = GenerationRequest(input_ids=self.canary_ids, max_tokens=2)
         try:
@@ -361,7 +378,7 @@ class Supervisor:
             return "lost"
         except TimeoutError:
             log.warning("canary timed out after %gs", timeout)
-            return f"timed out after {timeout:g}s"
+            return f"{TIMED_OUT} after {timeout:g}s"
         if not tokens:
             return "returned no token"
         self.health.last_canary_s = time.monotonic() - started
@@ -430,6 +447,8 @@ class Supervisor:
                 queue.put_nowait(RequestFailed(msg["message"]))
         elif kind in ("token", "done"):
             self._last_progress = time.monotonic()
+            if not is_canary(msg["id"]):   # the canary's own tokens show nobody else is served
+                self._served_at = self._last_progress
             queue = self._pending.get(msg["id"])
             if queue is not None:
                 queue.put_nowait(Event("token", token=msg["token"], logprob=msg.get("logprob"),
@@ -449,14 +468,16 @@ class Supervisor:
             raise EngineUnavailable(self.health.reason)
         if self._driver is None:
             raise EngineUnavailable(self.health.reason)
-        if not canary and len(self._pending) >= self.max_queue:
-            raise QueueFull(f"{len(self._pending)} requests waiting (limit {self.max_queue})")
-        request_id = uuid.uuid4().hex
+        if not canary and (waiting := self._real_pending()) >= self.max_queue:
+            raise QueueFull(f"{waiting} requests waiting (limit {self.max_queue})")
+        request_id = (CANARY_ID if canary else "") + uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         self._pending[request_id] = queue
         if len(self._pending) == 1:  # the stall clock starts when work arrives
             self._last_progress = time.monotonic()
-        self._driver.write(encode({"type": "generate", "id": request_id, **request.__dict__}))
+        # priority: the driver admits the canary before the requests waiting (see control.py).
+        self._driver.write(encode({"type": "generate", "id": request_id, **request.__dict__,
+                                   "priority": canary}))
         finished = False
         try:
             while True:
@@ -471,6 +492,11 @@ class Supervisor:
             self._pending.pop(request_id, None)
             if not finished:  # the client left, a stop string matched, or a deadline passed
                 await self.cancel(request_id)
+
+    def _real_pending(self) -> int:
+        """Requests waiting or running, canaries aside: a canary, now sent under load too, must not
+        take a client's place in the queue."""
+        return sum(1 for request_id in self._pending if not is_canary(request_id))
 
     @property
     def queue_depth(self) -> int:

@@ -105,11 +105,13 @@ class Stream:
     outcome: str = "running"   # done | error:<code> | cut (closed without either) | http <status> | exception:<type>
     ended_at: float | None = None
     started: threading.Event = field(default_factory=threading.Event)
+    timeout: float = 30         # httpx's, per read: a request queued behind others waits for its first byte
+    finish_reason: str | None = None
 
     def run(self, url: str, body: dict) -> None:
         try:
             with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True},
-                              timeout=30) as r:
+                              timeout=self.timeout) as r:
                 if r.status_code != 200:
                     self.outcome = f"http {r.status_code}"
                     return
@@ -129,6 +131,8 @@ class Stream:
             event = json.loads(line[len("data: "):])
             if "error" in event:
                 return f"error:{event['error']['code']}"
+            for choice in event.get("choices", []):   # the usage chunk has none
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
             self.started.set()
         return "cut"
 
