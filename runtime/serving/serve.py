@@ -19,6 +19,7 @@ from runtime.paths import model_dir_for
 from runtime.planning.spec import Spec, load_spec
 
 if TYPE_CHECKING:     # imported when serving starts: the CLI's other commands need none of it
+    from runtime.engine.external import ExternalEngine, ExternalEngineConfig
     from runtime.serving.supervisor import Supervisor
 
 log = logging.getLogger("herd.serve")
@@ -113,8 +114,8 @@ def add_serve(sub) -> None:
     p.add_argument("--tls-keyfile", help="its private key (PEM, mode 0600)")
     p.add_argument("--state-dir", default=None, help="pid files and logs of this node (default .herd)")
     p.add_argument("--max-restarts", type=count, default=3,
-                   help="worker group restarts allowed within --restart-window; when spent, herd serve "
-                        "exits with code 75 so its service manager starts it afresh")
+                   help="worker group (or engine) restarts allowed within --restart-window; when spent, "
+                        "herd serve exits with code 75 so its service manager starts it afresh")
     p.add_argument("--restart-window", type=positive_float, default=300.0,
                    help="seconds over which restarts count against --max-restarts (default 300)")
     p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between canaries (idle or busy)")
@@ -122,7 +123,7 @@ def add_serve(sub) -> None:
                    help="seconds a canary may take before it counts as failed (not while other "
                         "requests are getting tokens: that group is busy, not broken)")
     p.add_argument("--canary-retries", type=count, default=2,
-                   help="failed canaries retried before the worker group restarts")
+                   help="failed canaries retried before the worker group (or engine) restarts")
     p.add_argument("--decode", choices=["continuous", "static"],
                    help="continuous batching, or a static KV cache whose decode step is a CUDA graph")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -171,10 +172,8 @@ def cmd_serve(args) -> int:
     if args.engine_cmd or (spec and spec.serving.engine == "vllm"):
         external = _external_config(args, spec, model_dir, name, api_key)
         if args.role == "worker":  # a headless vLLM node: supervised, no front
-            asyncio.run(_supervise_only(external))
-        else:
-            asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
-        return 0
+            return exit_code(asyncio.run(_supervise_only(external)))
+        return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls)))
     if cfg.is_head:
         supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls))
     else:
@@ -201,9 +200,10 @@ def _uvicorn_config(app, host: str, port: int, tls):
                           **(tls.uvicorn_args() if tls else {}))
 
 
-def exit_code(supervisor) -> int:
+def exit_code(supervisor: Supervisor | ExternalEngine) -> int:
     """0 after a requested stop; EXIT_RESTARTS_SPENT, with its reason as the last line on stderr, when
-    the worker group kept failing (the service manager or the local keeper starts herd serve again)."""
+    the worker group (or the external engine) kept failing (the service manager or the local keeper
+    starts herd serve again)."""
     from runtime.serving.supervisor import EXIT_RESTARTS_SPENT
     if not supervisor.gave_up.is_set():
         return 0
@@ -211,7 +211,7 @@ def exit_code(supervisor) -> int:
     return EXIT_RESTARTS_SPENT
 
 
-async def _until_stopped_or_given_up(supervisor, stopped) -> None:
+async def _until_stopped_or_given_up(supervisor: Supervisor | ExternalEngine, stopped: asyncio.Task) -> None:
     """Wait for `stopped` (a task: the HTTP server ending, or a signal) or for the supervisor giving up."""
     gave_up = asyncio.create_task(supervisor.gave_up.wait())
     await asyncio.wait({stopped, gave_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -260,14 +260,12 @@ def _serve_own_engine(args, spec) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _announce(tls)
     external = _external_config(args, spec, None, name, api_key)
-    asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
-    return 0
+    return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls)))
 
 
-def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str | None):
+def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str | None) -> ExternalEngineConfig:
     import shlex
 
-    from runtime.engine.external import ExternalEngineConfig
     from runtime.engine.vllm import ENGINE_PORT, engine_argv, vllm_launch
     if args.engine_url:
         url = args.engine_url
@@ -277,8 +275,7 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
     else:
         url = f"http://127.0.0.1:{ENGINE_PORT}"
     if args.engine_cmd:
-        return ExternalEngineConfig(argv=shlex.split(args.engine_cmd), engine_url=url, served_model_name=name,
-                                    max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+        return _supervised(args, shlex.split(args.engine_cmd), url, name, {})
     from runtime.planning.plan_spec import request_from_spec
     from runtime.planning.planner import plan
     head_addr = args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else "127.0.0.1"
@@ -293,9 +290,16 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
         env["VLLM_HOST_IP"] = args.node_addr
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = api_key or ""
-    argv = engine_argv(node.argv)
+    return _supervised(args, engine_argv(node.argv), url, name, env)
+
+
+def _supervised(args, argv: list[str], url: str, name: str, env: dict[str, str]) -> ExternalEngineConfig:
+    """The engine's command, under the same restart budget and canary flags as herd's own engine."""
+    from runtime.engine.external import ExternalEngineConfig
     return ExternalEngineConfig(argv=argv, engine_url=url, served_model_name=name, env=env,
-                                max_restarts=args.max_restarts, canary_interval_s=args.canary_interval)
+                                max_restarts=args.max_restarts, restart_window_s=args.restart_window,
+                                canary_interval_s=args.canary_interval, canary_timeout_s=args.canary_timeout,
+                                canary_retries=args.canary_retries)
 
 
 def engine_description(argv: list[str]) -> str:
@@ -316,8 +320,8 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-async def _supervise_only(external) -> None:
-    """A worker node's engine: restarted when it exits (bounded, with backoff), stopped on SIGTERM."""
+async def _supervise_only(external: ExternalEngineConfig) -> ExternalEngine:
+    """A worker node's engine: restarted when it exits (within the budget), stopped on SIGTERM."""
     from runtime.engine.external import ExternalEngine
     engine = ExternalEngine(external)
     stop = asyncio.Event()
@@ -325,11 +329,15 @@ async def _supervise_only(external) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await engine.start(front=False)
-    await stop.wait()
+    stopped = asyncio.create_task(stop.wait())
+    await _until_stopped_or_given_up(engine, stopped)
+    stopped.cancel()
     await engine.stop()
+    return engine
 
 
-async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key, tls=None) -> None:
+async def _serve_external(external: ExternalEngineConfig, host: str, port: int, name: str, max_len: int,
+                          api_key, tls=None) -> ExternalEngine:
     import uvicorn
 
     from runtime.engine.external import ExternalEngine
@@ -343,10 +351,16 @@ async def _serve_external(external, host: str, port: int, name: str, max_len: in
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await engine.start()
     log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])
+    serving = asyncio.create_task(server.serve())
     try:
-        await server.serve()
+        await _until_stopped_or_given_up(engine, serving)
+        if not serving.done():  # gave up: requests were failed already; close the front, then exit
+            server.should_exit = True
+        await serving  # and raise whatever ended it, if anything did
     finally:
         await engine.stop()
+        log.info("stopped")
+    return engine
 
 
 async def _serve_worker(cfg: LaunchConfig):

@@ -258,11 +258,15 @@ def test_each_node_supervises_its_own_vllm_command(tmp_path, monkeypatch):
     from runtime.serving.serve import _external_config
     spec = spec_from("aws-p4de-405b-bf16-2node.yaml", **{"aws.instance_type": "p5.48xlarge"})
     args = SimpleNamespace(engine_url=None, engine_cmd=None, rdzv_endpoint="10.0.0.1:29400", node_addr="10.0.0.2",
-                           node_rank=1, max_restarts=3, canary_interval=10.0)
+                           node_rank=1, max_restarts=3, restart_window=120.0, canary_interval=10.0,
+                           canary_timeout=7.0, canary_retries=4)
     worker = _external_config(args, spec, "/models/m", "m", api_key="secret")
     flags = check_against_help(worker.argv)
     assert flags["--node-rank"] == "1" and "--headless" in flags and flags["--master-addr"] == "10.0.0.1"
     assert worker.env["VLLM_HOST_IP"] == "10.0.0.2" and "VLLM_API_KEY" not in worker.env
+    # The supervision flags reach the engine's supervisor, as they reach herd's own.
+    assert (worker.max_restarts, worker.restart_window_s, worker.canary_interval_s, worker.canary_timeout_s,
+            worker.canary_retries) == (3, 120.0, 10.0, 7.0, 4)
     head = _external_config(SimpleNamespace(**{**vars(args), "node_rank": 0, "node_addr": "10.0.0.1"}),
                             spec, "/models/m", "m", api_key="secret")
     assert "--headless" not in head.argv and head.env["VLLM_API_KEY"] == "secret"
