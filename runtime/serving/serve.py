@@ -172,13 +172,20 @@ def cmd_serve(args) -> int:
         if args.role == "worker":  # a headless vLLM node: supervised, no front
             asyncio.run(_supervise_only(external))
         else:
-            asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
+            asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls, _guard(spec)))
         return 0
     if cfg.is_head:
-        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls))
+        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls,
+                                             _guard(spec)))
     else:
         supervisor = asyncio.run(_serve_worker(cfg))
     return exit_code(supervisor)
+
+
+def _guard(spec):
+    """serving.guard's settings for the head's front (None without one); its API key is read here."""
+    from runtime.serving.guard import guard_settings
+    return guard_settings(spec)
 
 
 def _announce(tls) -> None:
@@ -218,7 +225,7 @@ async def _until_stopped_or_given_up(supervisor, stopped) -> None:
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
-                      max_queue: int | None, tls=None) -> Supervisor:
+                      max_queue: int | None, tls=None, guard=None) -> Supervisor:
     import uvicorn
 
     from runtime.serving.metrics import Metrics
@@ -231,7 +238,7 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
     supervisor = Supervisor(cfg, pad_id=codec.pad_id, canary_ids=canary, max_queue=max_queue)
     metrics = Metrics()
     supervisor.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
-    app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics)
+    app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await supervisor.start()
     log.info("serving %s on %s (%d ranks)", name, _url(host, port, tls), cfg.world_size)
@@ -259,7 +266,7 @@ def _serve_own_engine(args, spec) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _announce(tls)
     external = _external_config(args, spec, None, name, api_key)
-    asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls))
+    asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls, _guard(spec)))
     return 0
 
 
@@ -303,7 +310,8 @@ async def _supervise_only(external) -> None:
     await engine.stop()
 
 
-async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key, tls=None) -> None:
+async def _serve_external(external, host: str, port: int, name: str, max_len: int, api_key, tls=None,
+                          guard=None) -> None:
     import uvicorn
 
     from runtime.engine.external import ExternalEngine
@@ -312,7 +320,7 @@ async def _serve_external(external, host: str, port: int, name: str, max_len: in
     engine = ExternalEngine(external)
     metrics = Metrics()
     engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
-    app = create_proxy_app(engine, ServerConfig(name, max_len, api_key), metrics)
+    app = create_proxy_app(engine, ServerConfig(name, max_len, api_key), metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await engine.start()
     log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])
