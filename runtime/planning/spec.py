@@ -131,6 +131,65 @@ class TlsSection(Strict):
         return self
 
 
+GuardScreen = Literal["prompt", "answer"]
+
+
+class GuardSection(Strict):
+    """A guard model that screens the traffic at herd's front (runtime/serving/guard.py): a Llama Guard
+    3-style model behind an OpenAI-compatible /v1/chat/completions, answering `safe`, or `unsafe` and a
+    line of category codes (S1..S14). The guard is given by `url`: an endpoint served apart from herd
+    (e.g. `vllm serve meta-llama/Llama-Guard-3-8B` on the head or another host), reachable from every
+    head that serves. Not built yet: herd serving the guard itself (`model`/`source`: a second vLLM on
+    the head, its memory counted by the planner next to the served model's); those keys are refused
+    with that said, rather than read as unknown."""
+    url: str | None = Field(default=None, description="the guard's OpenAI-compatible server, such as "
+                            "http://127.0.0.1:8200 (herd posts to its /v1/chat/completions)")
+    model: str | None = Field(default=None, description="not built yet: a guard herd serves itself")
+    source: str | None = Field(default=None, description="not built yet: the weights of a guard herd serves")
+    served_model_name: str | None = Field(default=None, description="the name the guard serves under "
+                                          "(default: the first model its /v1/models lists)")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the guard's "
+                                    "API key, when it has one")
+    # Prompts only by default: screening answers holds a streamed answer back until it is complete.
+    screen: Annotated[list[GuardScreen], Field(min_length=1)] = Field(default=["prompt"],
+                                                                      description="prompt, answer or both")
+    on_error: Literal["closed", "open"] = Field(default="closed", description="a guard that is down, times "
+                                                "out or answers something unparsable: closed refuses the "
+                                                "request (503), open lets it through unscreened (logged, counted)")
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        from urllib.parse import urlsplit
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an http:// or https:// URL of the guard's server, such as "
+                             "http://127.0.0.1:8200")
+        return value
+
+    @field_validator("screen")
+    @classmethod
+    def _screen(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("names prompt or answer twice (allowed: [prompt], [answer], [prompt, answer])")
+        return values
+
+    @model_validator(mode="after")
+    def _served_by(self):
+        built_in = "model" if self.model is not None else "source" if self.source is not None else None
+        if built_in is not None:
+            raise ValueError(f"serving.guard.{built_in}: a guard herd serves itself (a second vLLM on the head) "
+                             "is not built yet; serve the guard apart (e.g. vllm serve "
+                             "meta-llama/Llama-Guard-3-8B) and give serving.guard.url")
+        if self.url is None:
+            raise ValueError("serving.guard.url: required (the guard's OpenAI-compatible server, such as "
+                             "http://127.0.0.1:8200)")
+        return self
+
+
 class ServingSection(Strict):
     engine: Engine = "transformers"
     # transformers engine: continuous batching, or a static KV cache with CUDA-graph decode (GPUs).
@@ -144,6 +203,8 @@ class ServingSection(Strict):
     monitoring: bool = False
     served_model_name: str | None = None
     tls: TlsSection = TlsSection()
+    guard: GuardSection | None = Field(default=None, description="a guard model screening prompts "
+                                      "and answers at the front (none by default)")
 
     @field_validator("host")
     @classmethod

@@ -72,6 +72,10 @@ class Metrics:
         # Only registered once an external engine is scraped: herd's own engine has no such thing.
         self._engine_up: Gauge | None = None
         self._engine_seconds: Gauge | None = None
+        # Registered by enable_guard, when the front screens with a guard model.
+        self._guard_seconds: Histogram | None = None
+        self._guard_verdicts: Counter | None = None
+        self._guard_categories: Counter | None = None
         self._restart_count = 0
         self._render_lock = threading.Lock()   # /metrics renders in worker threads
         if gpu:
@@ -92,6 +96,35 @@ class Metrics:
 
     def loop_lag(self, seconds: float) -> None:
         self._loop_lag.observe(max(0.0, seconds))
+
+    def enable_guard(self, screens: tuple[str, ...], categories: tuple[str, ...]) -> None:
+        """The guard's families, with a 0 for every screen, outcome and category from the start (a
+        dashboard's rate() of a verdict that never occurred is then 0, not absent)."""
+        r = self.registry
+        self._guard_seconds = Histogram("herd_guard_seconds", "Time one guard screening took (its HTTP call, "
+                                        "failures included), by what was screened.", ["screen"],
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self._guard_verdicts = Counter("herd_guard_verdicts", "Guard screenings by what was screened and "
+                                       "outcome: safe, unsafe, or error (down, timed out, unparsable; "
+                                       "refused or passed as serving.guard.on_error says).",
+                                       ["screen", "outcome"], registry=r)
+        self._guard_categories = Counter("herd_guard_flagged_categories", "Categories named by unsafe "
+                                         "verdicts (S1..S14; other for a code outside that list).",
+                                         ["screen", "category"], registry=r)
+        for screen in screens:
+            self._guard_seconds.labels(screen=screen)
+            for outcome in ("safe", "unsafe", "error"):
+                self._guard_verdicts.labels(screen=screen, outcome=outcome)
+            for category in categories:
+                self._guard_categories.labels(screen=screen, category=category)
+
+    def guard_screened(self, screen: str, seconds: float, outcome: str, categories: tuple[str, ...] = ()) -> None:
+        if self._guard_seconds is None or self._guard_verdicts is None or self._guard_categories is None:
+            return   # a guard used without enable_guard: nothing to count into
+        self._guard_seconds.labels(screen=screen).observe(seconds)
+        self._guard_verdicts.labels(screen=screen, outcome=outcome).inc()
+        for category in categories:
+            self._guard_categories.labels(screen=screen, category=category).inc()
 
     @property
     def restarts(self) -> int:

@@ -173,12 +173,20 @@ def cmd_serve(args) -> int:
         external = _external_config(args, spec, model_dir, name, api_key)
         if args.role == "worker":  # a headless vLLM node: supervised, no front
             return exit_code(asyncio.run(_supervise_only(external)))
-        return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls)))
+        return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls,
+                                                     _guard(spec))))
     if cfg.is_head:
-        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls))
+        supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls,
+                                             _guard(spec)))
     else:
         supervisor = asyncio.run(_serve_worker(cfg))
     return exit_code(supervisor)
+
+
+def _guard(spec):
+    """serving.guard's settings for the head's front (None without one); its API key is read here."""
+    from runtime.serving.guard import guard_settings
+    return guard_settings(spec)
 
 
 def _announce(tls) -> None:
@@ -219,7 +227,7 @@ async def _until_stopped_or_given_up(supervisor: Supervisor | ExternalEngine, st
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
-                      max_queue: int | None, tls=None) -> Supervisor:
+                      max_queue: int | None, tls=None, guard=None) -> Supervisor:
     import uvicorn
 
     from runtime.serving.metrics import Metrics
@@ -232,7 +240,7 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
     supervisor = Supervisor(cfg, pad_id=codec.pad_id, canary_ids=canary, max_queue=max_queue)
     metrics = Metrics()
     supervisor.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
-    app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics)
+    app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await supervisor.start()
     log.info("serving %s on %s (%d ranks)", name, _url(host, port, tls), cfg.world_size)
@@ -260,7 +268,7 @@ def _serve_own_engine(args, spec) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _announce(tls)
     external = _external_config(args, spec, None, name, api_key)
-    return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls)))
+    return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls, _guard(spec))))
 
 
 def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str | None) -> ExternalEngineConfig:
@@ -337,7 +345,7 @@ async def _supervise_only(external: ExternalEngineConfig) -> ExternalEngine:
 
 
 async def _serve_external(external: ExternalEngineConfig, host: str, port: int, name: str, max_len: int,
-                          api_key, tls=None) -> ExternalEngine:
+                          api_key, tls=None, guard=None) -> ExternalEngine:
     import uvicorn
 
     from runtime.engine.external import ExternalEngine
@@ -347,7 +355,7 @@ async def _serve_external(external: ExternalEngineConfig, host: str, port: int, 
     metrics = Metrics()
     engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
     app = create_proxy_app(engine, ServerConfig(name, max_len, api_key, engine=engine_description(external.argv)),
-                           metrics)
+                           metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
     await engine.start()
     log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])

@@ -24,6 +24,7 @@ from starlette.routing import Match
 
 from runtime.serving.api_models import ChatBody, CompletionBody, SamplingFields, error_responses, refused_fields
 from runtime.engine.request import GenerationRequest
+from runtime.serving.guard import Guard, GuardRefusal, GuardSettings
 from runtime.serving.metrics import CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
 from runtime.serving.supervisor import EngineUnavailable, QueueFull, RequestFailed
 from runtime.serving.text import Detokenizer, StopStrings, TextCodec
@@ -133,13 +134,15 @@ async def _watch_loop_lag(metrics: Metrics, every_s: float = 0.1) -> None:
 
 
 # ------------------------------------------------------------------ the front every engine shares
-def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
+def _front(backend, cfg: ServerConfig, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
     """Errors, API key, body limit, health and metrics: the same whatever engine is behind."""
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         lag = asyncio.get_running_loop().create_task(_watch_loop_lag(metrics))
         yield
         lag.cancel()
+        if guard is not None:
+            await guard.aclose()
 
     app = FastAPI(title="herd", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan,
                   description="OpenAI-compatible API of one herd serving group, with honest health "
@@ -149,6 +152,10 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         return err.response()
+
+    @app.exception_handler(GuardRefusal)
+    async def _guard_refusal(request: Request, err: GuardRefusal):
+        return ApiError(err.status, err.message, err.kind, err.param, err.code).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -171,6 +178,8 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics) -> FastAPI:
                       "control_rejected"):
             if hasattr(h, extra):
                 body[extra] = getattr(h, extra)
+        if guard is not None:   # shown, never part of readiness: a guard failing open still serves
+            body["guard"] = guard.health()
         return body
 
     @app.get("/health/live", tags=["health"])
@@ -202,9 +211,20 @@ def not_ready_error(reason: str) -> ApiError:
 
 
 # ------------------------------------------------------------------ herd's own engine
-def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+@dataclass
+class _Answer:
+    """A whole answer, before it goes out (non-streamed, or held back for the guard)."""
+    text: str | None            # None: withheld by the guard
+    finish_reason: str | None
+    count: int
+    events: list
+
+
+def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | None = None,
+               guard: GuardSettings | None = None) -> FastAPI:
     metrics = metrics or Metrics()
-    app = _front(backend, cfg, metrics)
+    screener = Guard(guard, metrics) if guard is not None else None
+    app = _front(backend, cfg, metrics, screener)
     vocab = len(codec.tokenizer)
 
     # ---------------- OpenAI API
@@ -351,24 +371,34 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                 task.cancel()
         return parts, reason, count
 
-    async def _respond(request: Request, body: SamplingFields, req: GenerationRequest, chat: bool):
+    async def _screened(conversation: list[dict], answer: _Answer) -> _Answer:
+        """The answer, or the answer withheld (finish_reason content_filter) when the guard flags it."""
+        if screener is None or not screener.settings.screen_answers or answer.text is None:
+            return answer
+        verdict = await screener.answer_verdict(conversation, answer.text)
+        if verdict is None or verdict.safe:
+            return answer
+        return _Answer(None, "content_filter", answer.count, [])
+
+    async def _respond(request: Request, body: SamplingFields, req: GenerationRequest, chat: bool,
+                       conversation: list[dict]):
         first, events = await _start(req)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        if not body.stream:
+        # Screening answers holds a stream back until the answer is whole and screened, then sends it
+        # as one stream: what the client sees was screened, and a client that always streams (most chat
+        # front ends do) keeps working, at the cost of its time to first token. Refusing stream with
+        # answer screening would break those clients; screening chunk by chunk would send text the
+        # guard had not seen in context (Llama Guard judges a whole answer).
+        held = screener is not None and screener.settings.screen_answers
+        answer = None
+        if not body.stream or held:
             ids: list = []
             parts, reason, count = await _collect(request, req, body, first, events, ids)
-            text = "".join(parts)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                       "logprobs": None}
-                      if chat else {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-            if body.return_token_ids:
-                choice["token_ids"] = [e.token for e in ids]
-            if body.top_n is not None:
-                choice["logprobs"] = _logprobs_body([e for e in ids if e.token not in req.stop_token_ids], chat)
-            return {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
-                    "choices": [choice], "usage": _usage(len(req.input_ids), count)}
+            answer = await _screened(conversation, _Answer("".join(parts), reason, count, ids))
+        if not body.stream and answer is not None:
+            return _whole(answer, body, req, chat, rid, created, obj)
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -385,6 +415,14 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         def error_event(message: str, kind: str, code: str) -> str:
             return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'param': None, 'code': code}})}\n\n"
 
+        def ending(count: int):
+            if include_usage:
+                usage = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
+                         "model": cfg.served_model_name, "choices": [],
+                         "usage": _usage(len(req.input_ids), count)}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+
         async def sse():
             count = 0
             if chat:
@@ -399,15 +437,36 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
             except RequestFailed as err:
                 yield error_event(f"generation failed for this request: {err}", "server_error", "request_failed")
                 return
-            if include_usage:
-                usage = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created,
-                         "model": cfg.served_model_name, "choices": [],
-                         "usage": _usage(len(req.input_ids), count)}
-                yield f"data: {json.dumps(usage)}\n\n"
-            yield "data: [DONE]\n\n"
+            for event in ending(count):
+                yield event
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
+        async def replay(held: _Answer):
+            if chat:
+                yield chunk(None, None, role=True)
+            if held.text:
+                yield chunk(held.text, None)
+            yield chunk(None, held.finish_reason)
+            for event in ending(held.count):
+                yield event
+
+        return StreamingResponse(sse() if answer is None else replay(answer), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _whole(answer: _Answer, body: SamplingFields, req: GenerationRequest, chat: bool, rid: str,
+               created: int, obj: str) -> dict:
+        """A non-streamed answer's body; a withheld one has no content, logprobs nor token ids."""
+        withheld = answer.text is None
+        choice = ({"index": 0, "message": {"role": "assistant", "content": answer.text},
+                   "finish_reason": answer.finish_reason, "logprobs": None}
+                  if chat else {"index": 0, "text": answer.text or "", "finish_reason": answer.finish_reason,
+                                "logprobs": None})
+        if body.return_token_ids:
+            choice["token_ids"] = [e.token for e in answer.events]
+        if body.top_n is not None and not withheld:
+            choice["logprobs"] = _logprobs_body([e for e in answer.events if e.token not in req.stop_token_ids],
+                                                chat)
+        return {"id": rid, "object": obj, "created": created, "model": cfg.served_model_name,
+                "choices": [choice], "usage": _usage(len(req.input_ids), answer.count)}
 
     generation_errors = error_responses(400, 401, 404, 413, 429, 500, 503)
     stream_doc = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events "
@@ -424,7 +483,12 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
                 raise ApiError(400, f"prompt: token ids must lie in 0..{vocab - 1}", param="prompt")
         else:
             ids = await asyncio.to_thread(codec.encode, text)   # off the event loop
-        return await _respond(request, body, _request(ids, body, body.max_tokens), chat=False)
+        req = _request(ids, body, body.max_tokens)
+        # Token ids are screened as the text they decode to.
+        conversation = [{"role": "user", "content": text if text is not None else codec.decode(ids)}]
+        if screener is not None and screener.settings.screen_prompts:
+            await screener.screen_prompt(conversation, param="prompt")
+        return await _respond(request, body, req, chat=False, conversation=conversation)
 
     @app.post("/v1/chat/completions", tags=["openai"], response_model=None,
               responses={200: {"model": ChatCompletion, "content": stream_doc}, **generation_errors})
@@ -436,8 +500,10 @@ def create_app(backend, codec: TextCodec, cfg: ServerConfig, metrics: Metrics | 
         except Exception as err:  # the model's template rejects the conversation (roles, order)
             raise ApiError(400, f"messages: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__}",
                            param="messages") from None
-        return await _respond(request, body, _request(ids, body, body.max_completion_tokens or body.max_tokens),
-                              chat=True)
+        req = _request(ids, body, body.max_completion_tokens or body.max_tokens)
+        if screener is not None and screener.settings.screen_prompts:   # before the engine sees it
+            await screener.screen_prompt(messages, param="messages")
+        return await _respond(request, body, req, chat=True, conversation=messages)
 
     return app
 
@@ -447,15 +513,27 @@ def _failed(err: RequestFailed) -> ApiError:
 
 
 # ------------------------------------------------------------------ an engine in its own process
-def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None,
+                     guard: GuardSettings | None = None) -> FastAPI:
     """herd's front before an external engine (vLLM): same health, metrics and key; /v1 forwarded."""
     from fastapi.responses import Response
 
     from runtime.engine.external import EngineLost
+    from runtime.serving import guard_relay
     from runtime.serving.metrics import GENERATION_PATHS, RelayedGeneration
     metrics = metrics or Metrics()
-    app = _front(engine, cfg, metrics)
+    screener = Guard(guard, metrics) if guard is not None else None
+    app = _front(engine, cfg, metrics, screener)
     passed_headers = ("content-type", "accept", "authorization")
+
+    async def screened(method: str, path: str, body: bytes) -> guard_relay.ScreenedRequest | None:
+        """The request as the guard sees it, its prompt screened; None without a guard or for a GET."""
+        if screener is None:
+            return None
+        request = guard_relay.screened_request(method, path, body)
+        if request is not None and screener.settings.screen_prompts:
+            await screener.screen_prompt(request.messages, request.param)
+        return request
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def forward(path: str, request: Request):
@@ -463,13 +541,22 @@ def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) 
         if not engine.health.ready:
             raise not_ready_error(engine.health.reason)
         headers = {k: v for k, v in request.headers.items() if k.lower() in passed_headers}
+        body = await request.body()
+        asked = await screened(request.method, f"/v1/{path}", body)   # a flagged prompt stops here
+        # The answers the guard reads: plain (not compressed), and only the engine's successes.
+        screen_answer = asked is not None and screener is not None and screener.settings.screen_answers
+        if screen_answer:
+            headers["accept-encoding"] = "identity"
         try:
-            status, out_headers, chunks = await engine.forward(request.method, f"/v1/{path}", headers,
-                                                               await request.body())
+            status, out_headers, chunks = await engine.forward(request.method, f"/v1/{path}", headers, body)
         except httpx.TransportError as err:
             raise ApiError(503, f"engine unreachable ({type(err).__name__})", "service_unavailable",
                            code="engine_lost") from None
         media = out_headers.get("content-type", "application/json")
+        screen_answer = screen_answer and status == 200
+        if screen_answer and out_headers.get("content-encoding"):
+            raise ApiError(502, f"the engine's answer is {out_headers['content-encoding']}-encoded; the guard "
+                                "screens plain answers only (withheld)", "server_error", code="guard_unscreenable")
         # herd's request histograms for the generations the engine answers (what herd's own engine
         # records itself); a compressed body is relayed as it is, and not read.
         meter = (RelayedGeneration(metrics, started)
@@ -483,6 +570,8 @@ def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) 
             if meter is not None:
                 meter.body(data)
                 meter.close()
+            if screen_answer and asked is not None and screener is not None:
+                data = await guard_relay.screen_json_answer(screener, asked, data)
             return Response(data, status_code=status, media_type=media)
 
         async def relay():
@@ -498,6 +587,12 @@ def create_proxy_app(engine, cfg: ServerConfig, metrics: Metrics | None = None) 
             finally:   # also when the client goes away mid-stream
                 if meter is not None:
                     meter.close()
+        if screen_answer and asked is not None and screener is not None:
+            # Held back until the answer is whole and screened, then sent at once: see _respond in
+            # create_app for why a screened stream is buffered rather than refused.
+            held = b"".join([chunk async for chunk in relay()])
+            return Response(await guard_relay.screen_stream(screener, asked, held), status_code=status,
+                            media_type=media, headers={"Cache-Control": "no-cache"})
         return StreamingResponse(relay(), status_code=status, media_type=media)
 
     return app

@@ -127,3 +127,35 @@ def test_onprem_replicas_with_a_balancer_load():
     lb = spec.onprem.load_balancer
     assert (lb.address, lb.user, lb.port, lb.listen_address, lb.listen_port, lb.pem_file) == \
         ("10.0.0.5", "root", 22, "0.0.0.0", 443, "/etc/herd/lb.pem")
+
+
+# ------------------------------------------------------------------ serving.guard
+def with_guard(guard_yaml: str) -> str:
+    assert "  port: 8000\n" in LOCAL
+    return LOCAL.replace("  port: 8000\n", f"  port: 8000\n  guard: {guard_yaml}\n")
+
+
+def test_a_guard_loads_with_its_defaults(tmp_path):
+    guard = load_spec(write(tmp_path, with_guard("{url: 'http://127.0.0.1:8200'}"))).serving.guard
+    assert guard is not None
+    assert (guard.url, guard.screen, guard.on_error, guard.timeout_s) == ("http://127.0.0.1:8200", ["prompt"],
+                                                                           "closed", 5.0)
+    assert load_spec(write(tmp_path, LOCAL)).serving.guard is None
+
+
+@pytest.mark.parametrize("guard, expected", [
+    ("{url: 'http://g:8200', on_error: half}", "serving.guard.on_error: 'half': Input should be 'closed' or 'open'"),
+    ("{url: 'http://g:8200', screen: [prompt, answr]}", "serving.guard.screen.1: 'answr': Input should be 'prompt' or "
+                                                         "'answer'"),
+    ("{url: 'http://g:8200', screen: [prompt, prompt]}", "serving.guard.screen: ['prompt', 'prompt']: names prompt"),
+    ("{url: 'http://g:8200', timeout_s: 0}", "serving.guard.timeout_s: 0: Input should be greater than 0"),
+    ("{url: 'g:8200'}", "serving.guard.url: 'g:8200': must be an http:// or https:// URL"),
+    ("{url: 'http://g:8200', sceen: [prompt]}", "serving.guard.sceen: unknown key; did you mean screen?"),
+    ("{screen: [prompt]}", "serving.guard.url: required"),
+    # herd serving the guard itself is not built: said so, with the way that works.
+    ("{model: meta-llama/Llama-Guard-3-8B}", "serving.guard.model: a guard herd serves itself (a second vLLM on the "
+                                             "head) is not built yet"),
+])
+def test_a_bad_guard_names_the_field_the_value_and_what_is_allowed(tmp_path, guard, expected):
+    message = error_of(write(tmp_path, with_guard(guard)))
+    assert expected in message, message
