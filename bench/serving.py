@@ -7,8 +7,13 @@ the same run, best of several interleaved rounds (these machines are noisy: comp
 2. Throughput at the defaults users get: 8 concurrent chats through herd (`dtype: auto`) against
    `transformers serve --continuous-batching` (its default `--dtype auto`), and both at float32.
 3. The event loop's lag (p99, from herd's own histogram) while 8 chats stream.
+4. engine: vllm (`--vllm`, vLLM's CPU build from `make vllm`): herd's front before vLLM against vLLM
+   direct (throughput of 8 chats and time to first token of one streamed chat), and herd's built-in
+   engine against vLLM (8 chats, same model, both bf16, same prompts and token counts). At least 5
+   rounds, interleaved, the side that goes first alternating; every round's figures and their spread
+   are reported beside the best.
 
-Usage: python bench/serving.py [--rounds 3] [--out bench/results/serving-MACHINE.txt]
+Usage: python bench/serving.py [--rounds 3] [--vllm [--only-vllm]] [--out bench/results/serving-MACHINE.txt]
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -40,6 +47,7 @@ CHATS = ["Write a short story about a robot who learns to paint.",
          "Describe the life cycle of a butterfly.",
          "Write a letter to a friend about a trip to the sea."]
 NEW_TOKENS = 64
+Side = TypeVar("Side")
 
 
 def free_port() -> int:
@@ -159,10 +167,108 @@ def lag_buckets(url: str) -> dict[float, float]:
     return out
 
 
+def ttft(url: str, model: str, text: str) -> float:
+    """Seconds to the first content token of one streamed chat."""
+    started = time.monotonic()
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line.replace(" ", "") \
+                    and '"content":""' not in line.replace(" ", ""):
+                return time.monotonic() - started
+    raise RuntimeError("no content token in the stream")
+
+
+def interleaved(sides: Mapping[str, Side], measure: Callable[[Side], float], rounds: int) -> dict[str, list[float]]:
+    """`measure(side)` for each side, `rounds` times, the side that goes first alternating each round."""
+    names = list(sides)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            out[name].append(measure(sides[name]))
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    ordered = sorted(values)
+    return {"min": round(ordered[0], 3), "median": round(ordered[len(ordered) // 2], 3), "max": round(ordered[-1], 3)}
+
+
+def herd_vllm_server(model_dir: Path, logs: Path) -> tuple[Server, str]:
+    """herd serve with engine vllm (environments/local-vllm.yaml on a free port), and vLLM's own URL."""
+    import yaml
+    port, engine_port = free_port(), free_port()
+    raw = yaml.safe_load((ROOT / "environments" / "local-vllm.yaml").read_text())
+    raw["serving"]["port"] = port
+    raw["local"]["state_dir"] = str(logs / "herd-vllm")
+    env_file = logs / "environments" / "local-vllm.yaml"
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    env_file.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "infra.cli", "serve", str(env_file), "--model-dir", str(model_dir),
+           "--engine-url", f"http://127.0.0.1:{engine_port}", "--canary-interval", "600",
+           "--state-dir", str(logs / "herd-vllm")]
+    server = Server(cmd, f"http://127.0.0.1:{port}", "/health/ready", logs / "herd-vllm.log")
+    return server, f"http://127.0.0.1:{engine_port}"
+
+
+def bench_vllm(model_dir: Path, logs: Path, rounds: int, emit) -> dict:
+    """4. herd's front before vLLM vs vLLM direct; herd's built-in engine vs vLLM, both bf16."""
+    from runtime.engine.vllm import installed_build, installed_version, vllm_venv
+    venv = vllm_venv()
+    emit({"case": "vLLM", "build": installed_build(venv), "version": installed_version(venv),
+          "dtype": "bfloat16 (vLLM's auto: the checkpoint's)", "threads": "vLLM's default (OMP, one per core)"})
+    front, direct = herd_vllm_server(model_dir, logs)
+    model = "smollm2-135m-instruct"
+    summary = {}
+    try:
+        sides = {"through herd's front": front.url, "vLLM direct": direct}
+        for url in sides.values():
+            concurrent_load(url, model)                            # warm up both paths
+        rates = interleaved(sides, lambda url: concurrent_load(url, model), rounds)
+        firsts = interleaved(sides, lambda url: ttft(url, model, CHATS[1]), rounds)
+        for name in sides:
+            emit({"case": f"vLLM {name}: 8 concurrent chats", "tok_per_s": [round(r, 1) for r in rates[name]],
+                  "spread": spread(rates[name])})
+            emit({"case": f"vLLM {name}: time to first token, one streamed chat", "s": [round(t, 3) for t in firsts[name]],
+                  "spread": spread(firsts[name])})
+        via, plain = rates["through herd's front"], rates["vLLM direct"]
+        per_round = [x / y for x, y in zip(via, plain)]
+        summary["front_vs_direct_throughput"] = (f"{max(via) / max(plain):.3f}x best/best; per round "
+                                                 f"{min(per_round):.3f}..{max(per_round):.3f} (goal >= 0.95)")
+        via, plain = firsts["through herd's front"], firsts["vLLM direct"]
+        per_round = [x / y for x, y in zip(via, plain)]
+        summary["front_vs_direct_ttft"] = (f"{min(via) / min(plain):.3f}x best/best; per round "
+                                           f"{min(per_round):.3f}..{max(per_round):.3f} (goal <= 1.05)")
+
+        herd = herd_server(model_dir, 1, logs, "bfloat16", "-vs-vllm")
+        try:
+            engines = {"herd built-in (TP 1, bf16)": (herd.url, "smollm2"), "vLLM (bf16)": (front.url, model)}
+            for url, name in engines.values():
+                concurrent_load(url, name)
+            both = interleaved(engines, lambda side: concurrent_load(*side), rounds)
+        finally:
+            herd.stop()
+        for name in engines:
+            emit({"case": f"{name}: 8 concurrent chats", "tok_per_s": [round(r, 1) for r in both[name]],
+                  "spread": spread(both[name])})
+        ratio = max(both["herd built-in (TP 1, bf16)"]) / max(both["vLLM (bf16)"])
+        per_round = [a / b for a, b in zip(both["herd built-in (TP 1, bf16)"], both["vLLM (bf16)"])]
+        faster = "herd's built-in engine" if ratio > 1 else "vLLM"
+        summary["builtin_vs_vllm"] = (f"{ratio:.2f}x best/best, per round {min(per_round):.2f}..{max(per_round):.2f}: "
+                                      f"{faster} is faster")
+    finally:
+        front.stop()
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--vllm", action="store_true", help="also measure engine: vllm (needs `make vllm`)")
+    parser.add_argument("--only-vllm", action="store_true", help="only the vLLM comparisons")
     args = parser.parse_args()
 
     import tokenizers
@@ -182,6 +288,10 @@ def main() -> int:
                      "model": "SmolLM2-135M-Instruct", "herd_auto_dtype": auto, "new_tokens": NEW_TOKENS,
                      "clients": len(CHATS), "rounds": args.rounds})
     emit = report.emit
+    if args.only_vllm:
+        emit({"summary": bench_vllm(model_dir, logs, max(5, args.rounds), emit)})
+        report.save(args.out)
+        return 0
 
     # 1. The front's overhead: herd's loop in-process vs through the server, same dtype (auto).
     engine = InProcessEngine(model_dir, auto)
@@ -233,6 +343,8 @@ def main() -> int:
         "herd_vs_peer_float32": f"{best['herd float32'] / best['peer float32']:.2f}x (goal >= 1)",
         "herd_default_vs_herd_float32": f"{best['herd default'] / best['herd float32']:.2f}x",
         "note": "best of the interleaved rounds per server"}})
+    if args.vllm:
+        emit({"summary": bench_vllm(model_dir, logs, max(5, args.rounds), emit)})
     report.save(args.out)
     return 0
 

@@ -36,6 +36,8 @@ from runtime.serving.processes import stop_group
 from runtime.serving.supervisor import Health, RestartBudget, die_with_parent
 
 log = logging.getLogger("herd.external")
+# vLLM's counters of tokens processed: while they move, the engine works (whatever its canary says).
+WORK_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 
 TRACEBACK = "Traceback (most recent call last):"
 
@@ -117,11 +119,17 @@ def summary_line(lines: list[str]) -> str | None:
 
 def _exception_line(after: list[str], prefix: str) -> str | None:
     """In the lines after `Traceback ...`: the first one not indented (frames and code are), which
-    is the exception; None when the tail ends inside the frames."""
-    for line in after:
-        body = line[len(prefix):] if prefix and line.startswith(prefix) else line
+    is the exception, with the indented lines that continue its message (pydantic's ValidationError
+    names what failed on the next line); None when the tail ends inside the frames."""
+    bodies = [line[len(prefix):] if prefix and line.startswith(prefix) else line for line in after]
+    for at, body in enumerate(bodies):
         if body.strip() and not body[0].isspace():
-            return body.strip()
+            message = [body.strip()]
+            for more in bodies[at + 1:]:
+                if not more[:1].isspace() or more.strip().startswith("For further information"):
+                    break
+                message.append(more.strip())
+            return _one_line(" ".join(message))
     return None
 
 
@@ -345,6 +353,7 @@ class ExternalEngine:
         """One canary, and what its outcome means; returns when the next one is due: after
         canary_interval_s when it answered, soon when it failed (a retry)."""
         launch = self._launches
+        work_before = await self._work_done()
         ok, why = await self._canary()
         now = time.monotonic()
         retry = now + min(1.0, self.cfg.canary_interval_s)
@@ -357,11 +366,13 @@ class ExternalEngine:
             self._loading(f"engine listening; canary {why}")
             await self._startup_overdue(f"did not answer its canary ({why})")
             return retry
-        if now - self._last_progress < self.cfg.canary_timeout_s:
-            # Requests got bytes from the engine meanwhile: it is busy, not broken. A slow canary on a
-            # loaded engine must neither turn clients away nor have it killed; the streak starts over.
+        if now - self._last_progress < self.cfg.canary_timeout_s or await self._worked_since(work_before):
+            # Requests got bytes from the engine meanwhile, or its own counters say it processed tokens
+            # (long non-streamed generations send no byte until they end): it is busy, not broken. A slow
+            # canary on a loaded engine must neither turn clients away nor have it killed; the streak
+            # starts over.
             self.health.canary_failures = 0
-            log.warning("canary %s while requests are receiving bytes from the engine: retrying", why)
+            log.warning("canary %s while the engine is busy with other requests: retrying", why)
             return retry
         return await self._canary_failed(why, retry)
 
@@ -386,6 +397,26 @@ class ExternalEngine:
             log.info("ready: canary answered in %.2fs", self.health.last_canary_s)
             self.health.phase, self.health.reason, self.health.loaded = "ready", "ready", 1
             self._previous_failure = None
+
+    async def _work_done(self) -> float | None:
+        """Tokens the engine says it has processed (vLLM's prompt and generation token counters, from its
+        /metrics), or None where it exposes none or does not answer: then no evidence of work."""
+        scrape = await self.scrape_metrics()
+        if scrape.text is None:
+            return None
+        total, found = 0.0, False
+        for line in scrape.text.splitlines():
+            if line.startswith(WORK_COUNTERS):
+                try:
+                    total += float(line.rsplit(" ", 1)[1])
+                    found = True
+                except (IndexError, ValueError):
+                    continue
+        return total if found else None
+
+    async def _worked_since(self, before: float | None) -> bool:
+        after = await self._work_done() if before is not None else None
+        return before is not None and after is not None and after > before
 
     async def _canary(self) -> tuple[bool, str]:
         started = time.monotonic()

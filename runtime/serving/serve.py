@@ -284,6 +284,7 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
         url = f"http://127.0.0.1:{ENGINE_PORT}"
     if args.engine_cmd:
         return _supervised(args, shlex.split(args.engine_cmd), url, name, {})
+    assert spec is not None, "engine vllm comes from a spec"   # cmd_serve: no --engine-cmd, so a spec
     from runtime.planning.plan_spec import request_from_spec
     from runtime.planning.planner import plan
     head_addr = args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else "127.0.0.1"

@@ -333,6 +333,56 @@ def test_an_engine_killed_under_a_stream_fails_it_and_comes_back(deployment):
     assert answer.choices[0].text
 
 
+def test_a_stopped_engine_core_fails_its_canaries_and_is_restarted(deployment):
+    """SIGSTOP: vLLM's API server still answers (its /metrics too), its engine core does nothing; the
+    canary times out with no token processed by anyone, and after the retries herd restarts vLLM."""
+    state = Path(deployment.spec.local.state_dir)
+    before = deployment.ready().json()
+    cores = engine_core_pids(state)
+    assert cores
+    for pid in cores:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for("/health/ready 503 once the canary times out", lambda: deployment.ready().status_code == 503,
+                 timeout=120)
+        assert "canary" in deployment.ready().json()["reason"]
+        back = wait_for("restarted and ready", lambda: deployment.ready().status_code == 200 and deployment.ready().json(),
+                        timeout=480)
+    finally:
+        for pid in cores:           # gone after the restart; harmless if not
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert back["restarts"] == before["restarts"] + 1
+    assert set(engine_core_pids(state)).isdisjoint(cores)
+    assert deployment.client.completions.create(model=deployment.model, prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_a_vllm_that_cannot_start_is_one_line_naming_vllm_s_own_error(deployment, tmp_path):
+    """A checkpoint whose architecture vLLM does not know: vLLM refuses it at start; herd serve reports
+    vLLM's own words in one line and, its restart budget spent, exits 75 for its service manager."""
+    source = model_dir_for(deployment.model)
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for item in source.iterdir():
+        if item.name != "config.json":
+            (broken / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    raw = yaml.safe_load(deployment.env_file.read_text())
+    raw["serving"]["port"] = free_port()
+    raw["local"]["state_dir"] = str(tmp_path / "state")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    done = run_herd("serve", str(bad), "--model-dir", str(broken), "--max-restarts", "0",
+                    "--state-dir", str(tmp_path / "state"), env={"HERD_VLLM_TEST_KEY": KEY}, timeout=300)
+    assert done.returncode == 75, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("herd serve: exiting 75:") and "NoSuchModelForCausalLM" in last, last
+
+
 def test_herd_down_leaves_no_process(deployment):
     state = Path(deployment.spec.local.state_dir)
     keeper = int((state / "serve.pid").read_text())
