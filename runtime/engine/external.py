@@ -279,8 +279,8 @@ class ExternalEngine:
         """Take a restart from the budget; returns the backoff to wait before starting again."""
         backoff = self.budget.take(now)
         self.health.restarts += 1
-        self.health.restarts_in_window = used = self.budget.recent(now)
-        of = f"{used}/{self.budget.limit} within {self.budget.window_s:g}s"
+        self.health.restarts_in_window = self.budget.recent(now)
+        of = self.budget.usage(now)
         log.warning("restarting the engine in %.1fs (restart %d, %s): %s", backoff, self.health.restarts, of, why)
         self.health.phase, self.health.reason = "restarting", f"{why}; restarting ({of})"
         if self.on_restart:
@@ -289,11 +289,7 @@ class ExternalEngine:
 
     def _give_up(self, why: str) -> None:
         """The budget is spent: fail everything in flight, say why in one line, and let serve exit."""
-        b = self.budget
-        failures = b.recent(time.monotonic()) + 1  # the restarts still counted, and this failure
-        self.exit_reason = _one_line(
-            f"restart budget spent: the engine failed {failures} time(s) within {b.window_s:g}s "
-            f"(--max-restarts {b.limit} per --restart-window {b.window_s:g}); last: {why}", limit=1000)
+        self.exit_reason = _one_line(self.budget.spent_reason("the engine", why), limit=1000)
         self.health.phase, self.health.reason = "failed", self.exit_reason
         self._lost.set()
         log.error("giving up: %s", self.exit_reason)

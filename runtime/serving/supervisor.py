@@ -144,6 +144,16 @@ class RestartBudget:
         self._times.append(now)
         return backoff
 
+    def usage(self, now: float) -> str:
+        """How much of the budget the window holds, as the logs and /health say it."""
+        return f"{self.recent(now)}/{self.limit} within {self.window_s:g}s"
+
+    def spent_reason(self, what: str, why: str) -> str:
+        """The one line herd serve exits with when `what` (the worker group, the engine) kept failing."""
+        failures = self.recent(time.monotonic()) + 1  # the restarts still counted, and this failure
+        return " ".join(f"restart budget spent: {what} failed {failures} time(s) within {self.window_s:g}s "
+                        f"(--max-restarts {self.limit} per --restart-window {self.window_s:g}); last: {why}".split())
+
 
 class Supervisor:
     def __init__(self, cfg: LaunchConfig, pad_id: int = 0, canary_ids: list[int] | None = None,
@@ -260,8 +270,8 @@ class Supervisor:
         """Take a restart from the budget; returns the backoff to wait before launching again."""
         backoff = self.budget.take(now)
         self.health.restarts += 1
-        self.health.restarts_in_window = used = self.budget.recent(now)
-        of = f"{used}/{self.budget.limit} within {self.budget.window_s:g}s"
+        self.health.restarts_in_window = self.budget.recent(now)
+        of = self.budget.usage(now)
         log.warning("restarting worker group in %.1fs (restart %d, %s): %s", backoff,
                     self.health.restarts, of, why)
         self._set_phase("restarting", f"{why}; restarting ({of})")
@@ -271,11 +281,7 @@ class Supervisor:
 
     def _give_up(self, why: str) -> None:
         """The budget is spent: fail everything waiting, say why in one line, and let serve exit."""
-        b = self.budget
-        failures = b.recent(time.monotonic()) + 1  # the restarts still counted, and this failure
-        self.exit_reason = " ".join(
-            f"restart budget spent: the worker group failed {failures} time(s) within {b.window_s:g}s "
-            f"(--max-restarts {b.limit} per --restart-window {b.window_s:g}); last: {why}".split())
+        self.exit_reason = self.budget.spent_reason("the worker group", why)
         self._set_phase("failed", self.exit_reason)
         self._fail_pending(self.exit_reason)
         log.error("giving up: %s", self.exit_reason)

@@ -156,3 +156,19 @@ def test_monitoring_is_installed_on_the_head_only_when_the_spec_asks(tmp_path):
     assert on.env["HERD_MONITORING"] == "1"
     dry = run_step("90-monitoring", {**on.env, "HERD_MONITORING_DIR": str(tmp_path)}, tmp_path)
     assert "would check" in dry.stdout, dry.stdout + dry.stderr
+
+
+def test_the_weights_step_fetches_the_adapters_from_the_environment_file_beside_the_model(tmp_path):
+    spec = load_spec(ROOT / "environments" / "aws-p5-405b-fp8.yaml")
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["model"]["adapters"] = [{"name": "legal", "source": "s3://bucket/adapters/legal", "rank": 16}]
+    with_adapters = parse_spec(data, "a.yaml")
+    profile = HostProfile("node-0", "10.0.0.1", 0, gpu=True, gpus=8, cloud="aws", nvswitch=True)
+    steps = plan_host(with_adapters, plan(request_from_spec(with_adapters)), profile, "10.0.0.1",
+                      "/opt/herd/models/m", with_adapters.model.source, "/opt/herd/env.yaml")
+    done = run_step("60-weights", steps.env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("would run: /opt/herd/venv/bin/herd weights fetch /opt/herd/env.yaml --source "
+            f"{with_adapters.model.source} --dest /opt/herd/models/m --json") in done.stdout.replace(str(tmp_path) + "/home", "/opt/herd")
+    plain = run_step("60-weights", gpu_host_steps().env, tmp_path)
+    assert "env.yaml" not in plain.stdout                     # without adapters: the model alone, as before

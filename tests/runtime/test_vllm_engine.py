@@ -31,7 +31,7 @@ from runtime.serving.monitoring import alert_rules, dashboard, dashboard_queries
 from provisioning.weights import fetch
 from provisioning.weights.manifest import write_manifest
 from runtime.paths import model_dir_for
-from tests.conftest import ROOT, run_herd
+from tests.conftest import ROOT, run_herd, wait_for
 from tests.runtime.conftest import free_port
 from tests.runtime.lora_adapter import PROMPT, RANK, SENTENCE, make_adapter, peft_greedy
 
@@ -294,16 +294,6 @@ def engine_core_pids(state: Path) -> list[int]:
     _, args = processes()
     keeper = int((state / "serve.pid").read_text())
     return [pid for pid in descendants(keeper) if "EngineCore" in args.get(pid, "")]
-
-
-def wait_for(what: str, check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
-        time.sleep(0.2)
 
 
 def test_an_engine_killed_under_a_stream_fails_it_and_comes_back(deployment):

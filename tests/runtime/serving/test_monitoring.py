@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from runtime.serving.monitoring import DASHBOARD_FILE, RULES_FILE, dashboard_queries
-from tests.conftest import ROOT, run_herd
+from tests.conftest import ROOT, run_herd, wait_for
 from tests.runtime.conftest import free_port
 
 KEY = "monitoring-test-key-0123456789"
@@ -223,16 +223,6 @@ def grafana_substitute(expr: str) -> str:
 
 def needs(expr: str) -> str:
     return "gpu" if "herd_gpu_" in expr else "vllm" if "vllm:" in expr else "herd"
-
-
-def wait_for(what: str, check, timeout: float = 60, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
-        time.sleep(every)
 
 
 @pytest.fixture
