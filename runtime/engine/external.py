@@ -379,12 +379,12 @@ class ExternalEngine:
             await self._restart(f"canary failed {attempts} times in a row, no bytes to any request meanwhile "
                                 f"(last: {why})")
             return retry
-        # Honest meanwhile: an engine that answers neither its canary nor anyone else is not ready. The
+        # Readiness follows the restart decision (a probe's failure threshold): one slow canary on a
+        # loaded machine must not turn every balancer away from an engine that answers the next one. The
         # requests in flight stay: a slow engine may still finish them (a restart, if it comes, fails them).
-        if self.health.phase == "ready":
-            log.warning("not ready: canary %s", why)
-        self.health.phase = "not_ready"
-        self.health.reason = f"canary {why} ({self.health.canary_failures}/{attempts})"
+        log.warning("canary %s (%d/%d)", why, self.health.canary_failures, attempts)
+        if self.health.phase != "ready":
+            self.health.reason = f"canary {why} ({self.health.canary_failures}/{attempts})"
         return retry
 
     def _answered(self) -> None:

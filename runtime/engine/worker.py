@@ -106,7 +106,7 @@ def main() -> int:
     read_before = _disk_read_bytes()
     from runtime.planning import dtypes
     dtype = dtypes.resolve(_env("HERD_DTYPE", "auto"), checkpoint=dtypes.checkpoint_dtype(_env("HERD_MODEL_DIR")),
-                           on_gpu=placement.on_cuda)
+                           on_gpu=placement.on_cuda, tensor_parallel=world)
     log.info("loading in %s", dtype)
     model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, dtype), world, placement.device)
     load = {"rank": rank, "seconds": round(time.monotonic() - started, 2),

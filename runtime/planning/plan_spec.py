@@ -58,7 +58,10 @@ def _planned_dtype(spec: Spec, hw: Hardware) -> str:
     """`auto` before the weights are here: catalog checkpoints are bf16 (what GPUs then run); a CPU
     runs bf16 only where it computes it natively (this host's flags: CPU plans are for this host)."""
     from runtime.planning import dtypes
-    return dtypes.resolve(spec.model.dtype, checkpoint="bfloat16", on_gpu=hw.accelerator.is_gpu)
+    tensor = spec.parallelism.tensor
+    ranks = tensor if tensor != "auto" else (hw.devices_per_node if not hw.accelerator.is_gpu else 1)
+    return dtypes.resolve(spec.model.dtype, checkpoint="bfloat16", on_gpu=hw.accelerator.is_gpu,
+                          tensor_parallel=ranks)
 
 
 def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:

@@ -356,6 +356,7 @@ class Supervisor:
         away or restarting would lose the work in flight. (A group busy with nothing to show for it
         is a stall: no token for anyone, which counts here and in _stall.)"""
         generation, attempts, failures = self._group_generation, self.cfg.canary_retries + 1, 0
+        last = ""
         while failures < attempts:
             started = time.monotonic()
             outcome = await self._canary(timeout)
@@ -366,10 +367,14 @@ class Supervisor:
                 log.warning("canary %s while requests are making progress: not counted, retrying", outcome)
                 continue
             failures = self.health.canary_failures = failures + 1
-            # Honest meanwhile: a group that answers neither its canary nor anyone else is not ready.
-            # Requests already waiting stay (a restart, if it comes, fails them).
-            self._set_phase("not_ready", f"canary {outcome} ({failures}/{attempts})")
-        await self._restart(f"canary failed {attempts} times in a row (last: {self.health.reason})")
+            last = f"canary {outcome} ({failures}/{attempts})"
+            # Readiness follows the restart decision, as a probe's failure threshold does: one slow canary
+            # on a loaded machine turned the group away from every balancer (HAProxy and the clouds' check
+            # the same /health/ready) though it answered the next one. Until the last attempt the group
+            # stays as it is; a group still loading stays not ready and says why.
+            if self.health.phase != "ready":
+                self._set_phase(self.health.phase, last)
+        await self._restart(f"canary failed {attempts} times in a row (last: {last})")
 
     async def _canary(self, timeout: float) -> str:
         """One canary generation: "ok", "lost" (the group went away), or what went wrong (a timeout

@@ -66,7 +66,7 @@ def serve_log(front) -> str:
 # Prompt ids, long enough that the stream outlasts a few canaries (seconds even on an idle host).
 LONG = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "temperature": 0,
         "stream": True}
-BUSY = "while requests are receiving bytes from the engine"   # herd's log, on a canary failing behind them
+BUSY = "while the engine is busy with other requests"   # herd's log, on a canary failing behind them
 
 
 @dataclass

@@ -30,3 +30,13 @@ def test_the_checkpoint_dtype_is_read_from_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32", "torch_dtype": "bfloat16"}))
     assert dtypes.checkpoint_dtype(tmp_path) == "float32"
     assert dtypes.checkpoint_dtype(tmp_path / "missing") is None
+
+
+def test_tensor_parallel_cpu_ranks_run_fp32_under_auto_gpus_keep_the_checkpoint_s():
+    """Each CPU rank would round its partial sums to bf16 before the all-reduce: greedy answers change
+    (tests/provisioning/test_up_local.py's smoke at TP 3 is the real check)."""
+    amx = dtypes.cpu_flags("flags : amx_bf16 avx512_bf16")
+    assert dtypes.resolve("auto", checkpoint="bfloat16", on_gpu=False, flags=amx, tensor_parallel=1) == "bfloat16"
+    assert dtypes.resolve("auto", checkpoint="bfloat16", on_gpu=False, flags=amx, tensor_parallel=3) == "float32"
+    assert dtypes.resolve("auto", checkpoint="bfloat16", on_gpu=True, tensor_parallel=8) == "bfloat16"
+    assert dtypes.resolve("bfloat16", checkpoint="bfloat16", on_gpu=False, flags=amx, tensor_parallel=3) == "bfloat16"

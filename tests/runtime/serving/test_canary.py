@@ -139,13 +139,14 @@ def test_timeouts_while_requests_get_tokens_never_count():
 
 
 def test_timeouts_with_no_token_for_anyone_restart():
-    """Idle (nothing else to serve), the canary unanswered: not ready after the first timeout, and
-    after canary_retries + 1 in a row the group restarts."""
+    """Idle (nothing else to serve), the canary unanswered: after canary_retries + 1 in a row the group
+    restarts; readiness follows that decision, as a probe's failure threshold does (one slow canary
+    must not take the group out of every balancer), so it stays until the restart takes it down."""
     sup, driver, restarts = ready_supervisor()
     phases = asyncio.run(probe_while(sup, driver, busy=False, answer_after=None))
     assert restarts == [f"canary failed {RETRIES + 1} times in a row "
                         f"(last: canary timed out after {TIMEOUT_S:g}s ({RETRIES + 1}/{RETRIES + 1}))"]
-    assert "not_ready" in phases and sup.health.canary_failures == RETRIES + 1
+    assert set(phases) == {"ready"} and sup.health.canary_failures == RETRIES + 1
 
 
 def test_a_stall_under_load_counts():
@@ -183,7 +184,7 @@ def test_only_failures_in_a_row_with_no_progress_count():
     sup, driver, restarts = ready_supervisor()
     phases = asyncio.run(probe_while(sup, driver, busy=True, answer_after=3, serving=lambda n: n == 2))
     assert restarts == [], restarts
-    assert "not_ready" in phases and sup.health.phase == "ready" and sup.health.canary_failures == 0
+    assert set(phases) == {"ready"} and sup.health.canary_failures == 0
 
 
 def test_a_canary_in_flight_takes_no_clients_place_in_the_queue():

@@ -83,6 +83,14 @@ def log_size(srv) -> int:
     return (srv.state_dir / "serve.log").stat().st_size
 
 
+def wait_for_log(srv, since: int, text: str, within: float) -> None:
+    """Until `text` appears in serve.log after byte `since`."""
+    deadline = time.monotonic() + within
+    while text not in (srv.state_dir / "serve.log").read_bytes()[since:].decode(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {within:.0f}s"
+        time.sleep(0.1)
+
+
 _healed_at: dict[int, float] = {}  # port -> when the shared server was last seen ready after a restart
 
 
@@ -226,19 +234,21 @@ def test_a_stopped_rank_is_noticed_by_its_heartbeat_and_restarted(healing):
 @pytest.mark.timeout(480)   # real ranks killed, stopped and restarted: up to ~3 min under load
 def test_a_canary_timeout_is_retried_then_restarts_and_readiness_never_sticks(healing):
     """SIGSTOP the driver (rank 0) while idle: no rank reports anything, only the canary sees it.
-    Resumed after one timed-out canary: the retry answers and it is ready with no restart. Left
-    stopped: the retries time out too, the group restarts (counted) and readiness comes back."""
+    Resumed after one timed-out canary: the retry answers, with no restart, and readiness never
+    dropped (it follows the restart decision, as a probe's failure threshold does: one slow canary
+    must not take the group out of every balancer). Left stopped: the retries time out too, the group
+    restarts (counted; 503 meanwhile) and readiness comes back."""
     srv = healing
     past_the_window(srv)
     before, driver = restarts(srv.url), srv.rank_pid(0)
-    timed_out = f"canary timed out after {CANARY_TIMEOUT_S}s (1/{CANARY_RETRIES + 1})"
+    since = log_size(srv)
 
     os.kill(driver, signal.SIGSTOP)
     try:
-        _, reasons = wait_status(srv.url, 503, within=CANARY_TIMEOUT_S + 3, what="a stopped driver")
+        wait_for_log(srv, since, f"canary timed out after {CANARY_TIMEOUT_S}s", within=CANARY_TIMEOUT_S + 12)   # the next canary (every 1 s) and its timeout
+        assert httpx.get(f"{srv.url}/health/ready", timeout=5).status_code == 200   # one failure: still ready
     finally:
         os.kill(driver, signal.SIGCONT)
-    assert reasons[-1] == timed_out, reasons
     wait_status(srv.url, 200, within=CANARY_TIMEOUT_S + 3, what="the retried canary after SIGCONT")
     assert restarts(srv.url) == before and srv.rank_pid(0) == driver  # healed without a restart
 
