@@ -215,9 +215,9 @@ def herd_vllm_server(model_dir: Path, logs: Path) -> tuple[Server, str]:
 
 def bench_vllm(model_dir: Path, logs: Path, rounds: int, emit) -> dict:
     """4. herd's front before vLLM vs vLLM direct; herd's built-in engine vs vLLM, both bf16."""
-    from runtime.engine.vllm import installed_build, installed_version, vllm_venv
-    venv = vllm_venv()
-    emit({"case": "vLLM", "build": installed_build(venv), "version": installed_version(venv),
+    from runtime.engine.vllm import installed, vllm_venv
+    build, version = installed(vllm_venv()) or (None, None)
+    emit({"case": "vLLM", "build": build, "version": version,
           "dtype": "bfloat16 (vLLM's auto: the checkpoint's)", "threads": "vLLM's default (OMP, one per core)"})
     front, direct = herd_vllm_server(model_dir, logs)
     model = "smollm2-135m-instruct"

