@@ -1,25 +1,37 @@
-"""GPU decode speed of herd's engine vs plain `generate`, against the memory-bandwidth floor, and the
+"""GPU decode speed of herd's engine against plain PyTorch, against the memory-bandwidth floor, and the
 planner's memory prediction against what the GPU allocated.
 
 One GPU, a random-init Llama-3.1-8B shape in bf16 (no weights can be downloaded on the GPU machine).
-For batch 1, 8 and 32 with a 512-token prompt and 128 new tokens, both sides warmed up first (compile
-and graph capture for herd, one full run for `generate`), then several interleaved rounds, best kept:
+For batch 1, 8 and 32 with a 512-token prompt and 128 new tokens, three sides run the same rows:
+- `generate`: transformers' eager `generate` with its dynamic cache (what most scripts call);
+- `generate-static-compiled`: `generate` with `cache_implementation="static"` under torch.compile
+  (mode reduce-overhead: CUDA graphs), the fastest plain-PyTorch path;
+- `herd-static`: herd's engine as it ships on GPUs (fused QKV and gate/up, split-cache decode
+  attention, the decode step as a CUDA graph, the host's work overlapped with the next step).
+The two plain sides run on the checkpoint as loaded; herd's side on its own fused copy. Every side is
+warmed up first (compilation, graph capture), then --rounds interleaved rounds, the side that goes first
+alternating; best and spread (max/min) reported.
 - tokens/s end to end, time to first token, ms per decode step;
 - fraction of the floor: the bytes a decode step must read (every weight except the input embedding
   table, which a step only indexes, plus the KV cache at the average context) over the measured copy
   bandwidth, divided by the measured step time;
 - herd's step time inside the engine (token choice, payload, host transfer included) and of the graph
   alone (steps queued back to back, one synchronisation at the end): the gap is the engine's overhead;
+- the decode step's launches seen from the host: one cudaGraphLaunch per step when the graph replays;
+- decode attention alone, herd's split-cache kernel against SDPA on the same grouped query, at short
+  and long caches;
 - memory, like for like: the planner's allocation part (weights + KV + activations + logits) against
   torch's peak allocated bytes for that batch, and the planner's device total (adds CUDA context and
   allocator reserve) against the peak reserved bytes plus the measured context.
 
 `--tiny` runs the same code on CPU with a tiny config (a check that the script works, not a figure).
-Usage: python bench/gpu_decode.py [--tiny] [--rounds 3] [--out bench/results/gpu-decode-H200.txt]
+Usage: python bench/gpu_decode.py [--tiny] [--rounds 5] [--out bench/results/gpu-decode-H200.txt]
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import gc
 import importlib.metadata
 import os
@@ -38,7 +50,9 @@ from bench.report import Report  # noqa: E402
 
 from runtime.planning import catalog  # noqa: E402
 from runtime.planning.architecture import Architecture  # noqa: E402
+from runtime.engine.attention import split_cache  # noqa: E402
 from runtime.engine.decode import Row, decode_batch  # noqa: E402
+from runtime.engine.fused import fuse_projections  # noqa: E402
 from runtime.engine.static_batch import StaticBatch  # noqa: E402
 from runtime.planning.planner import Hardware, PlanRequest, plan  # noqa: E402
 
@@ -99,12 +113,23 @@ def timed(fn, device) -> float:
     return time.perf_counter() - started
 
 
-def run_generate(model, ids, new: int, device) -> tuple[float, float]:
-    """(time to first token, whole run) of plain `generate`, greedy, exactly `new` tokens."""
-    plain = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
-    ttft = timed(lambda: model.generate(ids, max_new_tokens=1, **plain), device)
+def run_generate(model, ids, new: int, device, **extra) -> tuple[float, float]:
+    """(time to first token, whole run) of plain `generate`, greedy, exactly `new` tokens; `extra`
+    selects the static cache and its compilation."""
+    plain = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0, **extra}
     total = timed(lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, **plain), device)
+    # After the full run: a static cache made for it is reused by the shorter one (no new allocation).
+    ttft = timed(lambda: model.generate(ids, max_new_tokens=1, **plain), device)
     return ttft, total
+
+
+@functools.cache
+def static_compiled():
+    """`generate`'s fastest plain-PyTorch path: a static cache, the decode step under torch.compile
+    with CUDA graphs (mode reduce-overhead), shapes specialised."""
+    from transformers.generation.configuration_utils import CompileConfig
+    return {"cache_implementation": "static",
+            "compile_config": CompileConfig(mode="reduce-overhead", dynamic=False)}
 
 
 def run_herd(model, rows, static: StaticBatch, device) -> tuple[float, float, float]:
@@ -136,6 +161,26 @@ def graph_step(static: StaticBatch, rows, steps: int, device) -> float:
 
 
 @torch.inference_mode()
+def step_launches(static: StaticBatch, rows, steps: int) -> dict[str, float]:
+    """Launch calls per decode step seen from the host: a replayed CUDA graph is one cudaGraphLaunch;
+    the model's kernels launched one by one would show as hundreds of kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+    static.join(rows)
+    tokens = [1] * len(rows)
+    static.step(tokens)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            static.step(tokens)
+        torch.cuda.synchronize()
+    static.keep([])
+    counts = {e.key: e.count for e in prof.key_averages()}
+    kernels = sum(n for k, n in counts.items()
+                  if k in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC"))
+    return {"graph_launches_per_step": counts.get("cudaGraphLaunch", 0) / steps,
+            "kernel_launches_per_step": kernels / steps}
+
+
+@torch.inference_mode()
 def profile_steps(static: StaticBatch, rows, steps: int, path: Path) -> None:
     """Where a decode step's device time goes: the kernels of `steps` graph replays, by total time."""
     from torch.profiler import ProfilerActivity, profile
@@ -151,6 +196,40 @@ def profile_steps(static: StaticBatch, rows, steps: int, path: Path) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
+@torch.inference_mode()
+def attention_alone(arch: Architecture, device, dtype, emit) -> None:
+    """Decode attention of one layer, herd's split-cache kernel against SDPA on the same grouped query
+    and mask, each captured 20 times in a CUDA graph and replayed (device time, no launch gaps)."""
+    import torch.nn.functional as F
+
+    from runtime.engine import split_kv_attention
+    kv, group, dim = arch.num_key_value_heads, arch.num_attention_heads // arch.num_key_value_heads, arch.head_dim
+    for batch, length in [(1, 640), (1, 4096), (1, 32768), (32, 640), (32, 4096)]:
+        q = torch.randn(batch, kv, group, dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, kv, length, dim, device=device, dtype=dtype) for _ in range(2))
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool, device=device)
+        mask[..., length - length // 8:] = False    # a static cache's unused end
+        sides = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=dim ** -0.5),
+                 "herd_split": lambda: split_kv_attention.decode(q, k, v, mask, dim ** -0.5)}
+        row = {"bench": "decode_attention", "batch": batch, "cache": length}
+        for name, fn in sides.items():
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            best = min(timed(graph.replay, device) for _ in range(5))
+            row[f"{name}_us"] = round(best / 20 * 1e6, 2)
+        row["bytes_read_MB"] = round(2 * k.numel() * k.element_size() * 7 / 8 / 1e6, 1)
+        row["herd_split_GBps"] = round(row["bytes_read_MB"] * 1e6 / (row["herd_split_us"] * 1e-6) / 1e9, 1)
+        row["sdpa_over_herd"] = round(row["sdpa_us"] / row["herd_split_us"], 2)
+        emit(row)
+
+
 def versions() -> dict:
     return {"torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
             "cuda": torch.version.cuda, "python": platform.python_version(),
@@ -160,8 +239,8 @@ def versions() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny config: checks the script runs")
-    parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", default="1,32,8")   # the goals' batches first
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="GPU: write the batch-1 decode step's kernel table here")
     args = parser.parse_args()
@@ -193,12 +272,20 @@ def main() -> int:
     emit({"bench": "gpu_decode", "device": name, "machine": platform.node(), "dtype": str(dtype),
           "copy_bandwidth_GBps": round(bw / 1e9, 1), "cuda_context_bytes": context_bytes,
           "prompt": prompt, "new_tokens": new, "rounds": args.rounds, **versions()})
-    model = build(arch, device, dtype)
+    model = build(arch, device, dtype)          # the checkpoint as loaded: the plain sides
+    herd_model = copy.deepcopy(model)          # herd's side, as herd loads it on a GPU: fused
+    fused_modules = fuse_projections(herd_model)
     read_bytes = step_read_bytes(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = arch.kv_bytes_per_token(2 if gpu else 4)
     accel = next((v for k, v in ACCELERATORS.items() if k in name), "h100-80gb")
+    emit({"herd_model": {"fused_modules": fused_modules, "decode_attention":
+                         "herd_split" if split_cache(device.type) else "sdpa",
+                         "overlap_host": gpu}})
+    if gpu:
+        attention_alone(arch, device, dtype, emit)
     summary = {}
+    sides = ["generate", "generate-static-compiled", "herd-static"] if gpu else ["generate", "herd-static"]
 
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = torch.randint(1, arch.vocab_size, (batch, prompt), device=device)
@@ -207,43 +294,60 @@ def main() -> int:
             gc.collect()
             torch.cuda.empty_cache()
             before, before_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-        static = StaticBatch(model, pad_id=0, max_len=prompt + new)
-        # Warm-up, both sides: compilation and graph capture for herd, kernels and caches for generate.
-        run_herd(model, rows, static, device)
-        run_generate(model, ids, new, device)
+        static = StaticBatch(herd_model, pad_id=0, max_len=prompt + new)
+        herd_step: list[float] = []
+
+        def run(side):
+            if side == "herd-static":
+                ttft, total, step = run_herd(herd_model, rows, static, device)
+                herd_step.append(step)
+                return ttft, total
+            # One CompileConfig for every call: generate keeps its compiled step while the config is equal.
+            return run_generate(model, ids, new, device, **(static_compiled() if side.endswith("compiled") else {}))
+        # Warm-up, every side: compilation and graph capture, kernels and caches.
+        started = time.perf_counter()
+        run("herd-static")
+        herd_step.clear()
+        warm = {"herd-static": round(time.perf_counter() - started, 1)}
         peak_allocated = peak_reserved = 0
-        if gpu:   # herd alone: generate's cache and blocks must not count in herd's peaks
+        if gpu:   # herd alone: generate's caches and blocks must not count in herd's peaks
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            run_herd(model, rows, static, device)
+            run("herd-static")
+            herd_step.clear()
             peak_allocated, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        best: dict[str, list[tuple[float, float]]] = {"generate": [], "herd": []}   # (ttft, total)
-        herd_step = []
-        for _ in range(args.rounds):   # interleaved: drift hits both sides alike
-            best["generate"].append(run_generate(model, ids, new, device))
-            ttft, total, step = run_herd(model, rows, static, device)
-            best["herd"].append((ttft, total))
-            herd_step.append(step)
-        graph_s = min(graph_step(static, rows, 32, device) for _ in range(args.rounds))
+        for side in sides[:-1]:
+            started = time.perf_counter()
+            run(side)
+            warm[side] = round(time.perf_counter() - started, 1)
+        emit({"batch": batch, "warmup_s": warm})
+        times: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}   # (ttft, total)
+        for r in range(args.rounds):   # interleaved, the first side alternating: drift hits all alike
+            for side in (sides if r % 2 == 0 else sides[::-1]):
+                times[side].append(run(side))
+        graph_s = min(graph_step(static, rows, 32, device) for _ in range(3))
         floor_ms = (read_bytes + kv_per_token * (prompt + new / 2) * batch) / bw * 1000
-        results = {}
-        for engine in ("generate", "herd"):
-            ttft = min(t for t, _ in best[engine])
-            total = min(t for _, t in best[engine])
-            ms_step = (min(herd_step) * 1000 if engine == "herd"
-                       else max(total - ttft, 1e-9) / (new - 1) * 1000)
-            results[engine] = batch * new / total
-            emit({"batch": batch, "engine": engine if engine == "generate" else "herd-static",
-                  "tokens_per_s": round(batch * new / total, 1), "ms_per_step": round(ms_step, 3),
-                  "floor_ms_per_step": round(floor_ms, 3), "fraction_of_floor": round(floor_ms / ms_step, 3),
-                  "ttft_s": round(ttft, 4), "totals_s": [round(t, 4) for _, t in best[engine]]})
+        rates = {}
+        for side in sides:
+            ttft = min(t for t, _ in times[side])
+            totals = [t for _, t in times[side]]
+            ms_step = (min(herd_step) * 1000 if side == "herd-static"
+                       else max(min(totals) - ttft, 1e-9) / (new - 1) * 1000)
+            rates[side] = batch * new / min(totals)
+            emit({"batch": batch, "engine": side, "tokens_per_s": round(rates[side], 1),
+                  "ms_per_step": round(ms_step, 3), "floor_ms_per_step": round(floor_ms, 3),
+                  "fraction_of_floor": round(floor_ms / ms_step, 3), "ttft_s": round(ttft, 4),
+                  "totals_s": [round(t, 4) for t in totals], "spread_max_over_min": round(max(totals) / min(totals), 3)})
+        launches = step_launches(static, rows, 8) if gpu else {}
         emit({"batch": batch, "engine": "herd-graph-only", "ms_per_step": round(graph_s * 1000, 3),
               "fraction_of_floor": round(floor_ms / (graph_s * 1000), 3),
-              "engine_overhead_ms_per_step": round(min(herd_step) * 1000 - graph_s * 1000, 3)})
+              "engine_overhead_ms_per_step": round(min(herd_step) * 1000 - graph_s * 1000, 3), **launches})
         if gpu and args.profile and batch == 1:
             profile_steps(static, rows, 8, args.profile)
-        summary[f"batch_{batch}_herd_vs_generate"] = round(results["herd"] / results["generate"], 2)
+        for side in sides[:-1]:
+            summary[f"batch_{batch}_herd_vs_{side}"] = round(rates["herd-static"] / rates[side], 2)
+        summary[f"batch_{batch}_herd_fraction_of_floor"] = round(floor_ms / (min(herd_step) * 1000), 3)
         if gpu:
             hw = Hardware(accelerator=catalog.accelerator(accel), devices_per_node=1)
             predicted = plan(PlanRequest(architecture=arch, hardware=hw, tensor=1, pipeline=1,
@@ -261,6 +365,9 @@ def main() -> int:
                   "planner_allocation_error": round(allocation_part / measured_alloc - 1, 4),
                   "planner_device_error": round(pg.total / measured_device - 1, 4)})
         del static
+        report.save(args.out)      # what is measured so far survives a stage's time limit
+        if gpu:
+            torch._dynamo.reset()   # this batch's graphs and their memory pools go
     emit({"summary": summary})
     report.save(args.out)
     return 0

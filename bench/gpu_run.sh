@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks in one call, on a machine with a CUDA GPU and a python3 that holds a CUDA torch:
+# The GPU checks in one call (at most ~9.5 minutes), on a machine with a CUDA GPU and a python3 that
+# holds a CUDA torch:
 #   1. install what the image lacks: wheels carried in .whl/ (transformers pinned as in pyproject.toml),
 #      installed into a private site directory, never over the image's own packages;
-#   2. pytest -m gpu (the engine on CUDA: placement, greedy = generate, seeded sampling, CUDA graphs, TP);
-#   3. bench/gpu_decode.py (8B shape, bf16, batch 1/8/32, roofline, TTFT, planner memory).
+#   2. the engine's tests on CUDA (pytest -m gpu: placement, greedy = generate, seeded sampling, fused
+#      projections, split-cache attention against SDPA, the decode step replayed as one CUDA graph, TP)
+#      and the split-cache kernel's own tests;
+#   3. bench/gpu_memory.py: the planner's overhead model fitted on three model shapes, checked on three
+#      others;
+#   4. bench/gpu_decode.py: 8B shape, bf16, batch 1/32/8: herd vs eager generate vs generate with a
+#      static cache under torch.compile, the bandwidth floor, decode attention alone, CUDA graph
+#      launches, a batch-1 kernel profile, planner memory.
 # Results and logs go to $OUT (default: bench/results/gpu-run). Each stage has its own time limit so
-# the whole run stays well inside a 10-minute command.
+# the whole run stays inside a 10-minute command; the decode bench saves what it measured after each
+# batch, so a stage cut short still leaves its first batches.
 #   HERD_GIT_SHA=$(git rev-parse HEAD) bash bench/gpu_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -28,9 +36,17 @@ print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "trans
                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))
 PY
 status=0
-timeout "${GPU_TEST_S:-200}" "$PY" -m pytest -m gpu -p no:cacheprovider -q -o addopts="" \
-  tests/runtime/test_engine_gpu.py 2>&1 | tee "$OUT/pytest-gpu.txt" || status=1
-timeout "${GPU_BENCH_S:-420}" "$PY" bench/gpu_decode.py --rounds "${ROUNDS:-3}" --out "$OUT/gpu-decode.txt" \
+started=$(date +%s)
+stage() { echo "== $1 at +$(( $(date +%s) - started ))s"; }
+stage "tests"
+timeout "${GPU_TEST_S:-110}" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m "not slow" \
+  tests/runtime/test_engine_gpu.py tests/runtime/test_split_kv_attention.py 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -25 || status=1
+stage "memory"
+timeout "${GPU_MEMORY_S:-80}" "$PY" bench/gpu_memory.py --out "$OUT/gpu-memory.txt" \
+  2>&1 | tee "$OUT/gpu-memory.log" | grep -E "fitted_on|checked_with|Error|error:" | cut -c1-600 || status=1
+stage "decode"
+timeout "${GPU_BENCH_S:-370}" "$PY" bench/gpu_decode.py --rounds "${ROUNDS:-5}" --out "$OUT/gpu-decode.txt" \
   --profile "$OUT/profile-batch1.txt" \
-  2>&1 | tee "$OUT/gpu-decode.log" | grep -v "^\s*$" || status=1
+  2>&1 | tee "$OUT/gpu-decode.log" | grep -v "^\s*$" | grep -v "^\[" | cut -c1-700 || status=1
+stage "done"
 exit $status

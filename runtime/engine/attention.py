@@ -6,11 +6,18 @@ decode step) it copies every KV head 4-16 times per layer and step. For a batch 
 the 8B shape that is ~24 GB of extra memory traffic per step: more than the weights themselves.
 Here a decode query (one position) is reshaped to (batch, kv_heads, group, head_dim), so each group
 attends to its own KV head's cache as a short query sequence, with the same mask broadcast over it.
-Everything else (prefill, models without grouped heads) goes to transformers' own SDPA function.
+On CUDA with Triton the grouped query goes to herd's split-cache kernel (split_kv_attention: every
+multiprocessor busy at batch 1, masked-out blocks skipped); elsewhere, or with
+HERD_DECODE_ATTENTION=sdpa, to torch's SDPA. Everything else (prefill, models without grouped heads)
+goes to transformers' own SDPA function.
 """
 from __future__ import annotations
 
+import os
+
 import torch.nn.functional as F
+
+from runtime.engine import split_kv_attention
 
 NAME = "herd_sdpa"
 
@@ -25,8 +32,18 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, heads // groups, groups, dim)
     mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask is not None else None
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling)
+    if split_cache(query.device.type):
+        out = split_kv_attention.decode(grouped, key, value, mask, scaling if scaling is not None else dim ** -0.5)
+    else:
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, dropout_p=0.0, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def split_cache(device_type: str) -> bool:
+    """Whether decode attention runs herd's split-cache kernel: on CUDA with Triton, unless
+    HERD_DECODE_ATTENTION=sdpa."""
+    return (device_type == "cuda" and split_kv_attention.available()
+            and os.environ.get("HERD_DECODE_ATTENTION", "split") != "sdpa")
 
 
 def use_grouped_decode_attention(model) -> None:

@@ -168,6 +168,43 @@ class RunningBatch:
                                  position_ids=self.positions, cache=cache, use_cache=True).logits[:, -1, :]
 
 
+class Picked:
+    """One step's choice: the rows it was for, the chosen ids (a device tensor until `on_host` or
+    `fetch`), the rows that want logprobs and their logprob tensors."""
+
+    def __init__(self, rows, device_tokens: torch.Tensor, wanting: list[int], lps):
+        self.rows, self.device_tokens, self.wanting, self.lps = rows, device_tokens, wanting, lps
+        self.tokens: list[int] = []
+        self._host: list[torch.Tensor] | None = None
+        self._ready: torch.cuda.Event | None = None
+
+    def start_copy(self) -> "Picked":
+        """Queue the ids' (and logprobs') copy to pinned host memory now, so that what the device is
+        given next does not delay it."""
+        tensors = [self.device_tokens, *(self.lps or ())]
+        if self.device_tokens.device.type != "cuda":
+            self._host = tensors
+            return self
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, t in zip(self._host, tensors):
+            host.copy_(t, non_blocking=True)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+        return self
+
+    def on_host(self) -> "Picked":
+        """Wait for the copy (started now if it was not) and read the ids."""
+        if self._host is None:
+            self.start_copy()
+        if self._ready is not None:
+            self._ready.synchronize()
+        host = self._host or []
+        self.tokens = host[0].tolist()
+        if self.lps is not None:
+            self.lps = tuple(host[1:])
+        return self
+
+
 class DriverState:
     """Per-row sampling state that only the driver keeps, for the rows in the batch."""
 
@@ -208,12 +245,11 @@ class DriverState:
             if row.id in self.seen:
                 self.seen[row.id].index_add_(0, picked[i:i + 1], torch.ones(1, device=picked.device))
 
-    def choose(self, batch: RunningBatch) -> tuple[list[int], list[int], list[Event]]:
-        """Every row's next token in one pass on the logits' device; the ids (and any logprobs) reach
-        the host in one transfer per step."""
+    def pick(self, batch) -> "Picked":
+        """Every row's next token, chosen on the logits' device; nothing waits for the device here."""
         rows, logits = batch.rows, batch.logits
         if logits is None:
-            raise RuntimeError("choose() needs a batch with rows")
+            raise RuntimeError("pick() needs a batch with rows")
         picked = sample(self._adjusted(rows, logits), [r.temperature for r in rows], [r.top_p for r in rows],
                         [self.generators[r.id] for r in rows])
         self._remember(rows, picked)
@@ -223,7 +259,16 @@ class DriverState:
             index = torch.tensor(wanting, device=logits.device)
             lps = row_logprobs(logits.index_select(0, index), picked.index_select(0, index),
                                max(rows[i].logprobs or 0 for i in wanting))
-        chosen = picked.tolist()
+        return Picked(list(rows), picked, wanting, lps)
+
+    def choose(self, batch: RunningBatch) -> tuple[list[int], list[int], list[Event]]:
+        """Every row's next token in one pass on the logits' device; the ids (and any logprobs) reach
+        the host in one transfer per step."""
+        return self.decide(batch.pad_id, self.pick(batch).on_host())
+
+    def decide(self, pad_id: int, picked: "Picked") -> tuple[list[int], list[int], list[Event]]:
+        """The host's half of a step, once the chosen ids are there: stop decisions and events."""
+        rows, chosen, wanting, lps = picked.rows, picked.tokens, picked.wanting, picked.lps
         if lps is not None:
             lp_picked, lp_values, lp_ids = (t.tolist() for t in lps)
             lps = {i: (lp_picked[k], list(zip(lp_ids[k][:rows[i].logprobs], lp_values[k][:rows[i].logprobs])))
@@ -231,7 +276,7 @@ class DriverState:
         tokens, states, events = [], [], []
         for i, row in enumerate(rows):
             if row.id in self.cancelled:  # decided here, learnt by every rank through the payload
-                tokens.append(batch.pad_id)
+                tokens.append(pad_id)
                 states.append(CANCELLED)
                 events.append((row.id, None, CANCELLED, None))
                 continue
@@ -274,13 +319,21 @@ def _vocab(model) -> int:
 @torch.inference_mode()
 def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObject, max_batch: int,
                take: Take | None = None, on_step: OnStep | None = None, pad_id: int = 0,
-               batch=None) -> DriverState | None:
+               batch=None, overlap: bool = False) -> DriverState | None:
     """Decode until the driver's `take` says shut down. Every rank runs this with the same model shard.
     `batch` is the batching strategy: continuous (RunningBatch, the default) or static (StaticBatch).
 
     A row's own fault stays that row's: rows the engine cannot run are refused before any rank sees
     them, rows that do not fit a static batch yet wait for the next one, and a prefill that raises
-    fails the rows it was for (on every rank alike, as they run the same inputs); the batch goes on."""
+    fails the rows it was for (on every rank alike, as they run the same inputs); the batch goes on.
+
+    `overlap` (one rank, a batch with `step_ahead`: the static batch): the next step is queued on the
+    device with the chosen ids still there, before the host reads them, so the host's work (stop
+    decisions, streaming, admission) runs while the device computes. A row that finished is computed
+    one step further for nothing; a static batch keeps finished rows in place anyway."""
+    step_ahead = getattr(batch, "step_ahead", None) if overlap else None
+    if overlap and step_ahead is None:
+        raise TypeError("run_engine: overlap needs a batch that can step ahead (StaticBatch)")
     batch = batch if batch is not None else RunningBatch(model, pad_id)
     driver = DriverState() if is_driver else None
     if driver is not None and take is None:
@@ -291,8 +344,15 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
         n = len(batch)
         payload = torch.zeros(2 * n + 1, dtype=torch.long)  # tokens, states, then the joins flag
         joins: list[Row] | None = []
+        stepped = False
         if driver is not None and take is not None:   # the driver (which has a take: checked above)
-            if n:
+            if n and step_ahead is not None:
+                picked = driver.pick(batch).start_copy()
+                step_ahead(picked.device_tokens)
+                stepped = True
+                tokens, states, events = driver.decide(batch.pad_id, picked.on_host())
+                payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
+            elif n:
                 tokens, states, events = driver.choose(batch)
                 payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
             finishing = sum(1 for s in payload[n:2 * n].tolist() if s != RUNNING)
@@ -318,7 +378,7 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
                 if s != RUNNING:
                     driver.forget(batch.rows[i].id)
         batch.keep(kept)
-        if kept:
+        if kept and not stepped:
             batch.step([tokens[i] for i in kept])
         if flag == JOINS and joins:
             try:
@@ -366,10 +426,16 @@ def _admissible(rows: list[Row], batch, vocab: int, waiting: list[Row]) -> tuple
 
 def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_id: int = 0,
                  arrivals: dict[int, list[Row]] | None = None, batch=None,
-                 share: Share = lambda t: None, share_object: ShareObject = lambda o: o) -> dict[str, list[int]]:
+                 share: Share | None = None, share_object: ShareObject | None = None,
+                 overlap: bool | None = None) -> dict[str, list[int]]:
     """The driver's side of a fixed workload: `rows` start together, `arrivals` join after the given
     step. Returns the tokens generated per row id. The engine's simplest use (tests, benchmarks); under
-    tensor parallelism the other ranks run `run_engine` with the same `share` functions."""
+    tensor parallelism the other ranks run `run_engine` with the same `share` functions. `overlap`
+    defaults to what the batch asks for when there is one rank (no `share`)."""
+    if overlap is None:
+        overlap = share is None and bool(getattr(batch, "overlaps_host", False))
+    share = share if share is not None else (lambda t: None)
+    share_object = share_object if share_object is not None else (lambda o: o)
     arrivals = dict(arrivals or {})
     produced: dict[str, list[int]] = {r.id: [] for r in [*rows, *(r for rs in arrivals.values() for r in rs)]}
     step = 0
@@ -392,5 +458,5 @@ def decode_batch(model, rows: list[Row], *, on_step: OnStep | None = None, pad_i
         return on_step(events) if on_step else set()
 
     run_engine(model, is_driver=True, share=share, share_object=share_object,
-               max_batch=len(produced), take=take, on_step=collect, pad_id=pad_id, batch=batch)
+               max_batch=len(produced), take=take, on_step=collect, pad_id=pad_id, batch=batch, overlap=overlap)
     return produced

@@ -32,6 +32,9 @@ class StaticBatch:
         if compile_decode is None:
             compile_decode = self.device.type == "cuda"
         self.compiled = compile_decode
+        # With graphs on a GPU the host's per-step work runs while the next step computes (run_engine's
+        # overlap): the step takes its tokens straight from the device.
+        self.overlaps_host = compile_decode
         if compile_decode and getattr(model.config, "_attn_implementation", None) == "sdpa":
             from runtime.engine.attention import use_grouped_decode_attention
             use_grouped_decode_attention(model)   # compiled SDPA would repeat every KV head per step
@@ -47,6 +50,7 @@ class StaticBatch:
         self.rows, self.active = [], []
         self.mask = self.positions = self.length = None
         self._all_logits = None
+        self._active_index = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,6 +109,8 @@ class StaticBatch:
 
     def keep(self, indices: list[int]) -> None:
         """Rows that finished stay in the batch (fixed shapes); they are only hidden from sampling."""
+        if len(indices) != len(self.rows):
+            self._active_index = None
         self.active = [self.active[i] for i in indices]
         self.rows = [self.rows[i] for i in indices]
         if not self.rows:
@@ -115,16 +121,32 @@ class StaticBatch:
                           use_cache=True).logits[:, -1, :]
 
     def step(self, tokens: list[int]) -> None:
+        """The next step, the active rows fed `tokens` (host ids)."""
+        if self.mask is None:
+            raise RuntimeError("the batch has no rows")
+        full = torch.full((self.mask.shape[0], 1), self.pad_id, dtype=torch.long)
+        full[self.active, 0] = torch.tensor(tokens)
+        self._advance(full.to(self.device))
+
+    def step_ahead(self, device_tokens: torch.Tensor) -> None:
+        """The next step, the active rows fed the ids chosen on the device (one per active row), queued
+        before the host has read them."""
+        if self.mask is None:
+            raise RuntimeError("the batch has no rows")
+        if self._active_index is None:   # kept until a row leaves
+            self._active_index = torch.tensor(self.active, device=self.device)
+        full = torch.full((self.mask.shape[0], 1), self.pad_id, dtype=torch.long, device=self.device)
+        full[self._active_index, 0] = device_tokens
+        self._advance(full)
+
+    def _advance(self, full: torch.Tensor) -> None:
         mask, positions, length = self.mask, self.positions, self.length   # set by join, None while empty
         if mask is None or positions is None or length is None:
             raise RuntimeError("the batch has no rows")
-        width = mask.shape[0]
-        full = torch.full((width, 1), self.pad_id, dtype=torch.long)
-        full[self.active, 0] = torch.tensor(tokens)
         mask[:, length] = 1
         self.length = length + 1
         self.positions = positions + 1
         if self.compiled:
             # A new step: the previous step's outputs (in the graph's memory pool) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
-        self._all_logits = self._decode(full.to(self.device), self.mask, self.positions, self.cache)
+        self._all_logits = self._decode(full, self.mask, self.positions, self.cache)

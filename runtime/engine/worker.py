@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from runtime.engine import fused
 from runtime.engine.decode import OnStep, Take, run_engine
 
 log = logging.getLogger("herd.worker")
@@ -34,7 +35,8 @@ def _env(name: str, default: str | None = None) -> str:
 
 def load_model(model_dir: str, dtype: torch.dtype, world: int, device: str = "cpu"):
     """This rank's shard on its device. Under tensor parallelism transformers places the shard on the
-    device bound to LOCAL_RANK (set by `place`); alone, the whole model goes to `device`."""
+    device bound to LOCAL_RANK (set by `place`); alone, the whole model goes to `device`. On GPUs the
+    shard's q/k/v and gate/up projections are then fused (runtime/engine/fused.py)."""
     from transformers.models.auto import AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype}
     if world > 1:
@@ -43,6 +45,8 @@ def load_model(model_dir: str, dtype: torch.dtype, world: int, device: str = "cp
     elif device != "cpu":
         kwargs["device_map"] = device
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if fused.wanted(device):
+        fused.fuse_projections(model)
     return model.eval()
 
 
@@ -146,8 +150,11 @@ def main() -> int:
     if os.environ.get("HERD_DECODE") == "static":
         from runtime.engine.static_batch import StaticBatch
         batch = StaticBatch(model, pad_id, max_len=int(_env("HERD_MAX_MODEL_LEN", "2048")))
+    # One rank with a graph-captured static batch: the host's work overlaps the next step. Under
+    # tensor parallelism every rank needs the ids from the driver's payload first.
+    overlap = world == 1 and getattr(batch, "overlaps_host", False)
     run_engine(model, is_driver=is_driver, share=share, share_object=share_object, max_batch=max_batch,
-               take=take, on_step=on_step, pad_id=pad_id, batch=batch)
+               take=take, on_step=on_step, pad_id=pad_id, batch=batch, overlap=overlap)
     if world > 1:
         dist.destroy_process_group()
     return 0

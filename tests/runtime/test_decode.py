@@ -80,6 +80,36 @@ def test_static_cache_decode_equals_generate_and_batches_run_to_their_end(model)
     assert out == refs  # "c" waited for the first static batch to end, then ran alone
 
 
+def test_a_static_batch_stepping_ahead_of_the_host_decodes_what_the_plain_loop_decodes(model):
+    """overlap: the next step is queued with the device's chosen ids before the host reads them (how
+    a compiled static batch runs on GPUs). Same tokens, stops, cancellations, logprobs and seeded
+    samples as the loop that waits; a row filling the cache to its last position still fits."""
+    from runtime.engine.static_batch import StaticBatch
+
+    def run(overlap, rows, arrivals=None, max_len=64, cancel_at=None):
+        events = []
+
+        def on_step(ev):
+            events.append(ev)
+            return {"b"} if cancel_at is not None and len(events) == cancel_at else set()
+        static = StaticBatch(model, max_len=max_len, compile_decode=False)
+        out = decode_batch(model, rows(), arrivals=arrivals() if arrivals else None, batch=static,
+                           on_step=on_step, overlap=overlap)
+        return out, [e for ev in events for e in ev]
+
+    ref = reference(model, P2, 10)
+    rows = lambda: [Row(P1, 12, id="a", logprobs=2), Row(P2, 10, stop_token_ids=[ref[3]], id="b"),  # noqa: E731
+                    Row(P3, 9, temperature=0.9, top_p=0.8, seed=11, id="s")]
+    later = lambda: {2: [Row(P2, 5, id="c")]}  # noqa: E731
+    plain, plain_events = run(False, rows, later)
+    ahead, ahead_events = run(True, rows, later)
+    assert ahead == plain and ahead_events == plain_events
+    assert ahead["b"] == ref[:4] and ahead["c"] == ref[:5]
+    assert run(True, rows, cancel_at=2) == run(False, rows, cancel_at=2)
+    full = lambda: [Row(list(range(5, 45)), 8, id="f")]  # noqa: E731   40 + 8 = the whole cache
+    assert run(True, full, max_len=48)[0] == {"f": reference(model, list(range(5, 45)), 8)}
+
+
 def test_static_cache_refuses_a_request_longer_than_the_cache(model):
     from runtime.engine.static_batch import StaticBatch
     with pytest.raises(ValueError, match="static cache"):

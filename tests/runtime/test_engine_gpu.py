@@ -27,6 +27,8 @@ def gpu_model(tiny_model):
     assert placement.device == "cuda:0" and placement.backend == "nccl"
     model = load_model(str(tiny_model), torch.float32, 1, placement.device)
     assert model.device.type == "cuda" and all(p.is_cuda for p in model.parameters())
+    layer = model.model.layers[0]
+    assert hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")   # fused on GPUs
     return model
 
 
@@ -101,3 +103,65 @@ def test_tensor_parallel_ranks_on_their_own_gpus_decode_what_one_gpu_decodes(gpu
     assert (result["device"], result["backend"]) == ("cuda:0", "nccl")
     alone = decode_batch(gpu_model, rows())
     assert result["tokens"] == alone
+
+
+def graph_launches(fn) -> dict[str, int]:
+    """CPU-side launch calls while `fn` runs: a replayed CUDA graph shows as cudaGraphLaunch alone."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return {"graph": counts.get("cudaGraphLaunch", 0),
+            "kernels": sum(n for k, n in counts.items() if k in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                                   "cudaLaunchKernelExC"))}
+
+
+def grouped_decode_inputs(rows, length, dtype, heads=8, group=4, dim=128):
+    torch.manual_seed(0)
+    q = torch.randn(rows, heads, group, dim, device="cuda", dtype=dtype)
+    k, v = (torch.randn(rows, heads, length, dim, device="cuda", dtype=dtype) for _ in range(2))
+    mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool, device="cuda")
+    mask[0, ..., :] = True
+    mask[1 % rows, ..., length // 3:] = True              # left padding
+    mask[2 % rows, ..., : length - length // 4] = True    # the unused end of a static cache
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("rows,length", [(3, 64), (3, 640), (3, 4099), (1, 32768), (32, 640)])
+def test_split_cache_decode_attention_matches_sdpa(dtype, tol, rows, length):
+    import torch.nn.functional as F
+
+    from runtime.engine import split_kv_attention
+    assert split_kv_attention.available()
+    q, k, v, mask = grouped_decode_inputs(rows, length, dtype)
+    out = split_kv_attention.decode(q, k, v, mask, q.shape[-1] ** -0.5)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert out.dtype == dtype and (out.float() - ref).abs().max().item() < tol
+
+
+def test_split_cache_decode_attention_replays_inside_a_cuda_graph():
+    from runtime.engine import split_kv_attention
+    q, k, v, mask = grouped_decode_inputs(3, 640, torch.bfloat16)
+    eager = split_kv_attention.decode(q, k, v, mask, 128 ** -0.5)
+    step = torch.compile(lambda q, k, v, m: split_kv_attention.decode(q, k, v, m, 128 ** -0.5),
+                         mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):   # warm-up, record, replay
+        step(q, k, v, mask)
+    assert graph_launches(lambda: step(q, k, v, mask))["graph"] >= 1
+    torch.testing.assert_close(step(q, k, v, mask).clone(), eager)
+
+
+def test_the_decode_step_replays_as_one_cuda_graph(gpu_model):
+    from runtime.engine.static_batch import StaticBatch
+    static = StaticBatch(gpu_model, max_len=64)
+    rows = [Row(P1, 12, id="a"), Row(P2, 9, id="b")]
+    with torch.inference_mode():
+        static.join(rows)
+        for _ in range(3):
+            static.step([1, 1])
+        launches = graph_launches(lambda: static.step([1, 1]))
+    # One graph per step: the model's hundreds of kernels are in it (what launches alone is the
+    # step's mask and position updates and the graph's input copies).
+    assert launches["graph"] == 1 and launches["kernels"] < 16, launches

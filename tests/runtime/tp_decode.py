@@ -40,6 +40,8 @@ def main() -> int:
     if rank == 0:
         produced = decode_batch(model, rows(), batch=batch, share=share, share_object=share_object)
         out.write_text(json.dumps({"device": placement.device, "backend": placement.backend,
+                                   "fused": sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                                                    if name.endswith(("qkv_proj", "gate_up_proj"))}),
                                    "tokens": produced}))
     else:
         run_engine(model, is_driver=False, share=share, share_object=share_object, max_batch=len(rows()),
