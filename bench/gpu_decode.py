@@ -283,7 +283,10 @@ def main() -> int:
                          "herd_split" if split_cache(device.type) else "sdpa",
                          "overlap_host": gpu}})
     if gpu:
-        attention_alone(arch, device, dtype, emit)
+        try:
+            attention_alone(arch, device, dtype, emit)
+        except Exception as err:   # noqa: BLE001
+            emit({"bench": "decode_attention", "error": f"{type(err).__name__}: {err}"[:2000]})
     summary = {}
     sides = ["generate", "generate-static-compiled", "herd-static"] if gpu else ["generate", "herd-static"]
 
@@ -304,9 +307,18 @@ def main() -> int:
                 return ttft, total
             # One CompileConfig for every call: generate keeps its compiled step while the config is equal.
             return run_generate(model, ids, new, device, **(static_compiled() if side.endswith("compiled") else {}))
-        # Warm-up, every side: compilation and graph capture, kernels and caches.
+        # Warm-up, every side: compilation and graph capture, kernels and caches. A side that cannot
+        # run is reported and left out (herd's falls back to SDPA decode attention once).
         started = time.perf_counter()
-        run("herd-static")
+        try:
+            run("herd-static")
+        except Exception as err:   # noqa: BLE001 - the run reports it and measures the rest
+            emit({"batch": batch, "error": f"herd-static: {type(err).__name__}: {err}"[:2000],
+                  "fallback": "HERD_DECODE_ATTENTION=sdpa"})
+            os.environ["HERD_DECODE_ATTENTION"] = "sdpa"
+            torch._dynamo.reset()
+            static = StaticBatch(herd_model, pad_id=0, max_len=prompt + new)
+            run("herd-static")
         herd_step.clear()
         warm = {"herd-static": round(time.perf_counter() - started, 1)}
         peak_allocated = peak_reserved = 0
@@ -317,9 +329,14 @@ def main() -> int:
             run("herd-static")
             herd_step.clear()
             peak_allocated, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-        for side in sides[:-1]:
+        for side in list(sides[:-1]):
             started = time.perf_counter()
-            run(side)
+            try:
+                run(side)
+            except Exception as err:   # noqa: BLE001
+                emit({"batch": batch, "error": f"{side}: {type(err).__name__}: {err}"[:2000]})
+                sides = [s for s in sides if s != side]
+                continue
             warm[side] = round(time.perf_counter() - started, 1)
         emit({"batch": batch, "warmup_s": warm})
         times: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}   # (ttft, total)
