@@ -26,6 +26,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/herd-site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# The split-cache decode attention is opt-in in the engine until a GPU run has verified and timed it:
+# this run does both (the tests hold it to SDPA, the bench times it in the model and alone).
+export HERD_DECODE_ATTENTION=${HERD_DECODE_ATTENTION:-split}
 # perf_hints: torch.compile says when (and why) it could not use CUDA graphs.
 export TORCH_LOGS=${TORCH_LOGS:-perf_hints,recompiles}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.csv" 2>&1

@@ -6,9 +6,10 @@ decode step) it copies every KV head 4-16 times per layer and step. For a batch 
 the 8B shape that is ~24 GB of extra memory traffic per step: more than the weights themselves.
 Here a decode query (one position) is reshaped to (batch, kv_heads, group, head_dim), so each group
 attends to its own KV head's cache as a short query sequence, with the same mask broadcast over it.
-On CUDA with Triton the grouped query goes to herd's split-cache kernel (split_kv_attention: every
-multiprocessor busy at batch 1, masked-out blocks skipped); elsewhere, or with
-HERD_DECODE_ATTENTION=sdpa, to torch's SDPA. Everything else (prefill, models without grouped heads)
+With HERD_DECODE_ATTENTION=split, on CUDA with Triton, the grouped query goes to herd's split-cache
+kernel (split_kv_attention: every multiprocessor busy at batch 1, masked-out blocks skipped); by
+default, and elsewhere, to torch's SDPA. The kernel is opt-in until a GPU run has held it to SDPA in
+bf16 and timed it (bench/gpu_run.sh runs with it on). Everything else (prefill, models without grouped heads)
 goes to transformers' own SDPA function.
 """
 from __future__ import annotations
@@ -40,10 +41,10 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout:
 
 
 def split_cache(device_type: str) -> bool:
-    """Whether decode attention runs herd's split-cache kernel: on CUDA with Triton, unless
-    HERD_DECODE_ATTENTION=sdpa."""
+    """Whether decode attention runs herd's split-cache kernel: asked for (HERD_DECODE_ATTENTION=split),
+    on CUDA, with Triton."""
     return (device_type == "cuda" and split_kv_attention.available()
-            and os.environ.get("HERD_DECODE_ATTENTION", "split") != "sdpa")
+            and os.environ.get("HERD_DECODE_ATTENTION", "sdpa") == "split")
 
 
 def use_grouped_decode_attention(model) -> None:
