@@ -1,6 +1,12 @@
 """Serving benchmark: SmolLM2-135M-Instruct on CPU, every figure a ratio against a baseline measured in
 the same run, best of several interleaved rounds (these machines are noisy: compare ratios).
 
+0. What ships (`--shipped`, also part of the default run): environments/local.yaml brought up by
+   `herd up` exactly as `make up` runs it (its plan picks the tensor degree and dtype for this host),
+   one chat at a time (tokens/s of 64 tokens, time to first token of a streamed chat) against plain
+   `generate` in one process with the same model, dtype and threads; and the same file with
+   `tensor: 3` forced (what more ranks than cores costs). 8 concurrent chats through the shipped
+   default against `transformers serve --continuous-batching` at the same dtype.
 1. Overhead of HTTP + the control channel: one chat through `herd serve` (TP 1) against the same
    request through herd's own decode loop in this process (same model, dtype, threads, greedy,
    same token count): the only difference is the front, the supervisor and the channel.
@@ -13,7 +19,7 @@ the same run, best of several interleaved rounds (these machines are noisy: comp
    rounds, interleaved, the side that goes first alternating; every round's figures and their spread
    are reported beside the best.
 
-Usage: python bench/serving.py [--rounds 3] [--vllm [--only-vllm]] [--out bench/results/serving-MACHINE.txt]
+Usage: python bench/serving.py [--rounds 5] [--shipped] [--vllm [--only-vllm]] [--out bench/results/serving-MACHINE.txt]
 """
 from __future__ import annotations
 
@@ -125,6 +131,113 @@ class InProcessEngine:
         out = decode_batch(self.model, [Row(ids, NEW_TOKENS, id="r")], pad_id=self.codec.pad_id)
         self.codec.decode(out["r"])
         return time.monotonic() - started
+
+
+class PlainGenerate:
+    """The simplest alternative a newcomer has: `generate` in one Python process, greedy."""
+
+    def __init__(self, model_dir: Path, dtype: str, threads: int):
+        import torch
+        from transformers.models.auto import AutoModelForCausalLM
+
+        from runtime.serving.text import TextCodec
+        torch.set_num_threads(threads)
+        self.codec = TextCodec(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+
+    def run(self, text: str, new: int) -> float:
+        import torch
+        ids = torch.tensor([self.codec.encode_chat([{"role": "user", "content": text}])])
+        started = time.monotonic()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                      min_new_tokens=new, do_sample=False, pad_token_id=self.codec.pad_id)
+        self.codec.decode(out[0, ids.shape[1]:].tolist())
+        return time.monotonic() - started
+
+
+class UpDeployment:
+    """`herd up` of a copy of environments/local.yaml (a free port and its own state directory, with
+    `changes` applied): the command, the plan and the processes `make up` gets."""
+
+    def __init__(self, logs: Path, name: str, changes: dict | None = None):
+        import yaml
+        spec = yaml.safe_load((ROOT / "environments" / "local.yaml").read_text())
+        for section, values in (changes or {}).items():
+            spec[section].update(values)
+        self.port = free_port()
+        spec["serving"]["port"] = self.port
+        spec["local"]["state_dir"] = str(logs / f"up-{name}")
+        self.path = logs / f"{name}.yaml"
+        self.path.write_text(yaml.safe_dump(spec))
+        self.url = f"http://127.0.0.1:{self.port}"
+        up = subprocess.run([sys.executable, "-m", "infra.cli", "up", str(self.path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200)
+        if up.returncode != 0:
+            raise RuntimeError(f"herd up {name} failed: {up.stdout[-2000:]} {up.stderr[-2000:]}")
+        health = httpx.get(f"{self.url}/health", timeout=10).json()
+        self.ranks = health.get("world_size")
+        self.dtype = (health.get("rank_loads") or [{}])[0].get("dtype")   # what each rank resolved dtype auto to
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, "-m", "infra.cli", "down", str(self.path)], cwd=ROOT,
+                       capture_output=True, timeout=120)
+
+
+def bench_shipped(model_dir: Path, logs: Path, rounds: int, emit) -> dict:
+    """0. The embedded default as it ships, one chat at a time and 8 at once, against its peers."""
+    shipped = UpDeployment(logs, "shipped")
+    forced = None
+    try:
+        threads = max(1, (os.cpu_count() or 1) // (shipped.ranks or 1))
+        plain = PlainGenerate(model_dir, shipped.dtype or "float32", os.cpu_count() or 1)
+        emit({"case": "the shipped default (herd up environments/local.yaml)", "ranks": shipped.ranks,
+              "dtype": shipped.dtype, "threads_per_rank": threads,
+              "peer": f"generate in one process, dtype {shipped.dtype}, {os.cpu_count()} threads"})
+        if shipped.ranks != 3:
+            forced = UpDeployment(logs, "tp3", {"parallelism": {"tensor": 3}})
+        sides: dict[str, Callable[[], tuple[float, float]]] = {
+            "shipped": lambda: (NEW_TOKENS / chat(shipped.url, "smollm2-135m-instruct", CHATS[0], ignore_eos=True)[1],
+                                ttft(shipped.url, "smollm2-135m-instruct", CHATS[0])),
+            "generate": lambda: (NEW_TOKENS / plain.run(CHATS[0], NEW_TOKENS), plain.run(CHATS[0], 1))}
+        if forced is not None:
+            sides["tp3"] = lambda: (NEW_TOKENS / chat(forced.url, "smollm2-135m-instruct", CHATS[0], ignore_eos=True)[1],
+                                    ttft(forced.url, "smollm2-135m-instruct", CHATS[0]))
+        for side in sides.values():   # warm-up, excluded
+            side()
+        got = interleaved(sides, lambda side: side(), rounds)
+        one = {name: {"tok_per_s": [round(r, 2) for r, _ in v], "ttft_s": [round(t, 3) for _, t in v],
+                      "tok_per_s_spread": spread([r for r, _ in v])} for name, v in got.items()}
+        emit({"case": "one chat at a time, 64 tokens", **one,
+              **({"tp3_dtype": forced.dtype} if forced is not None else {})})
+        if forced is not None:
+            forced.stop()
+            forced = None
+        best = {name: max(r for r, _ in v) for name, v in got.items()}
+        summary = {"one_chat_shipped_vs_generate": f"{best['shipped'] / best['generate']:.2f}x (goal >= 1)",
+                   "one_chat_ttft_shipped_s": min(t for _, t in got["shipped"]),
+                   "one_chat_ttft_generate_s": min(t for _, t in got["generate"])}
+        if "tp3" in best:
+            summary["one_chat_tp3_vs_shipped"] = f"{best['tp3'] / best['shipped']:.2f}x"
+            summary["one_chat_tok_per_s_best"] = {k: round(v, 1) for k, v in best.items()}
+        del plain
+        peer = peer_server(model_dir, logs, shipped.dtype or "float32")
+        try:
+            servers = {"shipped": (shipped.url, "smollm2-135m-instruct"), "transformers serve": (peer.url, str(model_dir))}
+            for url, model in servers.values():
+                concurrent_load(url, model)   # warm-up
+            rates = interleaved(servers, lambda side: concurrent_load(*side), rounds)
+        finally:
+            peer.stop()
+        emit({"case": f"8 concurrent chats, both {shipped.dtype}",
+              **{name: {"tok_per_s": [round(r, 1) for r in v], "spread": spread(v)} for name, v in rates.items()}})
+        summary["eight_chats_shipped_vs_transformers_serve"] = (
+            f"{max(rates['shipped']) / max(rates['transformers serve']):.2f}x (goal >= 1, equal dtype)")
+        return summary
+    finally:
+        if forced is not None:
+            forced.stop()
+        shipped.stop()
 
 
 def herd_server(model_dir: Path, tp: int, logs: Path, dtype: str = "auto", name: str = "") -> Server:
@@ -266,7 +379,8 @@ def bench_vllm(model_dir: Path, logs: Path, rounds: int, emit) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shipped", action="store_true", help="only the shipped default against its peers")
     parser.add_argument("--vllm", action="store_true", help="also measure engine: vllm (needs `make vllm`)")
     parser.add_argument("--only-vllm", action="store_true", help="only the vLLM comparisons")
     args = parser.parse_args()
@@ -288,6 +402,10 @@ def main() -> int:
                      "model": "SmolLM2-135M-Instruct", "herd_auto_dtype": auto, "new_tokens": NEW_TOKENS,
                      "clients": len(CHATS), "rounds": args.rounds})
     emit = report.emit
+    if args.shipped:
+        emit({"summary": bench_shipped(model_dir, logs, max(5, args.rounds), emit)})
+        report.save(args.out)
+        return 0
     if args.only_vllm:
         emit({"summary": bench_vllm(model_dir, logs, max(5, args.rounds), emit)})
         report.save(args.out)

@@ -105,7 +105,7 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
         console.print(f"already running (pid {pid}); `herd down {env_path}` first to restart it")
         return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
     if spec.replicas > 1:
-        return _up_replicas(spec, env_path, console, state, smoke, ready_timeout)
+        return _up_replicas(spec, env_path, console, state, smoke, ready_timeout, result.tensor_parallel)
     if not _port_free(spec.serving.host, spec.serving.port):
         raise UserError(f"serving.port: {spec.serving.port} is already in use on {spec.serving.host} "
                         "(stop what holds it, or choose another port)")
@@ -119,8 +119,9 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
     material = server_tls(spec, env_path, state)
     if material is not None:
         console.print(tls.announce(material), markup=False, highlight=False, soft_wrap=True)
-    pid = start_managed(_serve_command(env_path, model_dir, state, material), state,
-                        cwd=Path(env_path).resolve().parent.parent)
+    # The planned degree (tensor: auto resolved for this host's cores), not the spec's word again.
+    pid = start_managed(_serve_command(env_path, model_dir, state, material, "--tp", str(result.tensor_parallel)),
+                        state, cwd=Path(env_path).resolve().parent.parent)
     console.print(f"started herd serve under its keeper (pid {pid}); log: {state / LOG_NAME}")
     return _wait_and_smoke(spec, console, pid, state, smoke, ready_timeout)
 
@@ -172,7 +173,7 @@ def replica_ports(spec: Spec) -> list[int]:
 
 
 def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke: bool,
-                 ready_timeout: float) -> int:
+                 ready_timeout: float, tensor: int) -> int:
     """N groups of `herd serve` on loopback behind HAProxy on serving.port, each a managed process."""
     import shutil
     from provisioning.haproxy import BalancerConfig, Replica, render, replica_name
@@ -199,7 +200,7 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
     cwd = Path(env_path).resolve().parent.parent
     for i, port in enumerate(ports):
         cmd = _serve_command(env_path, model_dir, state / f"replica-{i}", material if replica_tls else None,
-                             "--host", "127.0.0.1", "--port", str(port))
+                             "--host", "127.0.0.1", "--port", str(port), "--tp", str(tensor))
         pid = start_managed(cmd, state / f"replica-{i}", cwd)
         console.print(f"{replica_name(i)}: herd serve on 127.0.0.1:{port} under its keeper (pid {pid})")
     balancer = state / "haproxy"

@@ -113,7 +113,7 @@ def main() -> int:
                            on_gpu=placement.on_cuda, tensor_parallel=world)
     log.info("loading in %s", dtype)
     model = load_model(_env("HERD_MODEL_DIR"), getattr(torch, dtype), world, placement.device)
-    load = {"rank": rank, "seconds": round(time.monotonic() - started, 2),
+    load = {"rank": rank, "dtype": dtype, "seconds": round(time.monotonic() - started, 2),
             "disk_read_bytes": _disk_read_bytes() - read_before, "shard_bytes": _shard_bytes(model)}
     log.info("shard loaded in %.1fs: %d parameter bytes here, %d bytes read from disk", load["seconds"],
              load["shard_bytes"], load["disk_read_bytes"])

@@ -40,10 +40,12 @@ def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
             # Each replica is its own group of hosts: a group may use at most its share of the list.
             max_nodes=max(1, len(section.hosts) // spec.replicas), hosts=len(section.hosts))
     host = host or HostFacts.measure()
-    # Local replicas share this machine: each group plans with its share of the RAM (the weights on
-    # disk are one copy for all).
-    return Hardware(accelerator=catalog.accelerator("cpu"), devices_per_node=_ranks(spec, host.cpus),
-                    host_ram_bytes=host.ram_bytes // spec.replicas, disk_bytes=host.free_disk_bytes, max_nodes=1)
+    # Local replicas share this machine: each group plans with its share of the RAM and of the cores
+    # (the weights on disk are one copy for all).
+    cores = max(1, host.cpus // spec.replicas)
+    return Hardware(accelerator=catalog.accelerator("cpu"), devices_per_node=_ranks(spec, cores),
+                    host_ram_bytes=host.ram_bytes // spec.replicas, disk_bytes=host.free_disk_bytes, max_nodes=1,
+                    cpu_cores=cores)
 
 
 def _ranks(spec: Spec, default: int) -> int:
@@ -58,8 +60,10 @@ def _planned_dtype(spec: Spec, hw: Hardware) -> str:
     """`auto` before the weights are here: catalog checkpoints are bf16 (what GPUs then run); a CPU
     runs bf16 only where it computes it natively (this host's flags: CPU plans are for this host)."""
     from runtime.planning import dtypes
+    from runtime.planning.planner import auto_tensor
     tensor = spec.parallelism.tensor
-    ranks = tensor if tensor != "auto" else (hw.devices_per_node if not hw.accelerator.is_gpu else 1)
+    ranks = tensor if tensor != "auto" else (auto_tensor(resolve_architecture(spec.model), hw)
+                                             if not hw.accelerator.is_gpu else 1)
     return dtypes.resolve(spec.model.dtype, checkpoint="bfloat16", on_gpu=hw.accelerator.is_gpu,
                           tensor_parallel=ranks)
 

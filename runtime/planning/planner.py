@@ -85,6 +85,7 @@ class Hardware:
     network_gbps: float | None = None
     max_nodes: int = DEFAULT_MAX_NODES         # per group (replica)
     hosts: int | None = None                   # on-prem: every host listed, shared by all replicas
+    cpu_cores: int | None = None               # CPU targets where known (local: this host's, per replica)
 
     @classmethod
     def from_instance(cls, instance_id: str, field: str = "instance", max_nodes: int = DEFAULT_MAX_NODES):
@@ -260,9 +261,29 @@ def _kv_dtype_bytes(req: PlanRequest) -> int:
     return DTYPE_BYTES[req.kv_cache_dtype]
 
 
-def _auto_tensor(arch: Architecture, hw: Hardware) -> int:
-    choices = arch.tensor_parallel_choices(hw.devices_per_node)
+def auto_tensor(arch: Architecture, hw: Hardware) -> int:
+    """`tensor: auto`: the largest degree that divides the model's heads within one node's devices. A
+    CPU node's devices are its cores, so every rank has a core of its own; and on CPUs no more ranks
+    than KV heads (replicated KV heads add all-reduce and copies for no less work per rank)."""
+    limit = hw.devices_per_node
+    if not hw.accelerator.is_gpu:
+        limit = min(limit, arch.num_key_value_heads)
+    choices = arch.tensor_parallel_choices(limit)
     return choices[-1] if choices else 1
+
+
+def _auto_note(arch: Architecture, hw: Hardware, tp: int) -> str:
+    valid = arch.tensor_parallel_choices(max(64, tp))
+    choices = ", ".join(map(str, valid[:6])) + (", ..." if len(valid) > 6 else "")
+    room = (f"{hw.devices_per_node} GPUs per node" if hw.accelerator.is_gpu
+            else f"a core per rank on {hw.devices_per_node} cores, no more ranks than KV heads")
+    return (f"tensor auto = {tp}: the largest degree dividing the model's {arch.num_attention_heads} attention "
+            f"and {arch.num_key_value_heads} KV heads ({choices}) with {room}")
+
+
+# A tensor-parallel CPU group with more ranks than cores, measured (bench/results/serving-cpu-2core.txt,
+# SmolLM2 on a 2-core host): one chat's decode at TP 3 against TP 1.
+OVERSUBSCRIBED_MEASURED = "one chat decoded at 6.6 tokens/s at TP 3 against 25.6 at TP 1 on a 2-core host"
 
 
 def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
@@ -283,7 +304,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     if req.lora_slots:
         overhead_parts["lora_adapters"] = lora_bytes(arch, stage_layers, req.lora_slots, req.lora_rank, act_bytes, tp)
     overhead = sum(overhead_parts.values())
-    capacity = int(hw.device_memory_bytes * req.memory_utilization)
+    # CPU ranks share the host's RAM: each holds its share among the ranks this node runs.
+    device_memory = (hw.device_memory_bytes if on_gpu or hw.accelerator.memory_bytes is not None
+                     else (hw.host_ram_bytes or 0) // max(1, per_node))
+    capacity = int(device_memory * req.memory_utilization)
     total = weights + kv_needed + overhead
     free_for_kv = capacity - weights - overhead
     max_kv_tokens = max(0, free_for_kv // kv_per_token) if kv_per_token else 0
@@ -296,6 +320,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         reasons.append(f"tensor parallel {tp} exceeds the {hw.devices_per_node} devices of one node")
     elif tp > hw.devices_per_node:
         notes.append(f"tensor parallel {tp} spans {nodes} CPU hosts over TCP (gloo): correct, not fast")
+    if not on_gpu and hw.cpu_cores and per_node > hw.cpu_cores:
+        notes.append(f"tensor parallel {tp} puts {per_node} ranks on {hw.cpu_cores} cores: they take turns on "
+                     f"the cores and every layer's all-reduce waits for the one descheduled "
+                     f"({OVERSUBSCRIBED_MEASURED}); tensor: auto gives each rank a core")
     if pp > arch.num_hidden_layers:
         reasons.append(f"pipeline parallel {pp} exceeds the model's {arch.num_hidden_layers} layers")
     if req.replicas > 1 and hw.hosts is not None and nodes * req.replicas > hw.hosts:
@@ -367,7 +395,7 @@ def lora_bytes(arch: Architecture, layers: int, slots: int, rank: int, dtype_byt
 
 def plan(req: PlanRequest, suggest: bool = True) -> Plan:
     arch, hw = req.architecture, req.hardware
-    tp = req.tensor if req.tensor != "auto" else _auto_tensor(arch, hw)
+    tp = req.tensor if req.tensor != "auto" else auto_tensor(arch, hw)
     if req.pipeline != "auto":
         candidates = [req.pipeline]
     elif req.nodes != "auto":
@@ -391,6 +419,8 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
                 if all("replicas" in reason for reason in wider.reasons):
                     result = wider
                     break
+    if req.tensor == "auto":
+        result.notes.insert(0, _auto_note(arch, hw, tp))
     if not result.fits and suggest:
         result.suggestions = suggestions(req)
     return result

@@ -43,8 +43,8 @@ def error_of(path) -> str:
 
 @pytest.mark.parametrize("change, field, expected", [
     (("quantization: none", "quantisation: none"), "model.quantisation", "did you mean quantization"),
-    (("tensor: 3", "tensor: three"), "parallelism.tensor", "'auto'"),
-    (("tensor: 3", "tensor: 2"), "parallelism.tensor", "allowed: auto, 1, 3, 9"),
+    (("tensor: auto", "tensor: three"), "parallelism.tensor", "'auto'"),
+    (("tensor: auto", "tensor: 2"), "parallelism.tensor", "allowed: auto, 1, 3, 9"),
     (("nodes: 1", "nodes: 0"), "parallelism.nodes", "greater than or equal to 1"),
     (("max_model_len: 2048", "max_model_len: 100000"), "context.max_model_len", "16..8192"),
     (("id: smollm2-135m-instruct", "id: smollm2-135m-instrukt"), "model.id", "smollm2-135m-instruct"),
@@ -159,3 +159,40 @@ def test_a_guard_loads_with_its_defaults(tmp_path):
 def test_a_bad_guard_names_the_field_the_value_and_what_is_allowed(tmp_path, guard, expected):
     message = error_of(write(tmp_path, with_guard(guard)))
     assert expected in message, message
+
+
+# ------------------------------------------------------------------ ranks fit the machine
+def local_plan(tmp_path, text, cpus):
+    from runtime.planning.plan_spec import HostFacts, request_from_spec
+    from runtime.planning.planner import plan
+    host = HostFacts(cpus=cpus, ram_bytes=24 * 2**30, free_disk_bytes=100 * 2**30)
+    return plan(request_from_spec(load_spec(write(tmp_path, text)), host))
+
+
+@pytest.mark.parametrize("cpus, replicas, ranks", [(1, 1, 1), (2, 1, 1), (3, 1, 3), (16, 1, 3), (4, 2, 1), (6, 2, 3)])
+def test_the_embedded_default_is_tensor_parallel_where_every_rank_has_a_core(tmp_path, cpus, replicas, ranks):
+    """SmolLM2 divides over 1, 3 or 9 ranks: auto takes the most that give each rank a core of its
+    replica's share, and no more than its 3 KV heads (9 ranks would replicate them)."""
+    result = local_plan(tmp_path, LOCAL + f"replicas: {replicas}\n", cpus)
+    assert result.fits and result.tensor_parallel == ranks
+    cores = cpus // replicas
+    assert f"tensor auto = {ranks}: the largest degree dividing the model's 9 attention and 3 KV heads" in result.notes[0]
+    assert f"a core per rank on {cores} cores" in result.notes[0]
+    assert not any("ranks on" in note for note in result.notes)
+
+
+def test_more_ranks_than_cores_is_explained_in_numbers(tmp_path):
+    result = local_plan(tmp_path, LOCAL.replace("tensor: auto", "tensor: 3"), 2)
+    assert result.fits and result.tensor_parallel == 3         # asked for: served, with the cost said
+    (note,) = [n for n in result.notes if "ranks on" in n]
+    assert "3 ranks on 2 cores" in note and "tokens/s at TP 3 against" in note
+    assert not any(n.startswith("tensor auto") for n in result.notes)
+
+
+def test_auto_dtype_follows_the_degree_auto_picks(tmp_path):
+    """dtype auto on CPU: bf16 only in one process (tensor-parallel CPU ranks run fp32, see dtypes)."""
+    from runtime.planning import dtypes
+    one, three = local_plan(tmp_path, LOCAL, 2), local_plan(tmp_path, LOCAL, 4)
+    assert (one.tensor_parallel, three.tensor_parallel) == (1, 3)
+    assert three.dtype == "float32"
+    assert one.dtype == dtypes.resolve("auto", checkpoint="bfloat16", on_gpu=False, tensor_parallel=1)

@@ -51,6 +51,7 @@ def test_each_rank_holds_exactly_the_planned_share(tiny_model, serve, tp):
     srv.wait_ready()
     loads = httpx.get(f"{srv.url}/health/ready").json()["rank_loads"]
     assert sorted(l["rank"] for l in loads) == list(range(tp))
+    assert {l["dtype"] for l in loads} == {"float32"}   # dtype auto on an fp32 checkpoint, as each rank resolved it
     file_bytes = sum(f.stat().st_size for f in tiny_model.glob("*.safetensors"))
     assert max(l["shard_bytes"] for l in loads) == planned
     # Together the ranks hold the checkpoint once, plus one copy of the replicated norms per extra rank
