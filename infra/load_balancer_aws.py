@@ -1,11 +1,14 @@
 """AWS: an Application Load Balancer in front of the replicas' heads.
 
-Why an ALB rather than an NLB with a TLS listener: the ALB checks health over HTTP with a path and an
-exact status (`/health/ready`, 200 only), balances per request by outstanding requests (an NLB balances
+Why an ALB rather than an NLB with a TLS listener: the ALB checks health with a path and an exact status
+(`/health/ready`, 200 only), balances per request by outstanding requests (an NLB balances
 connections, so a client's keep-alive connection would pin it to one group), drains per request, and
 its idle timeout (up to 4000 s) covers a long non-streaming generation; SSE streams pass through it as
 ordinary chunked responses. One target group per deployment holds each replica's head; the nodes' API
 port is open to the load balancer's security group only, the load balancer's port 443 to allowed_cidrs.
+The heads bind every address, so they serve HTTPS only (herd's rule off loopback): the target group and
+its health check speak HTTPS to them (an ALB does not verify a target's certificate; the hop stays
+encrypted inside the VPC). tests/infra/test_lb_twin.py runs this declaration against a real head.
 The ALB needs subnets in two zones: the nodes' subnet (one zone, for the cluster placement group) and
 a second public subnet in another zone that holds only the load balancer's interfaces.
 """
@@ -64,13 +67,13 @@ class AwsLoadBalancer(pulumi.ComponentResource):
                                          description="api from the load balancer", opts=child)
 
         self.target_group = aws.lb.TargetGroup(
-            f"{name}-heads", port=args.api_port, protocol="HTTP", protocol_version="HTTP1",
+            f"{name}-heads", port=args.api_port, protocol="HTTPS", protocol_version="HTTP1",
             target_type="instance", vpc_id=args.vpc_id, tags=tags, opts=child,
             # The group with the fewest requests in flight gets the next one (HAProxy's leastconn).
             load_balancing_algorithm_type="least_outstanding_requests",
             deregistration_delay=GENERATION_TIMEOUT_S,
             health_check=aws.lb.TargetGroupHealthCheckArgs(
-                enabled=True, protocol="HTTP", port="traffic-port", path=HEALTH_PATH, matcher="200",
+                enabled=True, protocol="HTTPS", port="traffic-port", path=HEALTH_PATH, matcher="200",
                 interval=HEALTH_INTERVAL_S, timeout=HEALTH_TIMEOUT_S, healthy_threshold=HEALTHY_THRESHOLD,
                 unhealthy_threshold=UNHEALTHY_THRESHOLD))
         self._name, self._port, self._child = name, args.api_port, child

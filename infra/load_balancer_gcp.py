@@ -2,7 +2,9 @@
 
 One unmanaged instance group per replica holds its head (named port `api`; the head joins it as the
 cluster makes it, InstanceGroupMembership, so the next replica can wait until it is healthy); one backend service over
-those groups checks `/health/ready` (a GCP HTTP health check passes on 200 only), balances per request
+those groups checks `/health/ready` over HTTPS (a GCP HTTPS health check passes on 200 only; the
+heads bind every address, so they serve HTTPS only, and Google's front ends do not verify a backend's
+certificate: tests/infra/test_lb_twin.py runs this declaration against a real head), balances per request
 to the group with the fewest requests in flight (LEAST_REQUEST), waits the generation timeout for a
 response (the default 30 s cuts a long non-streaming generation) and drains a removed group as long.
 The HTTPS proxy holds the deployment's certificate; a global address and forwarding rule on 443 are
@@ -59,12 +61,12 @@ class GcpLoadBalancer(pulumi.ComponentResource):
         self.health_check = gcp.compute.HealthCheck(
             f"{name}-ready", check_interval_sec=HEALTH_INTERVAL_S, timeout_sec=HEALTH_TIMEOUT_S,
             healthy_threshold=HEALTHY_THRESHOLD, unhealthy_threshold=UNHEALTHY_THRESHOLD,
-            http_health_check=gcp.compute.HealthCheckHttpHealthCheckArgs(port=args.api_port,
-                                                                         request_path=HEALTH_PATH),
+            https_health_check=gcp.compute.HealthCheckHttpsHealthCheckArgs(port=args.api_port,
+                                                                           request_path=HEALTH_PATH),
             opts=child)
 
         self.backend_service = gcp.compute.BackendService(
-            f"{name}-replicas", load_balancing_scheme="EXTERNAL_MANAGED", protocol="HTTP", port_name=PORT_NAME,
+            f"{name}-replicas", load_balancing_scheme="EXTERNAL_MANAGED", protocol="HTTPS", port_name=PORT_NAME,
             health_checks=self.health_check.id, timeout_sec=GENERATION_TIMEOUT_S,
             connection_draining_timeout_sec=GENERATION_TIMEOUT_S, locality_lb_policy="LEAST_REQUEST",
             backends=[gcp.compute.BackendServiceBackendArgs(group=group.self_link, balancing_mode="UTILIZATION",

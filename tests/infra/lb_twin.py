@@ -17,6 +17,7 @@ AWS_TARGET_GROUP = "aws:lb/targetGroup:TargetGroup"
 AWS_LISTENER = "aws:lb/listener:Listener"
 AWS_LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
 GCP_HEALTH_CHECK = "gcp:compute/healthCheck:HealthCheck"
+GCP_INSTANCE_GROUP = "gcp:compute/instanceGroup:InstanceGroup"
 GCP_BACKEND_SERVICE = "gcp:compute/backendService:BackendService"
 GCP_PROXY = "gcp:compute/targetHttpsProxy:TargetHttpsProxy"
 GCP_FORWARDING_RULE = "gcp:compute/globalForwardingRule:GlobalForwardingRule"
@@ -29,6 +30,7 @@ class DeclaredBalancer:
     listener_protocol: str       # what clients speak to the balancer
     listener_port: int
     backend_protocol: str        # what the balancer speaks to the heads
+    api_port: int                # the port the heads are declared to serve on
     check_protocol: str
     check_port: int | None       # None: the traffic port
     check_path: str
@@ -49,7 +51,7 @@ def declared_aws(mocks) -> DeclaredBalancer:
     port = check.get("port", "traffic-port")
     return DeclaredBalancer(
         cloud="aws", listener_protocol=listener["protocol"], listener_port=int(listener["port"]),
-        backend_protocol=group["protocol"], check_protocol=check["protocol"],
+        backend_protocol=group["protocol"], api_port=int(group["port"]), check_protocol=check["protocol"],
         check_port=None if port == "traffic-port" else int(port), check_path=check["path"],
         check_status=check["matcher"], interval_s=int(check["interval"]), timeout_s=int(check["timeout"]),
         healthy_threshold=int(check["healthyThreshold"]), unhealthy_threshold=int(check["unhealthyThreshold"]),
@@ -62,12 +64,14 @@ def declared_gcp(mocks) -> DeclaredBalancer:
     service = mocks.one(GCP_BACKEND_SERVICE).inputs
     mocks.one(GCP_PROXY)                       # the listener: a target HTTPS proxy...
     rule = mocks.one(GCP_FORWARDING_RULE).inputs
+    (named,) = {p["port"] for g in mocks.of_type(GCP_INSTANCE_GROUP) for p in g.inputs["namedPorts"]
+                if p["name"] == service["portName"]}
     kinds = {"httpHealthCheck": "HTTP", "httpsHealthCheck": "HTTPS", "http2HealthCheck": "HTTP2"}
     (kind,) = [k for k in kinds if check.get(k)]
     probe = check[kind]
     return DeclaredBalancer(
         cloud="gcp", listener_protocol="HTTPS", listener_port=int(rule["portRange"]),   # ...on its rule's port
-        backend_protocol=service["protocol"], check_protocol=kinds[kind],
+        backend_protocol=service["protocol"], api_port=int(named), check_protocol=kinds[kind],
         check_port=int(probe["port"]) if probe.get("port") else None, check_path=probe.get("requestPath", "/"),
         check_status="200",   # GCP's HTTP(S) health checks pass on 200 only
         interval_s=int(check["checkIntervalSec"]), timeout_s=int(check["timeoutSec"]),
@@ -79,7 +83,7 @@ def declared_gcp(mocks) -> DeclaredBalancer:
 class Head:
     name: str
     address: str
-    port: int    # where the head listens (the declared API port on a cloud node)
+    port: int    # where this head listens: it stands for the declared API port (on a cloud node, that port)
 
 
 def haproxy_config(declared: DeclaredBalancer, heads: list[Head], listen_port: int, pem: str, socket: str) -> str:
@@ -92,10 +96,12 @@ def haproxy_config(declared: DeclaredBalancer, heads: list[Head], listen_port: i
     probe_tls = {"HTTPS": "check-ssl", "HTTP": "no-check-ssl" if to_heads else ""}.get(declared.check_protocol)
     if probe_tls is None:
         raise ValueError(f"the twin has no {declared.check_protocol} health check")
-    servers = "\n".join(
-        f"  server {h.name} {h.address}:{h.port} check {to_heads} {probe_tls}"
-        + (f" port {declared.check_port}" if declared.check_port else "")
-        for h in heads)
+    def probe_port(head: Head) -> int:
+        # A check of the declared API port reaches the head where it really listens; a check of any
+        # other port goes to that port, where nothing answers (as on the cloud).
+        return head.port if declared.check_port in (None, declared.api_port) else int(declared.check_port)
+    servers = "\n".join(f"  server {h.name} {h.address}:{h.port} check {to_heads} {probe_tls} port {probe_port(h)}"
+                         for h in heads)
     return f"""global
   stats socket {socket} mode 600 level admin
 defaults

@@ -100,12 +100,15 @@ def test_aws_target_group_checks_readiness_and_drops_a_dead_group_within_15_s(ru
     mocks, _ = aws_two_groups(run_stack, tmp_path)
     group = mocks.one("aws:lb/targetGroup:TargetGroup").inputs
     check = group["healthCheck"]
+    # The heads bind every address, so they serve TLS only: the balancer must speak HTTPS to them, for
+    # requests and health checks alike (test_lb_twin.py runs this against a real head).
+    assert "--tls-certfile" in by_name(mocks, "aws:ec2/instance:Instance")["aws-x2-node-0"]["userData"]
     assert (check["path"], check["matcher"], check["protocol"], check["port"]) == \
-        ("/health/ready", "200", "HTTP", "traffic-port")
+        ("/health/ready", "200", "HTTPS", "traffic-port")
     # Out after unhealthy_threshold failed checks, each up to `timeout` late.
     assert check["unhealthyThreshold"] * check["interval"] + check["timeout"] == DETECTION_S <= 15
     assert check["timeout"] < check["interval"] and check["healthyThreshold"] == 2
-    assert (group["port"], group["protocol"], group["targetType"]) == (8000, "HTTP", "instance")
+    assert (group["port"], group["protocol"], group["targetType"]) == (8000, "HTTPS", "instance")
     assert group["loadBalancingAlgorithmType"] == "least_outstanding_requests"
     assert group["deregistrationDelay"] >= 600           # a group being replaced finishes long generations
     attachments = mocks.of_type("aws:lb/targetGroupAttachment:TargetGroupAttachment")
@@ -200,12 +203,14 @@ def test_gcp_backend_service_checks_readiness_waits_for_long_generations_and_dra
     assert all(g["namedPorts"] == [{"name": "api", "port": 8000}] and g["zone"] == "us-central1-a"
                for g in groups.values())
     check = mocks.one("gcp:compute/healthCheck:HealthCheck").inputs
-    assert check["httpHealthCheck"] == {"port": 8000, "requestPath": "/health/ready"}
+    # The heads serve TLS only (bound to every address): an HTTPS check, HTTPS to the backends.
+    assert "--tls-certfile" in nodes["gcp-x2-node-0"]["metadata"]["startup-script"]
+    assert check["httpsHealthCheck"] == {"port": 8000, "requestPath": "/health/ready"} and not check.get("httpHealthCheck")
     assert check["unhealthyThreshold"] * check["checkIntervalSec"] + check["timeoutSec"] == DETECTION_S <= 15
     service = mocks.one("gcp:compute/backendService:BackendService").inputs
     assert service["timeoutSec"] >= 600 > 30                       # GCP's default 30 s cuts generations
     assert service["connectionDrainingTimeoutSec"] >= 600
-    assert (service["loadBalancingScheme"], service["protocol"], service["portName"]) == ("EXTERNAL_MANAGED", "HTTP", "api")
+    assert (service["loadBalancingScheme"], service["protocol"], service["portName"]) == ("EXTERNAL_MANAGED", "HTTPS", "api")
     assert service["localityLbPolicy"] == "LEAST_REQUEST"
     assert service["healthChecks"] == f"{mocks.one('gcp:compute/healthCheck:HealthCheck').name}-id"
     assert sorted(b["group"] for b in service["backends"]) == sorted(mocks.states[n]["selfLink"] for n in groups)
