@@ -6,7 +6,8 @@ Both sides are timed the same way: end to end, one call each, with the same time
 call (as a fresh command would; imports excepted). herd's time therefore includes its listing, its
 per-file metadata requests and writing its manifest; a plain client's includes whatever it does to
 fetch the files by name. Rounds are interleaved (every contender once per round, the order rotated
-each round) and the best round of each counts. The headline ratio is against a client that also
+each round) and the best round of each counts; each round's own ratio is kept too, and a comparison
+whose per-round ratios straddle 1.0 is called a tie. The headline ratio is against a client that also
 verifies: the same plain client hashing what it reads with sha256 (herd checks every byte against the
 store's published sha256). Ratios above 1: herd is faster.
 
@@ -15,7 +16,7 @@ Hub's API on one port, its CDN for LFS files on another, in a process of its own
 file's hashes, so a listing costs it no re-hashing. file:// sources are used in place (no copy), so
 they have no fetch to compare.
 
-Usage: python bench/weights.py [--mb 128] [--rounds 3] [--skip-ranks] [--out bench/results/weights-MACHINE.txt]
+Usage: python bench/weights.py [--mb 128] [--rounds 5] [--skip-ranks] [--out bench/results/weights-MACHINE.txt]
 """
 from __future__ import annotations
 
@@ -113,10 +114,20 @@ def git_sha() -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
+def verdict(peer: list[float], herd: list[float]) -> dict:
+    """herd against a peer: the best/best ratio (above 1: herd faster) and the spread of the ratios
+    round by round (each round runs both); a spread that covers 1.0 is a tie, not a win or a loss."""
+    per_round = sorted(p / h for p, h in zip(peer, herd))
+    low, high = per_round[0], per_round[-1]
+    called = "tie" if low <= 1.0 <= high else "herd faster" if low > 1.0 else "herd slower"
+    return {"ratio": round(min(peer) / min(herd), 2), "per_round": [round(r, 2) for r in per_round],
+            "spread": [round(low, 2), round(high, 2)], "verdict": called}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=int, default=128, help="model size in MB (4 shards)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stores", default="s3,gs,hf", help="which stores to measure (comma-separated)")
     parser.add_argument("--skip-ranks", action="store_true", help="skip the per-rank load figures")
     parser.add_argument("--out", type=Path)
@@ -144,18 +155,19 @@ def main() -> int:
         joins them. Every round runs each contender once, order rotated; the best round counts."""
         scheme = uri.split(":")[0]
         contenders = {**clients, "herd": lambda d: fetch(uri, d, quiet=True)}
-        best = {name: float("inf") for name in contenders}
+        times: dict[str, list[float]] = {name: [] for name in contenders}
         order = list(contenders)
         for attempt in range(args.rounds):
             for name in order[attempt % len(order):] + order[:attempt % len(order)]:
                 dest = work / f"{scheme}-{attempt}-{name.replace(' ', '_')}"
                 dest.mkdir()
-                best[name] = min(best[name], timed(lambda: contenders[name](dest)))
+                times[name].append(timed(lambda: contenders[name](dest)))
                 shutil.rmtree(dest)
+        best = {name: min(t) for name, t in times.items()}
         mbps = {name: round(total / seconds / 1e6, 1) for name, seconds in best.items()}
-        emit({"source": source, "MBps": mbps,
-              "herd_vs": {name: round(best[name] / best["herd"], 2) for name in clients},
-              "headline": {"vs": headline, "ratio": round(best[headline] / best["herd"], 2),
+        emit({"source": source, "MBps": mbps, "rounds_s": {n: [round(x, 3) for x in t] for n, t in times.items()},
+              "herd_vs": {name: verdict(times[name], times["herd"]) for name in clients},
+              "headline": {"vs": headline, **verdict(times[headline], times["herd"]),
                            "note": "a client that also verifies: sha256 of every byte"}})
 
     procs = []
