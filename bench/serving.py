@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -54,6 +54,7 @@ CHATS = ["Write a short story about a robot who learns to paint.",
          "Write a letter to a friend about a trip to the sea."]
 NEW_TOKENS = 64
 Side = TypeVar("Side")
+Measured = TypeVar("Measured")
 
 
 def free_port() -> int:
@@ -143,7 +144,7 @@ class PlainGenerate:
         from runtime.serving.text import TextCodec
         torch.set_num_threads(threads)
         self.codec = TextCodec(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        self.model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
 
     def run(self, text: str, new: int) -> float:
         import torch
@@ -201,8 +202,9 @@ def bench_shipped(model_dir: Path, logs: Path, rounds: int, emit) -> dict:
                                 ttft(shipped.url, "smollm2-135m-instruct", CHATS[0])),
             "generate": lambda: (NEW_TOKENS / plain.run(CHATS[0], NEW_TOKENS), plain.run(CHATS[0], 1))}
         if forced is not None:
-            sides["tp3"] = lambda: (NEW_TOKENS / chat(forced.url, "smollm2-135m-instruct", CHATS[0], ignore_eos=True)[1],
-                                    ttft(forced.url, "smollm2-135m-instruct", CHATS[0]))
+            tp3_url = forced.url
+            sides["tp3"] = lambda: (NEW_TOKENS / chat(tp3_url, "smollm2-135m-instruct", CHATS[0], ignore_eos=True)[1],
+                                    ttft(tp3_url, "smollm2-135m-instruct", CHATS[0]))
         for side in sides.values():   # warm-up, excluded
             side()
         got = interleaved(sides, lambda side: side(), rounds)
@@ -294,10 +296,11 @@ def ttft(url: str, model: str, text: str) -> float:
     raise RuntimeError("no content token in the stream")
 
 
-def interleaved(sides: Mapping[str, Side], measure: Callable[[Side], float], rounds: int) -> dict[str, list[float]]:
+def interleaved(sides: Mapping[str, Side], measure: Callable[[Side], Measured],
+                rounds: int) -> dict[str, list[Measured]]:
     """`measure(side)` for each side, `rounds` times, the side that goes first alternating each round."""
     names = list(sides)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, list[Measured]] = {n: [] for n in names}
     for i in range(rounds):
         for name in (names if i % 2 == 0 else names[::-1]):
             out[name].append(measure(sides[name]))
