@@ -51,7 +51,6 @@ from runtime.planning.spec import OnpremHost, Spec, parse_spec
 if TYPE_CHECKING:     # imported where SSH is used: the onprem extra
     import paramiko
 
-RDZV_PORT = 29400
 
 
 class HostError(Exception):

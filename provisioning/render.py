@@ -5,6 +5,7 @@ import shlex
 
 from rich.console import Console
 
+from provisioning.steps import RDZV_PORT
 from runtime.engine.vllm import VLLM_VERSION, vllm_launch
 from runtime.planning.plan_report import render as render_plan
 from runtime.planning.plan_spec import request_from_spec
@@ -38,13 +39,13 @@ def render_launch(spec: Spec, env_path: str, console: Console) -> int:
             argv = ["herd", "serve", env_path, "--model-dir", model_dir, "--node-rank", str(rank),
                     "--role", "head" if rank == 0 else "worker"]
             if result.nodes > 1:
-                argv += ["--rdzv-endpoint", f"{addrs[0]}:29400", "--node-addr", addrs[rank]]
+                argv += ["--rdzv-endpoint", f"{addrs[0]}:{RDZV_PORT}", "--node-addr", addrs[rank]]
             console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
         return 0
     for rank in range(result.nodes):
         argv = ["herd", "serve", env_path, "--model-dir", model_dir, "--tp", str(result.gpus_per_node)]
         if result.nodes > 1:
-            argv += ["--nnodes", str(result.nodes), "--rdzv-endpoint", f"{addrs[0]}:29400",
+            argv += ["--nnodes", str(result.nodes), "--rdzv-endpoint", f"{addrs[0]}:{RDZV_PORT}",
                      "--node-addr", addrs[rank], "--role", "head" if rank == 0 else "worker"]
         console.print(f"[dim]# node {rank} ({addrs[rank]})[/]")
         console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)

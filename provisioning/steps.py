@@ -68,6 +68,10 @@ class HostSteps:
         return f"env {env} bash {shlex.quote(f'{steps_dir}/{step}.sh')}" + (" --dry-run" if dry_run else "")
 
 
+# torchrun's c10d rendezvous on a group's head, the one port every node of a group dials.
+RDZV_PORT = 29400
+
+
 def serve_argv(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, env_file: str,
                model_dir: str) -> list[str]:
     """`herd serve` arguments for this host: the rendezvous at the head, this node's role."""
@@ -76,7 +80,7 @@ def serve_argv(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, env
     if plan.nodes > 1:
         # --node-rank orders vLLM's nodes; torchrun's c10d rendezvous orders its own.
         args += ["--nnodes", str(plan.nodes), "--node-rank", str(profile.node_rank), "--rdzv-endpoint",
-                 f"{head_addr}:29400", "--node-addr", profile.address,
+                 f"{head_addr}:{RDZV_PORT}", "--node-addr", profile.address,
                  "--role", "head" if profile.node_rank == 0 else "worker"]
     if spec.serving.api_key_env or spec.serving.api_key_file:
         # The key reaches the node as a 0600 file the installer writes; argv holds only its path.
