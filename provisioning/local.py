@@ -167,6 +167,12 @@ def _serve_command(env_path: str, model_dir: Path, state: Path, material, *extra
     return cmd
 
 
+def replicas_serve_tls(spec: Spec) -> bool:
+    """Local replicas serve TLS only when the spec asks for it on loopback too (a named certificate, or
+    tls mode on), with the deployment's own material, which HAProxy then verifies against its CA."""
+    return spec.serving.tls_enabled and (spec.serving.tls.cert is not None or spec.serving.tls.mode == "on")
+
+
 def replica_ports(spec: Spec) -> list[int]:
     """Where the local replicas listen (loopback): the ports after serving.port, HAProxy's."""
     return [spec.serving.port + 1 + i for i in range(spec.replicas)]
@@ -189,9 +195,7 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
                             f"{spec.serving.port}, the replicas the {spec.replicas} ports after it)")
     model_dir = _weights(spec)
     material = server_tls(spec, env_path, state)
-    # The replicas serve TLS only when the spec asks for it on loopback too (a named certificate, or
-    # tls mode on), with the deployment's own material, which HAProxy then verifies against its CA.
-    replica_tls = material is not None and (spec.serving.tls.cert is not None or spec.serving.tls.mode == "on")
+    replica_tls = material is not None and replicas_serve_tls(spec)
     backend_ca = None
     if material is not None and replica_tls:
         backend_ca = material.ca_file or tls.client_ca(spec)
@@ -325,10 +329,13 @@ def _replicas_status(spec: Spec, state: Path) -> dict:
     """Each local replica's own readiness, and HAProxy's view of it (its admin socket)."""
     from provisioning.haproxy import admin, replica_name, server_states
     replicas = {}
+    secure = replicas_serve_tls(spec)
+    # Asked as the balancer asks them: over TLS where they serve it, trusting the deployment's CA.
+    verify = tls.client_verify(tls.client_ca(spec)) if secure else True
     for i, port in enumerate(replica_ports(spec)):
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if secure else 'http'}://127.0.0.1:{port}"
         try:
-            health = httpx.get(f"{url}/health/ready", timeout=5).json().get("status")
+            health = httpx.get(f"{url}/health/ready", timeout=5, verify=verify).json().get("status")
         except (httpx.HTTPError, ValueError):
             health = "unreachable"
         replicas[replica_name(i)] = {"endpoint": url, "health": health,

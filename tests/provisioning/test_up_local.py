@@ -118,3 +118,36 @@ def test_local_replicas_serve_behind_haproxy_and_stop_together(herd, local_env):
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if alive(p)], "herd down left processes behind"
+
+
+def test_status_asks_tls_replicas_over_tls(tmp_path):
+    """Replicas that serve TLS on loopback (tls mode on) are asked for their readiness over HTTPS,
+    trusting the deployment CA, as HAProxy asks them; over plain HTTP they would read as unreachable."""
+    from provisioning.local import _replicas_status, replica_ports, server_tls, state_dir
+    from runtime.planning.spec import load_spec
+    from tests.runtime.conftest import ServeProcess, make_tiny_model, stop_and_check
+    spec_dict = yaml.safe_load((ROOT / "environments" / "local.yaml").read_text())
+    spec_dict.update(replicas=2)
+    spec_dict["serving"].update(port=free_port(), tls={"mode": "on"})
+    spec_dict["local"]["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "tls-replicas.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    spec = load_spec(path)
+    state = state_dir(spec)
+    material = server_tls(spec, str(path), state)   # the deployment CA and the replicas' certificate
+    model = make_tiny_model(tmp_path / "tiny")
+    replica = ServeProcess(["--model-dir", str(model), "--served-model-name", "tiny", "--tls-certfile",
+                            str(material.certfile), "--tls-keyfile", str(material.keyfile)],
+                           tmp_path, port=replica_ports(spec)[0])
+    replica.start()
+    try:
+        wait_for_ready = time.monotonic() + 240
+        while _replicas_status(spec, state)["replicas"]["replica-0"]["health"] != "ready":
+            assert replica.proc.poll() is None, replica.log_text()
+            assert time.monotonic() < wait_for_ready, _replicas_status(spec, state)
+            time.sleep(0.5)
+        got = _replicas_status(spec, state)["replicas"]
+        assert got["replica-0"]["endpoint"] == f"https://127.0.0.1:{replica.port}"
+        assert got["replica-1"]["health"] == "unreachable"      # nothing on its port
+    finally:
+        stop_and_check(replica)
