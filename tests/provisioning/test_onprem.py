@@ -410,10 +410,11 @@ def runtime_processes(netns: str) -> list[str]:
 
 
 # One 8-token completion of the load through the balancer: ~1 s on an idle machine; on a loaded 2-core
-# machine, which both replicas (each rank with a torch thread per core) and HAProxy share, 5-40 s were
-# measured, and two requests on one replica take longer still (a non-streaming answer sends no byte until
-# it ends). The load's client waits that long and more before it calls a request failed, and whatever
-# waits for a request to be served waits as long as one may take.
+# machine, which both replicas and HAProxy share, 5-40 s were measured while each replica's rank ran a
+# torch thread per core of the machine (the hosts now say they have their share: netns_hosts.sh), and
+# one replica serving every client while the other loads its model is slower still (a non-streaming
+# answer sends no byte until it ends). The load's client waits well past that before it calls a request
+# failed, and whatever waits for a request to be served waits as long as one may take.
 REQUEST_TIMEOUT_S = 120
 SERVED_WITHIN_S = REQUEST_TIMEOUT_S + 30
 
