@@ -6,6 +6,11 @@
 # (the overlay upper dirs) persist, like a rebooted machine's.
 # HERD_HOSTS_TAG (namespaces TAG-hI, bridge TAGbr0) and HERD_HOSTS_NET (the /24) let test files that
 # may run at the same time on one machine keep separate sets of hosts: `down` removes only its own.
+# The hosts share this machine's cores: each says it has its share of them (HERD_HOSTS_CPUS, default
+# the cores / N, at least 1) in /sys/devices/system/cpu/online, which os.cpu_count() reads and herd
+# sizes a rank's torch threads by. Three hosts on 2 cores that each ran a thread per core were 6
+# threads spinning in lockstep on 2 cores: on a loaded machine a TP-3 group streamed 0.1-0.2 token/s
+# and `herd up`'s smoke timed out (measured); with one core each, ~3 token/s.
 set -euo pipefail
 ACTION=${1:?up N | down | restart I}
 N=${2:-3}
@@ -37,6 +42,7 @@ start_sshd() {
     done
     mount --bind '$DIR/etc_hosts' /etc/hosts
     mount --bind '$DIR/resolv.conf' /etc/resolv.conf
+    mount --bind '$DIR/cpu_online' /sys/devices/system/cpu/online
     exec /usr/sbin/sshd -f '$d/sshd_config' -E '$d/sshd.log'"
   for _ in $(seq 1 100); do
     ip netns exec "$NS$i" ss -Hltn "sport = :22" | grep -q LISTEN && return 0
@@ -70,6 +76,9 @@ ip addr add "$NET.1/24" dev "$BR"
 ip link set "$BR" up
 { echo "127.0.0.1 localhost"; for i in $(seq 1 "$N"); do echo "$NET.$((10 + i)) h$i"; done; } > "$DIR/etc_hosts"
 echo "# no resolver" > "$DIR/resolv.conf"
+CPUS=${HERD_HOSTS_CPUS:-$(( $(nproc) / N ))}
+[ "$CPUS" -ge 1 ] || CPUS=1
+if [ "$CPUS" = 1 ]; then echo 0; else echo "0-$((CPUS - 1))"; fi > "$DIR/cpu_online"
 # The hosts' python: the system's when it is the same version as this machine's (herd's wheels are
 # built for that) and can make a venv, since the runtime runs as the unprivileged `herd` user, who
 # cannot reach an interpreter under /root; else this machine's.

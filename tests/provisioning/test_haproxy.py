@@ -311,17 +311,19 @@ def one_request(client: httpx.Client, url: str, stream: bool, model: str = "tiny
 
 class Load:
     """`threads` clients in a loop (the last `streams` of them streaming) until stopped, or `limit`
-    seconds at most: a bounded load."""
+    seconds at most: a bounded load. A request that takes longer than `timeout` s (httpx's, between
+    bytes: a non-streaming answer sends none until it ends) fails."""
 
     def __init__(self, url: str, ca: Path, threads: int = 4, streams: int = 1, limit: float = 60,
-                 headers: dict | None = None, model: str = "tiny"):
+                 headers: dict | None = None, model: str = "tiny", timeout: float = 30):
         self.outcomes: list[Outcome] = []
         self.stopped = threading.Event()
+        self.timeout = timeout
         context = ssl.create_default_context(cafile=str(ca))
         end = time.monotonic() + limit
 
         def client_loop(stream: bool):
-            with httpx.Client(verify=context, timeout=30, headers=headers) as client:
+            with httpx.Client(verify=context, timeout=timeout, headers=headers) as client:
                 while not self.stopped.is_set() and time.monotonic() < end:
                     self.outcomes.append(one_request(client, url, stream, model))
 
@@ -333,10 +335,12 @@ class Load:
     def served_by(self) -> set:
         return {o.replica for o in list(self.outcomes) if o.ok}
 
-    def stop(self, timeout: float = 60) -> list[Outcome]:
+    def stop(self, timeout: float | None = None) -> list[Outcome]:
+        """Stop, once each client's request in flight has ended (within `timeout` s, default: a request's
+        own timeout and then some)."""
         self.stopped.set()
         for w in self.workers:
-            w.join(timeout)
+            w.join(self.timeout + 30 if timeout is None else timeout)
         assert not any(w.is_alive() for w in self.workers), "the load did not end"
         return self.outcomes
 

@@ -170,6 +170,33 @@ def herd_cli(*args, env, timeout):
                     f"{out.decode(errors='replace') if isinstance(out, bytes) else out}", pytrace=False)
 
 
+def herd_cli_timed(*args, env, timeout) -> tuple[subprocess.CompletedProcess, list[tuple[float, str]]]:
+    """herd_cli, and when (time.monotonic()) each line of its output was printed (read as it comes)."""
+    job = subprocess.Popen([*HERD, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
+    lines: list[tuple[float, str]] = []
+    err: list[str] = []
+
+    def read_lines():
+        for line in job.stdout:
+            lines.append((time.monotonic(), line))
+    readers = [threading.Thread(target=read_lines, daemon=True),
+               threading.Thread(target=lambda: err.append(job.stderr.read()), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        job.wait(timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
+        pytest.fail(f"`herd {' '.join(args)}` did not finish within {timeout}s; its output so far: "
+                    f"{''.join(line for _, line in lines)[-3000:]}", pytrace=False)
+    for reader in readers:
+        reader.join(30)
+    out = "".join(line for _, line in lines)
+    return subprocess.CompletedProcess(job.args, job.returncode, out, "".join(err)), lines
+
+
 def write_env(tmp_path, hosts_dir, known_hosts, addrs=ADDRS, key=None, port=None, tp=3) -> Path:
     spec = {
         "name": "onprem-test", "target": "onprem",
@@ -382,6 +409,48 @@ def runtime_processes(netns: str) -> list[str]:
     return found
 
 
+# One 8-token completion of the load through the balancer: ~1 s on an idle machine; on a loaded 2-core
+# machine, which both replicas and HAProxy share, 5-40 s were measured while each replica's rank ran a
+# torch thread per core of the machine (the hosts now say they have their share: netns_hosts.sh), and
+# one replica serving every client while the other loads its model is slower still (a non-streaming
+# answer sends no byte until it ends). The load's client waits well past that before it calls a request
+# failed, and whatever waits for a request to be served waits as long as one may take.
+REQUEST_TIMEOUT_S = 120
+SERVED_WITHIN_S = REQUEST_TIMEOUT_S + 30
+
+
+def out_of_rotation(lines: list[tuple[float, str]]) -> dict[str, tuple[float, float]]:
+    """Each replica's window in a rolling update, from herd's timed output: from its "draining" line to
+    its "ready; putting it back" line (until then HAProxy sends it nothing new)."""
+    seen: dict[str, dict[str, float]] = {}
+    for at, line in lines:
+        if "rolling update: " in line:
+            name, _, what = line.split("rolling update: ", 1)[1].strip().partition(": ")
+            seen.setdefault(name, {})[what] = at
+    return {name: (marks["draining"], marks["ready; putting it back"]) for name, marks in seen.items()
+            if "draining" in marks and "ready; putting it back" in marks}
+
+
+def load_report(load, hosts_dir, socket_path: str) -> str:
+    """What a Load did so far, per replica (ok / failed, the slowest, a few failures), and HAProxy's view
+    now: for a failure message."""
+    from provisioning.haproxy import server_states
+    from provisioning.rollout import remote_admin_script
+    outcomes, lines = list(load.outcomes), []
+    for replica in sorted({o.replica for o in outcomes}, key=str):
+        mine = [o for o in outcomes if o.replica == replica]
+        failed = [o.detail[-160:] for o in mine if not o.ok]
+        lines.append(f"{replica}: {len(mine) - len(failed)} ok, {len(failed)} failed, slowest "
+                     f"{max(o.ended - o.started for o in mine):.1f}s; {failed[:3]}")
+    done = ssh(hosts_dir, ADDRS[2], remote_admin_script(socket_path, "show stat"))
+    try:
+        view = {s.name: (s.status, s.check_status, s.active_sessions, s.total_sessions)
+                for s in server_states(done.stdout)}
+    except ValueError:
+        view = done.stdout[-300:] + done.stderr[-300:]
+    return f"{len(outcomes)} requests ended: " + "; ".join(lines) + f"; HAProxy (status, check, scur, stot): {view}"
+
+
 def balancer_view(hosts_dir, socket_path: str) -> dict[str, str]:
     """HAProxy's status of each replica, read from its admin socket on h3 by the installer's command."""
     from provisioning.haproxy import server_states
@@ -429,12 +498,14 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
         before = {addr: runtime_of(hosts, addr)["serve"][0]["pid"] for addr in ADDRS[:2]}
 
         # A rolling update (max_model_len 2048 -> 1024) under a steady load: no failed request.
-        load = Load(url, ca, threads=3, streams=1, limit=600, headers=auth, model="smollm2-135m-instruct")
-        wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, 60,
-                   lambda: f"the load did not reach both replicas: {load.served_by()}")
+        load = Load(url, ca, threads=3, streams=1, limit=900, headers=auth, model="smollm2-135m-instruct",
+                    timeout=REQUEST_TIMEOUT_S)
+        wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, SERVED_WITHIN_S,
+                   lambda: f"the load did not reach both replicas: {load.served_by()}: "
+                           f"{load_report(load, hosts, socket_path)}{serve_logs(hosts, 15)}")
         spec["context"]["max_model_len"] = 1024
         env_file.write_text(yaml.safe_dump(spec))
-        rolled = herd_cli("up", str(env_file), "--no-smoke", env=secret_env, timeout=900)
+        rolled, lines = herd_cli_timed("up", str(env_file), "--no-smoke", env=secret_env, timeout=900)
         outcomes = load.stop()
         assert rolled.returncode == 0, rolled.stdout[-4000:] + rolled.stderr[-2000:]
         order = [line.split("rolling update: ")[1] for line in rolled.stdout.splitlines() if "rolling update: " in line]
@@ -442,7 +513,19 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
             "replica-0: draining", "replica-0: back in rotation", "replica-1: draining", "replica-1: back in rotation"
         ], rolled.stdout[-3000:]
         failed = [o.detail for o in outcomes if not o.ok]
-        assert failed == [] and len(outcomes) > 20, (len(outcomes), failed[:5])
+        assert failed == [], (len(outcomes), failed[:5])
+        # The load went on throughout (however long each request took): while each replica was out of
+        # rotation the other one was answering requests, and every request sent after its drain (a
+        # second's slack, as HAProxy applies it) and ended before it was put back went to the other one.
+        windows = out_of_rotation(lines)
+        assert set(windows) == {"replica-0", "replica-1"}, rolled.stdout[-3000:]
+        for name, other in (("replica-0", "replica-1"), ("replica-1", "replica-0")):
+            begin, end = windows[name]
+            answered = [o for o in outcomes if o.ok and o.replica == other and o.started < end and o.ended > begin]
+            assert answered, (f"no request answered by {other} while {name} was out of rotation for "
+                              f"{end - begin:.0f}s: {load_report(load, hosts, socket_path)}")
+            during = {o.replica for o in outcomes if o.started >= begin + 1.0 and o.ended <= end}
+            assert during <= {other}, (name, during)
         after = {addr: runtime_of(hosts, addr)["serve"][0]["pid"] for addr in ADDRS[:2]}
         assert all(after[a] != before[a] for a in before), (before, after)   # each replica replaced
         with httpx.Client(base_url=url, verify=ssl.create_default_context(cafile=str(ca)), headers=auth,
@@ -455,8 +538,10 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
             assert web.get("/health/ready").status_code == 200
 
             # A replica's rank killed under load: out of rotation within the checks, back when ready.
-            load = Load(url, ca, threads=3, streams=1, limit=900, headers=auth, model="smollm2-135m-instruct")
-            wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, 60, "the load reached one replica")
+            load = Load(url, ca, threads=3, streams=1, limit=900, headers=auth, model="smollm2-135m-instruct",
+                        timeout=REQUEST_TIMEOUT_S)
+            wait_until(lambda: load.served_by() == {"replica-0", "replica-1"}, SERVED_WITHIN_S,
+                       lambda: f"the load reached one replica: {load_report(load, hosts, socket_path)}")
             pid = ssh(hosts, ADDRS[1], "cat /opt/herd/state/serve/ranks/*.pid").stdout.split()[0]
             ssh(hosts, ADDRS[1], f"kill -9 {pid}")
             killed = time.monotonic()
@@ -467,7 +552,7 @@ def test_replicas_behind_haproxy_installed_rolled_killed_and_guarded(hosts, herd
                        "replica-1 not back in rotation 300 s after its rank died")
             back = time.monotonic()
             wait_until(lambda: "replica-1" in {o.replica for o in list(load.outcomes) if o.ok and o.started > back},
-                       30, "replica-1 is UP again but served no request within 30 s")
+                       SERVED_WITHIN_S, f"replica-1 is UP again but served no request within {SERVED_WITHIN_S} s")
             outcomes = load.stop()
         late = [o.detail for o in outcomes if not o.ok and o.started > killed + detected]
         assert late == [], late[:5]

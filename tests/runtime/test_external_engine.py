@@ -63,9 +63,15 @@ def serve_log(front) -> str:
     return (front.state_dir / "serve.log").read_text(errors="replace")
 
 
-# Prompt ids, long enough that the stream outlasts a few canaries (seconds even on an idle host).
+# Prompt ids for a stream that outlasts a few canaries: the busy test slows every decode step of its
+# stand-in engine by STEP_DELAY_S (HERD_TEST_STEP_DELAY_S), so 4000 tokens take >= 200 s however fast
+# the host is: longer than the test waits for the stream's first bytes and then for the canaries, so
+# the stream cannot end first (the test lets it go once the canaries have failed).
 LONG = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "temperature": 0,
         "stream": True}
+STEP_DELAY_S = 0.05
+FIRST_BYTES_WITHIN_S, CANARIES_WITHIN_S = 60, 90
+assert LONG["max_tokens"] * STEP_DELAY_S > FIRST_BYTES_WITHIN_S + CANARIES_WITHIN_S
 BUSY = "while the engine is busy with other requests"   # herd's log, on a canary failing behind them
 
 
@@ -192,14 +198,17 @@ def test_a_busy_engine_is_left_alone_and_a_stopped_one_is_killed_and_started_aga
                                                   "--concurrency", "1", "--max-model-len", "4096"),
                   "--engine-url", f"http://127.0.0.1:{engine_port}", "--served-model-name", "tiny",
                   "--canary-interval", str(interval), "--canary-timeout", str(timeout),
-                  "--canary-retries", str(retries), name="front")
+                  "--canary-retries", str(retries), env={"HERD_TEST_STEP_DELAY_S": str(STEP_DELAY_S)},
+                  name="front")   # the engine inherits the front's environment: its steps are slowed
     front.wait_ready(timeout=180)
 
     busy = Relayed().start(front.url)
-    wait_for("the stream's first bytes", lambda: busy.events or busy.outcome != "running", within=60)
+    wait_for("the stream's first bytes", lambda: busy.events or busy.outcome != "running",
+             within=FIRST_BYTES_WITHIN_S)
     # As many canaries failed behind the stream as would restart an engine that got no bytes out.
     wait_for("canaries failing while the stream gets bytes",
-             lambda: serve_log(front).count(BUSY) >= retries + 1 or busy.outcome != "running", within=90)
+             lambda: serve_log(front).count(BUSY) >= retries + 1 or busy.outcome != "running",
+             within=CANARIES_WITHIN_S)
     assert busy.outcome == "running", f"the stream ended first ({busy.outcome}): too fast to test the canary"
     assert httpx.get(f"{front.url}/health/ready").json()["restarts"] == 0
     busy.let_go()
