@@ -51,7 +51,7 @@ def error_of(path) -> str:
     (("target: local", "target: azure"), "target", "'local', 'onprem', 'aws' or 'gcp'"),
     (("port: 8000", "port: 80000"), "serving.port", "65535"),
     (("host: 127.0.0.1", "host: 0.0.0.0"), "serving.host", "API key is required"),
-    (("concurrency: 4", "concurrency: [4]"), "context.concurrency", "valid integer"),
+    (("concurrency: 8", "concurrency: [8]"), "context.concurrency", "valid integer"),
 ])
 def test_bad_field_names_field_value_and_allowed(tmp_path, change, field, expected):
     old, new = change
