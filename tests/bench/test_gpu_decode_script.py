@@ -25,7 +25,26 @@ def test_gpu_decode_benchmark_runs_on_cpu_with_a_tiny_config(tmp_path):
     # The fraction is the floor over the measured step, and the kept time is the best of the rounds.
     assert all(abs(r["fraction_of_floor"] - r["floor_ms_per_step"] / r["ms_per_step"]) < 0.01 for r in timed)
     assert all(len(r["totals_s"]) == 2 for r in timed)
-    assert set(rows[-1]["summary"]) == {"batch_1_herd_vs_generate", "batch_4_herd_vs_generate"}
+    # On CPU the sides are eager generate and herd (the static-cache compiled generate needs CUDA graphs).
+    assert set(rows[-1]["summary"]) == {f"batch_{b}_herd_{what}" for b in (1, 4)
+                                        for what in ("vs_generate", "fraction_of_floor")}
+    assert next(r for r in rows if "herd_model" in r)["herd_model"]["fused_modules"] == 4   # 2 layers x 2
+
+
+def test_the_planner_fit_script_runs_on_cpu_with_tiny_shapes(tmp_path):
+    """bench/gpu_memory.py fits on some shapes and checks on others (its figures need a GPU)."""
+    out = tmp_path / "memory.txt"
+    done = subprocess.run([sys.executable, "bench/gpu_memory.py", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    fitted = next(r for r in rows if "fitted_on" in r)
+    checks = [r for r in rows if "checked_with" in r]
+    points = {r["shape"]: r["role"] for r in rows if "shape" in r and "role" in r}
+    assert set(fitted["fitted_on"]) == {s for s, role in points.items() if role == "fit"}
+    assert {c["checked_with"] for c in checks} == {"fitted", "planner_before"}
+    assert all(set(c["checked_on"]) == {s for s, role in points.items() if role == "check"} for c in checks)
+    assert not set(fitted["fitted_on"]) & set(checks[0]["checked_on"])   # held out: never fitted on
 
 
 def test_the_floor_counts_what_a_decode_step_reads():
