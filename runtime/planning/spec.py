@@ -134,6 +134,16 @@ class TlsSection(Strict):
 GuardScreen = Literal["prompt", "answer"]
 
 
+class CanarySection(Strict):
+    """The canary generation that gates readiness and detects a hung engine (herd serve's --canary-*
+    flags, which win over these). A group restarts after `retries` + 1 canaries in a row time out while
+    no request gets a token: an engine that can stall longer than that on work it is doing (vLLM's CPU
+    build compiling for a request shape it has not seen, on a loaded host) needs a longer timeout."""
+    interval_s: Annotated[float, Field(gt=0)] = 10.0
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    retries: Annotated[int, Field(ge=0)] = 2
+
+
 class GuardSection(Strict):
     """A guard model that screens the traffic at herd's front (runtime/serving/guard.py): a Llama Guard
     3-style model behind an OpenAI-compatible /v1/chat/completions, answering `safe`, or `unsafe` and a
@@ -192,6 +202,7 @@ class GuardSection(Strict):
 
 class ServingSection(Strict):
     engine: Engine = "transformers"
+    canary: CanarySection = Field(default_factory=CanarySection)
     # transformers engine: continuous batching, or a static KV cache with CUDA-graph decode (GPUs).
     decode: Literal["continuous", "static"] = "continuous"
     host: str = "127.0.0.1"

@@ -16,7 +16,7 @@ from runtime.arg_types import count
 from runtime.errors import UserError
 from runtime.serving.launch import LaunchConfig
 from runtime.paths import model_dir_for
-from runtime.planning.spec import Spec, load_spec
+from runtime.planning.spec import CanarySection, Spec, load_spec
 
 if TYPE_CHECKING:     # imported when serving starts: the CLI's other commands need none of it
     from runtime.engine.external import ExternalEngine, ExternalEngineConfig
@@ -118,11 +118,12 @@ def add_serve(sub) -> None:
                         "herd serve exits with code 75 so its service manager starts it afresh")
     p.add_argument("--restart-window", type=positive_float, default=300.0,
                    help="seconds over which restarts count against --max-restarts (default 300)")
-    p.add_argument("--canary-interval", type=float, default=10.0, help="seconds between canaries (idle or busy)")
-    p.add_argument("--canary-timeout", type=positive_float, default=5.0,
+    # Defaults: the spec's serving.canary (10 s, 5 s, 2 unless it says otherwise).
+    p.add_argument("--canary-interval", type=float, default=None, help="seconds between canaries (idle or busy)")
+    p.add_argument("--canary-timeout", type=positive_float, default=None,
                    help="seconds a canary may take before it counts as failed (not while other "
                         "requests are getting tokens: that group is busy, not broken)")
-    p.add_argument("--canary-retries", type=count, default=2,
+    p.add_argument("--canary-retries", type=count, default=None,
                    help="failed canaries retried before the worker group (or engine) restarts")
     p.add_argument("--decode", choices=["continuous", "static"],
                    help="continuous batching, or a static KV cache whose decode step is a CUDA graph")
@@ -138,6 +139,11 @@ def add_serve(sub) -> None:
 
 def cmd_serve(args) -> int:
     spec = load_spec(args.environment) if args.environment else None
+    canary = spec.serving.canary if spec else CanarySection()
+    for flag, value in (("canary_interval", canary.interval_s), ("canary_timeout", canary.timeout_s),
+                        ("canary_retries", canary.retries)):
+        if getattr(args, flag) is None:   # a flag given wins over the spec
+            setattr(args, flag, value)
     if args.engine_cmd:
         return _serve_own_engine(args, spec)
     model_dir = Path(args.model_dir) if args.model_dir else (model_dir_from_spec(spec) if spec else None)

@@ -65,7 +65,10 @@ class Deployment:
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-vllm")
     raw = yaml.safe_load((ROOT / "environments" / "local-vllm.yaml").read_text())
-    raw["serving"].update(port=free_port(), api_key_env="HERD_VLLM_TEST_KEY")
+    raw["serving"].update(port=free_port(), api_key_env="HERD_VLLM_TEST_KEY",
+                          # vLLM's CPU build stalls for tens of seconds on a loaded 2-core host the first
+                          # time a request takes a new path (prompt logprobs): 5 s x 3 read that as a hang.
+                          canary={"interval_s": 10, "timeout_s": 20, "retries": 2})
     # A real LoRA adapter of the embedded model, published with a manifest as `herd weights publish` does,
     # served from a file:// source (verified in place).
     model_dir = fetch(raw["model"]["source"], model_dir_for(raw["model"]["id"]), quiet=True)   # reused by herd up

@@ -196,3 +196,14 @@ def test_auto_dtype_follows_the_degree_auto_picks(tmp_path):
     assert (one.tensor_parallel, three.tensor_parallel) == (1, 3)
     assert three.dtype == "float32"
     assert one.dtype == dtypes.resolve("auto", checkpoint="bfloat16", on_gpu=False, tensor_parallel=1)
+
+
+def test_the_canary_defaults_and_its_bounds(tmp_path):
+    spec = load_spec(write(tmp_path, LOCAL))
+    assert (spec.serving.canary.interval_s, spec.serving.canary.timeout_s, spec.serving.canary.retries) == (10, 5, 2)
+    slow = load_spec(write(tmp_path, LOCAL.replace("  engine: transformers\n",
+                                                   "  engine: transformers\n  canary: {timeout_s: 30}\n")))
+    assert slow.serving.canary.timeout_s == 30 and slow.serving.canary.retries == 2
+    message = error_of(write(tmp_path, LOCAL.replace("  engine: transformers\n",
+                                                     "  engine: transformers\n  canary: {timeout_s: 0}\n")))
+    assert "serving.canary.timeout_s" in message and "greater than 0" in message
