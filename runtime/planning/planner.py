@@ -283,7 +283,7 @@ def _auto_note(arch: Architecture, hw: Hardware, tp: int) -> str:
 
 # A tensor-parallel CPU group with more ranks than cores, measured (bench/results/serving-shipped-cpu-2core.txt,
 # SmolLM2, the embedded default and the same file at tensor 3 on a 2-core host, best of 5 rounds).
-OVERSUBSCRIBED_MEASURED = ("measured on a 2-core host: one chat decoded at 3.7 tokens/s at TP 3 against 23.3 at "
+OVERSUBSCRIBED_MEASURED = ("measured on a 2-core host: one chat decoded at 4.1 tokens/s at TP 3 against 22.0 at "
                            "TP 1, each at its dtype auto")
 
 
