@@ -95,12 +95,12 @@ class Hardware:
                    instance=inst.id, price_usd_per_hour=inst.price_usd_per_hour,
                    price_date=inst.price_date, network_gbps=inst.network_gbps, max_nodes=max_nodes)
 
-    @property
-    def device_memory_bytes(self) -> int:
+    def device_memory_bytes(self, ranks_on_node: int) -> int:
+        """One device's memory: an accelerator's own, or a CPU rank's share of the host's RAM among
+        the ranks this node runs."""
         if self.accelerator.memory_bytes is not None:
             return self.accelerator.memory_bytes
-        # CPU ranks share the host's RAM.
-        return (self.host_ram_bytes or 0) // max(1, self.devices_per_node)
+        return (self.host_ram_bytes or 0) // max(1, ranks_on_node)
 
 
 @dataclass(frozen=True)
@@ -305,9 +305,7 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     if req.lora_slots:
         overhead_parts["lora_adapters"] = lora_bytes(arch, stage_layers, req.lora_slots, req.lora_rank, act_bytes, tp)
     overhead = sum(overhead_parts.values())
-    # CPU ranks share the host's RAM: each holds its share among the ranks this node runs.
-    device_memory = (hw.device_memory_bytes if on_gpu or hw.accelerator.memory_bytes is not None
-                     else (hw.host_ram_bytes or 0) // max(1, per_node))
+    device_memory = hw.device_memory_bytes(per_node)
     capacity = int(device_memory * req.memory_utilization)
     total = weights + kv_needed + overhead
     free_for_kv = capacity - weights - overhead
@@ -336,7 +334,7 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         reasons.append(
             f"per-{unit} memory: weights {weights / GIB:.1f} GiB + KV cache {kv_needed / GIB:.1f} GiB "
             f"({req.concurrency} x {req.max_model_len} tokens) + overhead {overhead / GIB:.1f} GiB = "
-            f"{total / GIB:.1f} GiB > {capacity / GIB:.1f} GiB ({hw.device_memory_bytes / GIB:.1f} GiB x "
+            f"{total / GIB:.1f} GiB > {capacity / GIB:.1f} GiB ({device_memory / GIB:.1f} GiB x "
             f"{req.memory_utilization:.2f})")
     node_weights = weights * per_node
     if hw.host_ram_bytes and on_gpu and node_weights > hw.host_ram_bytes * 0.9:
