@@ -88,9 +88,9 @@ def build(arch: Architecture, device, dtype):
                          num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
                          num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
                          intermediate_size=arch.intermediate_size, max_position_embeddings=4096,
-                         tie_word_embeddings=arch.tie_word_embeddings)
+                         tie_word_embeddings=arch.tie_word_embeddings, attention_bias=arch.attention_bias)
     torch.set_default_dtype(dtype)
-    with torch.device(device):
+    with torch.device(device):      # random init on the device: seconds even for billions of weights
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     return model

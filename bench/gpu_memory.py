@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gpu_decode import build as build_shape  # noqa: E402
 from bench.gpu_decode import versions  # noqa: E402
 from bench.report import Report  # noqa: E402
 from runtime.engine.decode import Row  # noqa: E402
@@ -75,16 +76,8 @@ def tiny_shapes() -> dict[str, tuple[Architecture, str]]:
 
 
 def build(arch: Architecture, device, dtype):
-    from transformers.models.llama import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-                         num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-                         num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
-                         intermediate_size=arch.intermediate_size, max_position_embeddings=4096,
-                         tie_word_embeddings=arch.tie_word_embeddings, attention_bias=arch.attention_bias)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):      # random init on the device: seconds even for billions of weights
-        model = LlamaForCausalLM(config).eval()
-    torch.set_default_dtype(torch.float32)
+    """The random-init shape as herd runs it on a GPU: fused."""
+    model = build_shape(arch, device, dtype)
     fuse_projections(model)
     return model
 

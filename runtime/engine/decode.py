@@ -169,8 +169,8 @@ class RunningBatch:
 
 
 class Picked:
-    """One step's choice: the rows it was for, the chosen ids (a device tensor until `on_host` or
-    `fetch`), the rows that want logprobs and their logprob tensors."""
+    """One step's choice: the rows it was for, the chosen ids (a device tensor; `tokens` once `on_host`
+    has read them), the rows that want logprobs and their logprob tensors."""
 
     def __init__(self, rows, device_tokens: torch.Tensor, wanting: list[int], lps):
         self.rows, self.device_tokens, self.wanting, self.lps = rows, device_tokens, wanting, lps
@@ -346,14 +346,14 @@ def run_engine(model, *, is_driver: bool, share: Share, share_object: ShareObjec
         joins: list[Row] | None = []
         stepped = False
         if driver is not None and take is not None:   # the driver (which has a take: checked above)
-            if n and step_ahead is not None:
-                picked = driver.pick(batch).start_copy()
-                step_ahead(picked.device_tokens)
-                stepped = True
-                tokens, states, events = driver.decide(batch.pad_id, picked.on_host())
-                payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
-            elif n:
-                tokens, states, events = driver.choose(batch)
+            if n:
+                if step_ahead is not None:
+                    picked = driver.pick(batch).start_copy()
+                    step_ahead(picked.device_tokens)
+                    stepped = True
+                    tokens, states, events = driver.decide(batch.pad_id, picked.on_host())
+                else:
+                    tokens, states, events = driver.choose(batch)
                 payload[:n], payload[n:2 * n] = torch.tensor(tokens), torch.tensor(states)
             finishing = sum(1 for s in payload[n:2 * n].tolist() if s != RUNNING)
             room = max_batch - n + finishing if batch.joins_while_running else (
