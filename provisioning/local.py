@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
-from provisioning.weights import fetch, fetch_adapters
+from provisioning.weights import fetch, fetch_extra_weights
 from runtime.serving import tls
 from runtime.errors import EXIT_USER_ERROR, UserError
 from runtime.paths import cache_root, model_dir_for
@@ -110,9 +110,10 @@ def up_local(spec: Spec, env_path: str, console: Console, smoke: bool = True,
         raise UserError(f"serving.port: {spec.serving.port} is already in use on {spec.serving.host} "
                         "(stop what holds it, or choose another port)")
 
-    # 2. Weights: fetched and verified once, reused after; vLLM's venv likewise, where the spec serves with it.
+    # 2. Weights: fetched and verified once, reused after; vLLM's venv likewise, where the spec serves with
+    # it (the engine, or the guard herd serves).
     model_dir = _weights(spec)
-    if spec.serving.engine == "vllm":
+    if spec.serving.runs_vllm:
         ensure_vllm(console)
 
     # 3. The runtime, as a background process that outlives this command, kept running.
@@ -132,7 +133,7 @@ def _weights(spec: Spec) -> Path:
     if spec.model.source:
         fetch(spec.model.source, model_dir_for(spec.model.id))
     model_dir = model_dir_from_spec(spec)
-    fetch_adapters(spec, model_dir)
+    fetch_extra_weights(spec, model_dir)
     return model_dir
 
 
@@ -194,6 +195,8 @@ def _up_replicas(spec: Spec, env_path: str, console: Console, state: Path, smoke
             raise UserError(f"replicas: port {port} is already in use (the balancer takes serving.port "
                             f"{spec.serving.port}, the replicas the {spec.replicas} ports after it)")
     model_dir = _weights(spec)
+    if spec.serving.runs_vllm:
+        ensure_vllm(console)
     material = server_tls(spec, env_path, state)
     replica_tls = material is not None and replicas_serve_tls(spec)
     backend_ca = None
@@ -347,7 +350,13 @@ def _replicas_status(spec: Spec, state: Path) -> dict:
     return {"replicas": replicas, "balancer": balancer}
 
 
-def down_local(spec: Spec, env_path: str, console: Console, timeout: float = 30) -> int:
+# herd serve stops vLLM (the engine, a guard it serves) with 30 s of grace before it kills it
+# (runtime/engine/external.py): killed itself before that ends, it would leave a vLLM that ignores
+# SIGTERM while it starts up.
+STOP_TIMEOUT_S = 45
+
+
+def down_local(spec: Spec, env_path: str, console: Console, timeout: float = STOP_TIMEOUT_S) -> int:
     state = state_dir(spec)
     # The balancer (or the one group) first, so no request goes to a replica that is stopping.
     groups = [state, *sorted(p for p in state.glob("replica-*") if p.is_dir())]

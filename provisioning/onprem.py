@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from provisioning import haproxy, rollout
-from provisioning.bundle import wheel_bundle
+from provisioning.bundle import vllm_bundle, wheel_bundle
 from provisioning.steps import SERVICE_USER, STEPS_DIR, HostSteps, plan_host, profiles_for
 from provisioning.weights import fetch
 from provisioning.weights.manifest import sha256_of
@@ -562,6 +562,7 @@ class Installer:
         self.balancer = section.load_balancer
         self.api_key: str | None = None   # read by install(): status and down need no key
         self.tls: tls.ServerTls | None = None   # made or checked by install(), handed to the head
+        self.vllm_wheels: Path | None = None    # engine vllm: its wheels, downloaded by install()
 
     @property
     def hosts(self) -> list[OnpremHost]:
@@ -638,6 +639,9 @@ class Installer:
         else:
             model_dir = Path(source.removeprefix("file://"))
         bundle = wheel_bundle(self.console)
+        if self.spec.serving.runs_vllm:
+            # The hosts reach no package index: vLLM's build for them travels as wheels too.
+            self.vllm_wheels = vllm_bundle("gpu" if self.spec.onprem_section.gpus_per_host else "cpu", self.console)
         connected = self._connect_all(balancer=True)
         hosts, lb_host = connected[:len(self.hosts)], (connected[-1] if self.balancer else None)
         remote_model = f"{self.home}/models/{self.spec.model.id}"
@@ -819,6 +823,8 @@ class Installer:
         stats = {"uploaded": 0, "skipped": 0}
         host.upload_dir(STEPS_DIR, f"{self.home}/steps", stats)
         host.upload_dir(bundle, f"{self.home}/wheels", stats)
+        if self.vllm_wheels is not None:
+            host.upload_dir(self.vllm_wheels, f"{self.home}/vllm-wheels", stats)
         host.upload_dir(model_dir, remote_model, stats)
         host.sftp.put(str(self.env_path), f"{self.home}/environment.yaml")
         if self.api_key:
@@ -1007,5 +1013,6 @@ def status_onprem(spec: Spec, env_path: str, console: Console, as_json: bool = F
                           f"{view.get('status', '?')} (check {view.get('check', '?')}, {view.get('sessions', 0)} "
                           "in flight)")
         h = info["health"]
-        console.print(f"{info['endpoint']}: {h.get('status')} ({h.get('reason')})")
+        engine = f"; engine {h['engine']}" if h.get("engine") else ""
+        console.print(f"{info['endpoint']}: {h.get('status')} ({h.get('reason')}){engine}")
     return 0 if info["health"].get("status") == "ready" else 3

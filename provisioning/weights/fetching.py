@@ -148,9 +148,9 @@ def cmd_fetch(args) -> int:
         raise UserError("model.source: not set in the environment and no --source given")
     report = FetchReport(source, str(dest))
     model_dir = fetch(source, dest, quiet=args.quiet or args.json, concurrency=args.concurrency, report=report)
-    if args.environment:   # everything the environment serves: its LoRA adapters too, beside the model
-        from provisioning.weights import fetch_adapters
-        fetch_adapters(spec, model_dir, quiet=args.quiet or args.json)
+    if args.environment:   # everything the environment serves: its adapters and served guard, beside the model
+        from provisioning.weights import fetch_extra_weights
+        fetch_extra_weights(spec, model_dir, quiet=args.quiet or args.json)
     if args.json:
         print(json.dumps({**asdict(report), "bytes_per_s": report.bytes_per_s}))
     return 0

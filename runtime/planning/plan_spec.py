@@ -79,7 +79,30 @@ def request_from_spec(spec: Spec, host: HostFacts | None = None) -> PlanRequest:
         tensor=spec.parallelism.tensor, pipeline=spec.parallelism.pipeline, nodes=spec.parallelism.nodes,
         memory_utilization=spec.serving.gpu_memory_utilization, engine=spec.serving.engine,
         fp8_checkpoint=model.fp8_checkpoint if model else None, replicas=spec.replicas,
-        lora_slots=len(spec.model.adapters), lora_rank=spec.model.lora_rank)
+        lora_slots=len(spec.model.adapters), lora_rank=spec.model.lora_rank,
+        guard_bytes=guard_plan(spec, hw).per_gpu_bytes.total if served_guard(spec) else 0)
+
+
+def served_guard(spec: Spec):
+    """serving.guard when herd serves it (a second vLLM on the head), else None."""
+    guard = spec.serving.guard
+    return guard if guard is not None and guard.served_here else None
+
+
+def guard_plan(spec: Spec, hw: Hardware | None = None):
+    """The guard herd serves, planned alone on one of the head's devices: its weights at the served
+    model's dtype, a KV cache for the spec's concurrency at the guard's context, its overhead. The
+    served model's plan counts the total; the guard's vLLM is sized from it."""
+    from runtime.planning.planner import plan
+    guard = served_guard(spec)
+    assert guard is not None
+    hw = hw or hardware_for(spec)
+    request = PlanRequest(architecture=resolve_architecture(guard.model_section, "serving.guard.model"),
+                          hardware=hw, model_id=guard.model, dtype=_planned_dtype(spec, hw),
+                          max_model_len=guard.max_model_len, concurrency=spec.context.concurrency,
+                          max_prefill_tokens=guard.max_model_len, tensor=1, pipeline=1, nodes=1,
+                          memory_utilization=1.0, engine="vllm")
+    return plan(request, suggest=False)
 
 
 def replica_hosts(spec: Spec, plan) -> list[list]:

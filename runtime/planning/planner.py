@@ -124,6 +124,7 @@ class PlanRequest:
     replicas: int = 1                          # independent groups of this shape
     lora_slots: int = 0                        # LoRA adapters vLLM holds at once (--max-loras)
     lora_rank: int = 0                         # their reserved rank (--max-lora-rank)
+    guard_bytes: int = 0                       # a guard model served beside it (serving.guard.model)
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Plan:
     total_devices: int = 0
     total_cost_usd_per_hour: float | None = None
     total_tokens_per_s_ceiling: float = 0.0
+    device_memory_bytes: int = 0     # one device's memory, whole (capacity is its usable fraction)
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
@@ -304,6 +306,9 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     overhead_parts = req.overhead.breakdown(arch, tp, world, act_bytes, prefill, req.concurrency, on_gpu)
     if req.lora_slots:
         overhead_parts["lora_adapters"] = lora_bytes(arch, stage_layers, req.lora_slots, req.lora_rank, act_bytes, tp)
+    if req.guard_bytes:
+        # The guard's vLLM runs on the head's first device; every device is planned as that one.
+        overhead_parts["guard_model"] = req.guard_bytes
     overhead = sum(overhead_parts.values())
     device_memory = hw.device_memory_bytes(per_node)
     capacity = int(device_memory * req.memory_utilization)
@@ -377,7 +382,8 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         cold_start_s=cold_start, replicas=req.replicas, total_nodes=nodes * req.replicas,
         total_devices=nodes * per_node * req.replicas,
         total_cost_usd_per_hour=cost * req.replicas if cost is not None else None,
-        total_tokens_per_s_ceiling=tokens_per_s * req.replicas, reasons=reasons, notes=notes)
+        total_tokens_per_s_ceiling=tokens_per_s * req.replicas, device_memory_bytes=device_memory,
+        reasons=reasons, notes=notes)
 
 
 def lora_bytes(arch: Architecture, layers: int, slots: int, rank: int, dtype_bytes: int, tp: int) -> int:

@@ -147,15 +147,21 @@ class CanarySection(Strict):
 class GuardSection(Strict):
     """A guard model that screens the traffic at herd's front (runtime/serving/guard.py): a Llama Guard
     3-style model behind an OpenAI-compatible /v1/chat/completions, answering `safe`, or `unsafe` and a
-    line of category codes (S1..S14). The guard is given by `url`: an endpoint served apart from herd
-    (e.g. `vllm serve meta-llama/Llama-Guard-3-8B` on the head or another host), reachable from every
-    head that serves. Not built yet: herd serving the guard itself (`model`/`source`: a second vLLM on
-    the head, its memory counted by the planner next to the served model's); those keys are refused
-    with that said, rather than read as unknown."""
+    line of category codes (S1..S14). Either herd serves it (`model`, with `source` for its weights: a
+    second vLLM on the head, on loopback, supervised like the engine, its memory counted by the planner
+    next to the served model's), or it is served apart and given by `url` (e.g. `vllm serve
+    meta-llama/Llama-Guard-3-8B` on another host), reachable from every head that serves."""
     url: str | None = Field(default=None, description="the guard's OpenAI-compatible server, such as "
                             "http://127.0.0.1:8200 (herd posts to its /v1/chat/completions)")
-    model: str | None = Field(default=None, description="not built yet: a guard herd serves itself")
-    source: str | None = Field(default=None, description="not built yet: the weights of a guard herd serves")
+    model: str | None = Field(default=None, description="a guard herd serves itself on the head with vLLM: "
+                              "catalog id (llama-guard-3-8b) or 'config:PATH'")
+    source: str | None = Field(default=None, description="the weights of the guard herd serves, fetched and "
+                               "verified as model.source's are")
+    max_model_len: Annotated[int, Field(ge=16)] = Field(default=4096, description="the served guard's context: "
+                                                        "the longest conversation it screens, in tokens")
+    chat_template: str | None = Field(default=None, description="the served guard's chat template (Jinja, "
+                                      "inline): Llama Guard's prompt with a policy of your own categories, "
+                                      "say; default: the guard checkpoint's own")
     served_model_name: str | None = Field(default=None, description="the name the guard serves under "
                                           "(default: the first model its /v1/models lists)")
     api_key_env: str | None = Field(default=None, description="environment variable holding the guard's "
@@ -189,15 +195,29 @@ class GuardSection(Strict):
 
     @model_validator(mode="after")
     def _served_by(self):
-        built_in = "model" if self.model is not None else "source" if self.source is not None else None
-        if built_in is not None:
-            raise ValueError(f"serving.guard.{built_in}: a guard herd serves itself (a second vLLM on the head) "
-                             "is not built yet; serve the guard apart (e.g. vllm serve "
-                             "meta-llama/Llama-Guard-3-8B) and give serving.guard.url")
-        if self.url is None:
-            raise ValueError("serving.guard.url: required (the guard's OpenAI-compatible server, such as "
-                             "http://127.0.0.1:8200)")
+        if self.url is not None and self.model is not None:
+            raise ValueError("serving.guard: gives both url and model; allowed: url (a guard served apart) or "
+                             "model (herd serves it on the head)")
+        if self.url is None and self.model is None:
+            raise ValueError("serving.guard: needs url (a guard served apart, such as http://127.0.0.1:8200) or "
+                             "model (herd serves it on the head, such as llama-guard-3-8b)")
+        for served_only in ("source", "chat_template"):
+            if getattr(self, served_only) is not None and self.model is None:
+                raise ValueError(f"serving.guard.{served_only}: is for a guard herd serves; give "
+                                 "serving.guard.model too (a guard at url has its own)")
         return self
+
+    @property
+    def served_here(self) -> bool:
+        """herd runs this guard itself (a second vLLM on the head)."""
+        return self.model is not None
+
+    @property
+    def model_section(self) -> ModelSection:
+        """The served guard as a model: its architecture, weights and where they land are found as the
+        served model's are."""
+        assert self.model is not None
+        return ModelSection(id=self.model, source=self.source)
 
 
 class ServingSection(Strict):
@@ -230,6 +250,12 @@ class ServingSection(Strict):
     @property
     def loopback_only(self) -> bool:
         return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def runs_vllm(self) -> bool:
+        """Some process of this deployment is vLLM: the engine, or a guard herd serves (provisioning
+        installs vLLM's venv then)."""
+        return self.engine == "vllm" or (self.guard is not None and self.guard.served_here)
 
     @property
     def tls_enabled(self) -> bool:
@@ -506,6 +532,15 @@ def check_against_catalog(spec: Spec, where: str) -> None:
     if spec.context.max_model_len > arch.max_position_embeddings:
         raise UserError(f"{where}: context.max_model_len: {spec.context.max_model_len} is above the "
                         f"model's maximum (allowed: 16..{arch.max_position_embeddings})")
+    guard = spec.serving.guard
+    if guard is not None and guard.served_here:
+        try:
+            guard_arch = resolve_architecture(guard.model_section, "serving.guard.model")
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        if guard.max_model_len > guard_arch.max_position_embeddings:
+            raise UserError(f"{where}: serving.guard.max_model_len: {guard.max_model_len} is above the guard "
+                            f"model's maximum (allowed: 16..{guard_arch.max_position_embeddings})")
     tp = spec.parallelism.tensor
     if tp != "auto" and not arch.valid_tensor_parallel(tp):
         choices = ", ".join(map(str, arch.tensor_parallel_choices(max(64, tp))))

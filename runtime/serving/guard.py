@@ -18,9 +18,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -47,6 +47,9 @@ OTHER_CATEGORY = "other"
 GUARD_MAX_TOKENS = 40
 CHAT_PATH = "/v1/chat/completions"
 _CODE = re.compile(r"S\d{1,2}")
+# Llama Guard 3's answer format as a regular expression (vLLM's structured output holds a served guard
+# to it): `safe`, or `unsafe`, a newline and comma-separated codes.
+VERDICT_REGEX = r"safe|unsafe\nS([1-9]|1[0-4])(,S([1-9]|1[0-4]))*"
 
 
 # ------------------------------------------------------------------ settings and verdicts
@@ -59,19 +62,28 @@ class GuardSettings:
     timeout_s: float
     model_name: str | None = None    # None: the first model the guard's /v1/models lists
     api_key: str | None = None
+    # A guard herd serves is vLLM: its answer is held to Llama Guard's format by vLLM's structured
+    # output, so a model's greedy answer is always a verdict (a guard served apart may be any server).
+    constrain_format: bool = False
+    # The health of the guard herd serves (its supervised vLLM), where it serves one.
+    served_health: Callable[[], Any] | None = field(default=None, compare=False)
 
     @classmethod
-    def from_section(cls, section: GuardSection) -> GuardSettings:
-        if section.url is None:   # the spec refuses this; the check keeps the type exact
+    def from_section(cls, section: GuardSection, served_at: str | None = None) -> GuardSettings:
+        """served_at: where herd serves the guard itself (serving.guard.model), else section.url."""
+        url = served_at or section.url
+        if url is None:   # the spec refuses this; the check keeps the type exact
             raise UserError("serving.guard.url: required")
         api_key = None
         if section.api_key_env:
             api_key = os.environ.get(section.api_key_env)
             if not api_key:
                 raise UserError(f"serving.guard.api_key_env: ${section.api_key_env} is not set (the guard's API key)")
-        return cls(url=base_url(section.url), screen_prompts="prompt" in section.screen,
+        name = section.served_model_name or (section.model if served_at else None)
+        return cls(url=base_url(url), screen_prompts="prompt" in section.screen,
                    screen_answers="answer" in section.screen, fail_open=section.on_error == "open",
-                   timeout_s=section.timeout_s, model_name=section.served_model_name, api_key=api_key)
+                   timeout_s=section.timeout_s, model_name=name, api_key=api_key,
+                   constrain_format=served_at is not None)
 
     @property
     def screens(self) -> tuple[str, ...]:
@@ -92,10 +104,11 @@ def base_url(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def guard_settings(spec) -> GuardSettings | None:
-    """The guard a deployment spec names, or None (no spec, or no serving.guard)."""
+def guard_settings(spec, served_at: str | None = None) -> GuardSettings | None:
+    """The guard a deployment spec names, or None (no spec, or no serving.guard). served_at: the URL of
+    the guard herd serves itself, when the spec names serving.guard.model."""
     section = spec.serving.guard if spec is not None else None
-    return GuardSettings.from_section(section) if section is not None else None
+    return GuardSettings.from_section(section, served_at) if section is not None else None
 
 
 @dataclass(frozen=True)
@@ -191,9 +204,20 @@ class Guard:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def holding_back(self) -> str | None:
+        """Why the front is not ready because of its guard, else None. Only a guard herd serves and that
+        fails closed holds readiness back while it is not ready itself: every request would be refused
+        (so a balancer takes this replica out, and herd up waits for it). A guard served apart is never
+        probed: its state is what the requests find."""
+        s = self.settings
+        if s.served_health is None or s.fail_open:
+            return None
+        health = s.served_health()
+        return None if health.ready else f"guard {s.model_name} not ready: {health.reason}"
+
     def health(self) -> dict:
-        """For /health: where the guard is and how its latest screening went (it never probes: a
-        guard's state is what the requests found; readiness does not depend on it)."""
+        """For /health: where the guard is and how its latest screening went (a guard served apart is
+        never probed: its state is what the requests found)."""
         s = self.settings
         return {"url": s.shown_url, "screen": list(s.screens), "on_error": "open" if s.fail_open else "closed",
                 "last_error": self.last_error}
@@ -231,8 +255,10 @@ class Guard:
 
     async def _ask(self, conversation: list[dict[str, str]]) -> Verdict:
         # Greedy and short: the verdict is a few tokens, and the same conversation gets the same one.
-        body = {"model": await self._name(), "messages": conversation, "temperature": 0,
-                "max_tokens": GUARD_MAX_TOKENS}
+        body: dict[str, object] = {"model": await self._name(), "messages": conversation, "temperature": 0,
+                                   "max_tokens": GUARD_MAX_TOKENS}
+        if self.settings.constrain_format:
+            body["structured_outputs"] = {"regex": VERDICT_REGEX}
         response = await self._client.post(CHAT_PATH, json=body)
         return parse_verdict(_content(response))
 

@@ -175,24 +175,46 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or (spec and (spec.serving.served_model_name or spec.model.id)) or model_dir.name
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _announce(tls)
+    served_guard = _served_guard(args, spec, model_dir) if args.role == "head" else None
+    guard = _guard(spec, served_guard)
     if args.engine_cmd or (spec and spec.serving.engine == "vllm"):
         external = _external_config(args, spec, model_dir, name, api_key)
         if args.role == "worker":  # a headless vLLM node: supervised, no front
             return exit_code(asyncio.run(_supervise_only(external)))
         return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls,
-                                                     _guard(spec))))
+                                                     guard, served_guard)))
     if cfg.is_head:
         supervisor = asyncio.run(_serve_head(cfg, host, port, name, max_len, api_key, args.max_queue, tls,
-                                             _guard(spec)))
+                                             guard, served_guard))
     else:
         supervisor = asyncio.run(_serve_worker(cfg))
     return exit_code(supervisor)
 
 
-def _guard(spec):
-    """serving.guard's settings for the head's front (None without one); its API key is read here."""
+def _guard(spec, served: ExternalEngineConfig | None = None):
+    """serving.guard's settings for the head's front (None without one); its API key is read here.
+    served: the guard's vLLM when herd serves it (the front asks it there)."""
     from runtime.serving.guard import guard_settings
-    return guard_settings(spec)
+    return guard_settings(spec, served.engine_url if served is not None else None)
+
+
+def _served_guard(args, spec: Spec | None, model_dir: Path) -> ExternalEngineConfig | None:
+    """The guard herd serves beside the engine (serving.guard.model): its vLLM on the head's loopback,
+    sized by the guard's plan, under the same restart budget and canary as the engine."""
+    from runtime.planning.plan_spec import guard_plan, served_guard
+    section = served_guard(spec) if spec is not None else None
+    if section is None:
+        return None
+    from runtime.engine.vllm import GUARD_PORT, engine_argv, guard_launch
+    from runtime.paths import guard_dir_for
+    guard_dir = guard_dir_for(model_dir, section.model, section.source)
+    if not (guard_dir / "config.json").is_file():
+        raise UserError(f"serving.guard.model: {guard_dir} has no config.json (fetch the weights first: "
+                        "herd up, or herd weights fetch ENV.yaml)")
+    port = _free_loopback_port() if spec.target == "local" else GUARD_PORT
+    launch = guard_launch(spec, guard_plan(spec), str(guard_dir), engine_port=port)
+    return _supervised(args, engine_argv(launch.argv), f"http://127.0.0.1:{port}",
+                       section.served_model_name or section.model, launch.env)
 
 
 def _announce(tls) -> None:
@@ -233,7 +255,8 @@ async def _until_stopped_or_given_up(supervisor: Supervisor | ExternalEngine, st
 
 
 async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_len: int, api_key,
-                      max_queue: int | None, tls=None, guard=None) -> Supervisor:
+                      max_queue: int | None, tls=None, guard=None,
+                      served_guard: ExternalEngineConfig | None = None) -> Supervisor:
     import uvicorn
 
     from runtime.serving.metrics import Metrics
@@ -246,8 +269,11 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
     supervisor = Supervisor(cfg, pad_id=codec.pad_id, canary_ids=canary, max_queue=max_queue)
     metrics = Metrics()
     supervisor.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
+    guard_engine, guard = _guard_engine(served_guard, guard)
     app = create_app(supervisor, codec, ServerConfig(name, max_len, api_key), metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
+    if guard_engine is not None:
+        await guard_engine.start()
     await supervisor.start()
     log.info("serving %s on %s (%d ranks)", name, _url(host, port, tls), cfg.world_size)
     serving = asyncio.create_task(server.serve())
@@ -257,9 +283,28 @@ async def _serve_head(cfg: LaunchConfig, host: str, port: int, name: str, max_le
             server.should_exit = True
         await serving  # and raise whatever ended it, if anything did
     finally:
-        await supervisor.stop()
+        await _stop_both(supervisor, guard_engine)
         log.info("stopped")
     return supervisor
+
+
+async def _stop_both(engine, guard_engine) -> None:
+    """The engine and the guard herd serves, stopped together: each may take its whole grace."""
+    await asyncio.gather(engine.stop(), *([guard_engine.stop()] if guard_engine is not None else []))
+
+
+def _guard_engine(config: ExternalEngineConfig | None, guard):
+    """The served guard's vLLM (supervised once started: restarted when it exits or its canary fails,
+    for as long as the front serves) and the front's guard settings reading its health: while it is
+    not ready, a guard that fails closed holds the front's readiness back."""
+    if config is None:
+        return None, guard
+    import dataclasses
+
+    from runtime.engine.external import ExternalEngine
+    engine = ExternalEngine(config)
+    log.info("guard %s served on %s", config.served_model_name, config.engine_url)
+    return engine, dataclasses.replace(guard, served_health=lambda: engine.health)
 
 
 def _serve_own_engine(args, spec) -> int:
@@ -274,7 +319,10 @@ def _serve_own_engine(args, spec) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _announce(tls)
     external = _external_config(args, spec, None, name, api_key)
-    return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls, _guard(spec))))
+    served_guard = _served_guard(args, spec, Path(args.model_dir) if args.model_dir else model_dir_from_spec(spec)) \
+        if spec is not None else None
+    return exit_code(asyncio.run(_serve_external(external, host, port, name, max_len, api_key, tls,
+                                                 _guard(spec, served_guard), served_guard)))
 
 
 def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str | None) -> ExternalEngineConfig:
@@ -352,7 +400,8 @@ async def _supervise_only(external: ExternalEngineConfig) -> ExternalEngine:
 
 
 async def _serve_external(external: ExternalEngineConfig, host: str, port: int, name: str, max_len: int,
-                          api_key, tls=None, guard=None) -> ExternalEngine:
+                          api_key, tls=None, guard=None,
+                          served_guard: ExternalEngineConfig | None = None) -> ExternalEngine:
     import uvicorn
 
     from runtime.engine.external import ExternalEngine
@@ -361,9 +410,12 @@ async def _serve_external(external: ExternalEngineConfig, host: str, port: int, 
     engine = ExternalEngine(external)
     metrics = Metrics()
     engine.on_restart = lambda: setattr(metrics, "restarts", metrics.restarts + 1)
+    guard_engine, guard = _guard_engine(served_guard, guard)
     app = create_proxy_app(engine, ServerConfig(name, max_len, api_key, engine=engine_description(external.argv)),
                            metrics, guard)
     server = uvicorn.Server(_uvicorn_config(app, host, port, tls))
+    if guard_engine is not None:
+        await guard_engine.start()
     await engine.start()
     log.info("serving %s on %s in front of %s", name, _url(host, port, tls), external.argv[0])
     serving = asyncio.create_task(server.serve())
@@ -373,7 +425,7 @@ async def _serve_external(external: ExternalEngineConfig, host: str, port: int, 
             server.should_exit = True
         await serving  # and raise whatever ended it, if anything did
     finally:
-        await engine.stop()
+        await _stop_both(engine, guard_engine)
         log.info("stopped")
     return engine
 

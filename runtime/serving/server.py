@@ -169,16 +169,21 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics, guard: Guard | None = N
 
     app.add_middleware(_Gate, cfg=cfg, metrics=metrics, route_of=lambda scope: _route_of(app, scope))
 
+    def _ready() -> bool:
+        return backend.health.ready and (guard is None or guard.holding_back() is None)
+
     def _health_body() -> dict:
         h = backend.health
-        body = {"status": "ready" if h.ready else "not_ready", "engine": cfg.engine, "phase": h.phase, "reason": h.reason,
+        held = guard.holding_back() if guard is not None else None
+        body = {"status": "ready" if h.ready and held is None else "not_ready", "engine": cfg.engine,
+                "phase": h.phase, "reason": held if h.ready and held else h.reason,
                 "ranks_loaded": h.loaded, "world_size": h.world, "restarts": h.restarts,
                 "last_canary_seconds": h.last_canary_s, "rank_loads": h.loads}
         for extra in ("restarts_in_window", "max_restarts", "restart_window_s", "canary_failures",
                       "control_rejected"):
             if hasattr(h, extra):
                 body[extra] = getattr(h, extra)
-        if guard is not None:   # shown, never part of readiness: a guard failing open still serves
+        if guard is not None:   # part of readiness only for a guard herd serves that fails closed
             body["guard"] = guard.health()
         return body
 
@@ -189,7 +194,7 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics, guard: Guard | None = N
     @app.get("/health/ready", tags=["health"], responses={503: {"description": "not ready (see phase, reason)"}})
     @app.get("/health", tags=["health"], include_in_schema=False)
     async def ready():
-        return JSONResponse(_health_body(), status_code=200 if backend.health.ready else 503)
+        return JSONResponse(_health_body(), status_code=200 if _ready() else 503)
 
     @app.get("/metrics", tags=["metrics"], response_class=PlainTextResponse)
     async def prometheus():
@@ -199,7 +204,7 @@ def _front(backend, cfg: ServerConfig, metrics: Metrics, guard: Guard | None = N
         engine = await scrape() if scrape is not None else None
         h = backend.health
         # Rendered off the event loop: GPU readings go through NVML (milliseconds per device).
-        text = await asyncio.to_thread(metrics.render, backend.queue_depth, h.ready,
+        text = await asyncio.to_thread(metrics.render, backend.queue_depth, _ready(),
                                        getattr(backend, "batches", 0), getattr(backend, "batched_rows", 0),
                                        phase=h.phase, loaded=h.loaded, world=h.world, engine=engine)
         return PlainTextResponse(text, media_type=CONTENT_TYPE)

