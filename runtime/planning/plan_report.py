@@ -97,10 +97,9 @@ def suggestion_plans(req: PlanRequest, result: Plan) -> list[tuple[Suggestion, P
 # ------------------------------------------------------------------ the table
 def render(result: Plan, console: Console, request: PlanRequest | None = None) -> None:
     verdict = "[bold green]FITS[/]" if result.fits else "[bold red]DOES NOT FIT[/]"
-    where = result.instance or result.accelerator
     groups = f"{result.replicas} replicas x " if result.replicas > 1 else ""
-    console.print(f"{verdict}  {result.model} ({result.quantization}, {result.dtype}) on {groups}{result.nodes} x "
-                  f"{where}  engine={result.engine}")
+    console.print(f"{verdict}  {result.model} ({result.quantization}, {result.dtype}) on {groups}{_where(result)}  "
+                  f"engine={result.engine}")
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="dim")
     table.add_column()
@@ -173,9 +172,15 @@ PLOT_HEIGHT = 320          # px for the tallest column (max of total and capacit
 COLUMN_WIDTH, BAR_PX, TOP, LEFT = 150, 64, 56, 70
 
 
+def _where(p: Plan) -> str:
+    """"2 x p5.48xlarge", or for a TPU slice "1 x v6e-16 slice (4 hosts)": a slice comes whole."""
+    if p.slice_hosts is not None:
+        return f"1 x {p.instance} slice ({p.slice_hosts} host{'s' if p.slice_hosts > 1 else ''})"
+    return f"{p.nodes} x {p.instance or p.accelerator}"
+
+
 def _label(p: Plan) -> list[str]:
-    where = p.instance or p.accelerator
-    return [f"{p.nodes} x {where}", f"{p.quantization}, TP {p.tensor_parallel} x PP {p.pipeline_parallel}"]
+    return [_where(p), f"{p.quantization}, TP {p.tensor_parallel} x PP {p.pipeline_parallel}"]
 
 
 def plan_svg(result: Plan, request: PlanRequest | None = None) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime.planning import catalog
 from runtime.planning.planner import Hardware, PlanRequest
@@ -23,12 +23,20 @@ class HostFacts:
         return cls(ram_bytes=ram, free_disk_bytes=shutil.disk_usage(path).free, cpus=os.cpu_count() or 1)
 
 
+# A TPU VM's 100 GiB boot disk, less the OS image, herd's venv and vLLM's (about 20 GiB).
+TPU_BOOT_DISK_FREE_BYTES = 80 * 2**30
+
+
 def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
     section = spec.target_section
     if spec.target == "aws":
         return Hardware.from_instance(section.instance_type, "aws.instance_type")
     if spec.target == "gcp":
-        return Hardware.from_instance(section.machine_type, "gcp.machine_type")
+        hw = Hardware.from_instance(section.machine_type, "gcp.machine_type")
+        if hw.accelerator.is_tpu and not section.weights_disk:
+            # The weights go on the TPU VM's boot disk, beside the OS and both venvs.
+            return replace(hw, disk_bytes=TPU_BOOT_DISK_FREE_BYTES)
+        return hw
     if spec.target == "onprem":
         gib = 2**30
         cpu_only = section.gpus_per_host == 0

@@ -42,18 +42,23 @@ class OverheadModel:
     collective_buffers_bytes: int = 512 * 2**20
     # A CPU rank: the Python interpreter, torch and the tokenizer, measured ~350 MB RSS here.
     cpu_process_bytes: int = 400_000_000
+    # A TPU chip: XLA's runtime and compiled programs. An estimate, not calibrated by any TPU run (plans
+    # on TPUs say so).
+    tpu_runtime_bytes: int = 2 * 2**30
 
     def activation_bytes_per_prefill_token(self, arch: Architecture, tp: int, act_bytes: int) -> float:
         return (4 * arch.hidden_size + 3 * arch.intermediate_size / tp) * act_bytes
 
     def breakdown(self, arch: Architecture, tp: int, world: int, act_bytes: int, prefill_tokens: int,
-                  batch: int, on_gpu: bool) -> dict[str, int]:
+                  batch: int, on_gpu: bool, on_tpu: bool = False) -> dict[str, int]:
         parts = {
             "activations": int(prefill_tokens * self.activation_bytes_per_prefill_token(arch, tp, act_bytes)),
             # Generation keeps one position's logits per sequence, upcast to fp32, full vocab on every rank.
             "logits": batch * arch.vocab_size * 4,
         }
-        if on_gpu:
+        if on_tpu:
+            parts["xla_runtime"] = self.tpu_runtime_bytes
+        elif on_gpu:
             parts["cuda_context"] = self.gpu_context_bytes
             parts["allocator_reserve"] = int(self.allocator_reserve_bytes
                                              + self.allocator_reserve_per_activation_byte * parts["activations"])
@@ -85,15 +90,19 @@ class Hardware:
     network_gbps: float | None = None
     max_nodes: int = DEFAULT_MAX_NODES         # per group (replica)
     hosts: int | None = None                   # on-prem: every host listed, shared by all replicas
+    slice_hosts: int | None = None             # a TPU slice: exactly these hosts serve one group
     cpu_cores: int | None = None               # CPU targets where known (local: this host's, per replica)
 
     @classmethod
     def from_instance(cls, instance_id: str, field: str = "instance", max_nodes: int = DEFAULT_MAX_NODES):
         inst = catalog.instance(instance_id, field)
-        return cls(accelerator=catalog.accelerator(inst.accelerator), devices_per_node=inst.gpus,
+        acc = catalog.accelerator(inst.accelerator)
+        return cls(accelerator=acc, devices_per_node=inst.gpus,
                    host_ram_bytes=inst.host_ram_bytes, disk_bytes=inst.local_nvme_bytes or None,
                    instance=inst.id, price_usd_per_hour=inst.price_usd_per_hour,
-                   price_date=inst.price_date, network_gbps=inst.network_gbps, max_nodes=max_nodes)
+                   price_date=inst.price_date, network_gbps=inst.network_gbps,
+                   max_nodes=inst.hosts if acc.is_tpu else max_nodes,
+                   slice_hosts=inst.hosts if acc.is_tpu else None)
 
     def device_memory_bytes(self, ranks_on_node: int) -> int:
         """One device's memory: an accelerator's own, or a CPU rank's share of the host's RAM among
@@ -179,6 +188,7 @@ class Plan:
     total_cost_usd_per_hour: float | None = None
     total_tokens_per_s_ceiling: float = 0.0
     device_memory_bytes: int = 0     # one device's memory, whole (capacity is its usable fraction)
+    slice_hosts: int | None = None   # a TPU slice: the hosts of the one slice a group runs on
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
@@ -277,7 +287,8 @@ def auto_tensor(arch: Architecture, hw: Hardware) -> int:
 def _auto_note(arch: Architecture, hw: Hardware, tp: int) -> str:
     valid = arch.tensor_parallel_choices(max(64, tp))
     choices = ", ".join(map(str, valid[:6])) + (", ..." if len(valid) > 6 else "")
-    room = (f"{hw.devices_per_node} GPUs per node" if hw.accelerator.is_gpu
+    room = (f"{hw.devices_per_node} chips per TPU host" if hw.accelerator.is_tpu
+            else f"{hw.devices_per_node} GPUs per node" if hw.accelerator.is_gpu
             else f"a core per rank on {hw.devices_per_node} cores, no more ranks than KV heads")
     return (f"tensor auto = {tp}: the largest degree dividing the model's {arch.num_attention_heads} attention "
             f"and {arch.num_key_value_heads} KV heads ({choices}) with {room}")
@@ -303,7 +314,8 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     kv_needed = kv_per_token * req.max_model_len * req.concurrency
     prefill = min(req.max_model_len * req.concurrency, req.max_prefill_tokens)
     act_bytes = DTYPE_BYTES[req.dtype]
-    overhead_parts = req.overhead.breakdown(arch, tp, world, act_bytes, prefill, req.concurrency, on_gpu)
+    overhead_parts = req.overhead.breakdown(arch, tp, world, act_bytes, prefill, req.concurrency, on_gpu,
+                                            hw.accelerator.is_tpu)
     if req.lora_slots:
         overhead_parts["lora_adapters"] = lora_bytes(arch, stage_layers, req.lora_slots, req.lora_rank, act_bytes, tp)
     if req.guard_bytes:
@@ -316,7 +328,7 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     free_for_kv = capacity - weights - overhead
     max_kv_tokens = max(0, free_for_kv // kv_per_token) if kv_per_token else 0
 
-    unit = "GPU" if on_gpu else "CPU rank"
+    unit = hw.accelerator.unit
     if not arch.valid_tensor_parallel(tp):
         reasons.append(f"tensor parallel {tp} does not divide {arch.num_attention_heads} attention / "
                        f"{arch.num_key_value_heads} KV heads")
@@ -330,6 +342,12 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
                      f"({OVERSUBSCRIBED_MEASURED}); tensor: auto gives each rank a core")
     if pp > arch.num_hidden_layers:
         reasons.append(f"pipeline parallel {pp} exceeds the model's {arch.num_hidden_layers} layers")
+    if hw.slice_hosts is not None and nodes != hw.slice_hosts:
+        reasons.append(f"a {hw.instance} slice is {hw.slice_hosts} host(s) of {hw.devices_per_node} chips: one "
+                       f"group runs a pipeline stage per host ({hw.slice_hosts}), not {nodes}")
+    if hw.accelerator.is_tpu:
+        notes.append(f"TPU: XLA's runtime counted as {req.overhead.tpu_runtime_bytes / GIB:.0f} GiB per chip, an "
+                     "estimate no TPU run has calibrated")
     if req.replicas > 1 and hw.hosts is not None and nodes * req.replicas > hw.hosts:
         reasons.append(f"needs {nodes} nodes per replica x {req.replicas} replicas = {nodes * req.replicas}, "
                        f"{hw.hosts} hosts available")
@@ -347,9 +365,14 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
                        f"its {hw.host_ram_bytes / GIB:.0f} GiB RAM")
     full = weights_total(arch, req)
     if hw.disk_bytes and full > hw.disk_bytes * 0.95:
+        tpu = (" free on its 100 GiB TPU VM boot disk: give gcp.weights_disk (a disk holding the weights, "
+               "attached read-only to every host)") if hw.accelerator.is_tpu else ""
         reasons.append(f"local disk: the checkpoint is {full / GB:.0f} GB, the node has "
-                       f"{hw.disk_bytes / GB:.0f} GB")
-    if req.quantization == "fp8" and on_gpu and not hw.accelerator.fp8:
+                       f"{hw.disk_bytes / GB:.0f} GB{tpu}")
+    if req.quantization == "fp8" and hw.accelerator.is_tpu:
+        reasons.append(f"{hw.accelerator.id} has no FP8: quantize to int8 (herd serves TPUs with vLLM's TPU "
+                       "backend, whose quantized checkpoints are int8)")
+    elif req.quantization == "fp8" and on_gpu and not hw.accelerator.fp8:
         notes.append(f"{hw.accelerator.id} has no FP8 tensor cores: FP8 runs weight-only "
                      "(weights stored in FP8, upcast to BF16 for the matmuls; e.g. vLLM's Marlin kernels)")
     if req.quantization == "fp8" and req.fp8_checkpoint:
@@ -383,6 +406,7 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
         total_devices=nodes * per_node * req.replicas,
         total_cost_usd_per_hour=cost * req.replicas if cost is not None else None,
         total_tokens_per_s_ceiling=tokens_per_s * req.replicas, device_memory_bytes=device_memory,
+        slice_hosts=hw.slice_hosts,
         reasons=reasons, notes=notes)
 
 
@@ -403,6 +427,8 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
     tp = req.tensor if req.tensor != "auto" else auto_tensor(arch, hw)
     if req.pipeline != "auto":
         candidates = [req.pipeline]
+    elif hw.slice_hosts is not None and req.nodes == "auto":
+        candidates = [hw.slice_hosts]   # a slice is provisioned whole: every host serves
     elif req.nodes != "auto":
         # Within a node: TP; across nodes: one pipeline stage per node (what vLLM recommends).
         candidates = [req.nodes]
@@ -413,7 +439,7 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
         if result.fits:
             break
         result = _evaluate(req, tp, pp)
-    if req.pipeline == "auto" and req.nodes == "auto" and not result.fits:
+    if req.pipeline == "auto" and req.nodes == "auto" and not result.fits and hw.slice_hosts is None:
         result = _evaluate(req, tp, 1)  # report against the simplest shape
         if req.replicas > 1 and hw.hosts:
             # On-prem replicas share the hosts: when one group would fit on more of them, say that the
@@ -434,8 +460,14 @@ def plan(req: PlanRequest, suggest: bool = True) -> Plan:
 def suggestions(req: PlanRequest, limit: int = 6) -> list[Suggestion]:
     """The cheapest catalog configurations that fit this model and context."""
     quantizations = [req.quantization] + [q for q in ("none", "fp8", "int8") if q != req.quantization]
+    if req.hardware.accelerator.is_tpu:
+        quantizations = [q for q in quantizations if q != "fp8"]
     found: list[Suggestion] = []
+    on_tpu = req.hardware.accelerator.is_tpu
     for inst in catalog.instances().values():
+        # A TPU plan is answered with TPU slices, a GPU or CPU one with GPU instances (their engines differ).
+        if catalog.accelerator(inst.accelerator).is_tpu != on_tpu:
+            continue
         for quant in quantizations:
             hw = Hardware.from_instance(inst.id, max_nodes=DEFAULT_MAX_NODES)
             candidate = replace(req, hardware=hw, quantization=quant, tensor="auto", pipeline="auto",

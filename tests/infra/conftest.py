@@ -62,6 +62,15 @@ class CloudMocks(pulumi.runtime.Mocks):
             nat = (nics[0].get("accessConfigs") or [{}])[0].get("natIp") or f"203.0.113.{n}"
             state["networkInterfaces"] = [{**nics[0], "networkIp": f"10.42.0.{n}",
                                            "accessConfigs": [{"natIp": nat}]}]
+        elif args.typ == "gcp:tpu/v2Vm:V2Vm":
+            # The Cloud TPU API gives every host of the slice an endpoint, in worker order.
+            hosts = int(state.get("labels", {}).get("herd-slice-hosts", "1"))
+            endpoints = []
+            for _ in range(hosts):
+                n = next(self._ips)
+                endpoints.append({"ipAddress": f"10.42.0.{n}", "port": 8470,
+                                  "accessConfigs": [{"externalIp": f"203.0.113.{n}"}]})
+            state["networkEndpoints"] = endpoints
         elif args.typ == "gcp:serviceaccount/account:Account":
             state["email"] = f"{state['accountId']}@my-project.iam.gserviceaccount.com"
         elif args.typ == "gcp:storage/bucket:Bucket":

@@ -15,6 +15,12 @@ ROUTES = [
     ("accelerator_type", re.compile(r"^/compute/v1/projects/([^/]+)/zones/([^/]+)/acceleratorTypes/([^/?]+)")),
     ("region", re.compile(r"^/compute/v1/projects/([^/]+)/regions/([^/?]+)")),
     ("image_family", re.compile(r"^/compute/v1/projects/([^/]+)/global/images/family/([^/?]+)")),
+    # The Cloud TPU API (tpu.googleapis.com/v2) and the Cloud Quotas API (cloudquotas.googleapis.com/v1):
+    # the same loopback server stands in for both (their paths do not overlap).
+    ("tpu_accelerator_type", re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/acceleratorTypes/([^/?]+)")),
+    ("tpu_runtime_version", re.compile(r"^/v2/projects/([^/]+)/locations/([^/]+)/runtimeVersions/([^/?]+)")),
+    ("quota_info", re.compile(r"^/v1/projects/([^/]+)/locations/global/services/tpu\.googleapis\.com/"
+                              r"quotaInfos/([^/?]+)")),
 ]
 
 
@@ -29,6 +35,9 @@ class ComputeState:
     # (backend service, instance group self link) -> the health state of its instance, as getHealth says
     backend_health: dict[tuple[str, str], str] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
+    tpu_types: dict[str, set[str]] = field(default_factory=dict)            # zone -> TPU accelerator types
+    tpu_versions: dict[str, set[str]] = field(default_factory=dict)         # zone -> TPU software versions
+    tpu_quotas: dict[str, dict[str, int]] = field(default_factory=dict)     # quota id -> zone -> limit
 
 
 class FakeCompute:
@@ -113,6 +122,29 @@ class _Handler(BaseHTTPRequestHandler):
         quotas = [{"metric": m, "limit": limit, "usage": usage}
                   for m, (limit, usage) in self.state.quotas[region].items()]
         self._send(200, {"kind": "compute#region", "name": region, "status": "UP", "quotas": quotas})
+
+    def tpu_accelerator_type(self, project, zone, name):
+        if name not in self.state.tpu_types.get(zone, set()):
+            return self._error(404, f"Resource 'projects/{project}/locations/{zone}/acceleratorTypes/{name}' was "
+                                    "not found", "notFound")
+        self._send(200, {"name": f"projects/{project}/locations/{zone}/acceleratorTypes/{name}", "type": name,
+                         "acceleratorConfigs": [{"type": name.split("-")[0].upper(), "topology": "4x4"}]})
+
+    def tpu_runtime_version(self, project, zone, version):
+        if version not in self.state.tpu_versions.get(zone, set()):
+            return self._error(404, f"Resource 'projects/{project}/locations/{zone}/runtimeVersions/{version}' was "
+                                    "not found", "notFound")
+        self._send(200, {"name": f"projects/{project}/locations/{zone}/runtimeVersions/{version}", "version": version})
+
+    def quota_info(self, project, quota_id):
+        zones = self.state.tpu_quotas.get(quota_id)
+        if zones is None:
+            return self._error(404, f"QuotaInfo {quota_id} not found", "notFound")
+        self._send(200, {"name": f"projects/{project}/locations/global/services/tpu.googleapis.com/quotaInfos/"
+                                 f"{quota_id}", "quotaId": quota_id, "service": "tpu.googleapis.com",
+                         "isPrecise": True, "containerType": "PROJECT",
+                         "dimensionsInfos": [{"dimensions": {"zone": z}, "details": {"value": str(v)},
+                                              "applicableLocations": [z]} for z, v in zones.items()]})
 
     def image_family(self, project, family):
         name = self.state.image_families.get((project, family))

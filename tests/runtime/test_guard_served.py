@@ -87,7 +87,7 @@ def deployment(tmp_path_factory):
 
 def guard_processes(port: int) -> list[int]:
     """The guard's vLLM API server (by its loopback port on its command line)."""
-    out = subprocess.run(["pgrep", "-f", f"vllm_cpu_cli.py serve .*--port {port}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"vllm_cli.py serve .*--port {port}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 

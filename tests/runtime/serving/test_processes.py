@@ -47,3 +47,34 @@ def test_stop_group_terms_then_kills_the_whole_group(tmp_path):
         assert subprocess.run(["kill", "-0", str(grandchild)], capture_output=True).returncode != 0 or \
             not pid_alive(grandchild)
     asyncio.run(run())
+
+
+def test_an_engine_s_companion_starts_first_and_stops_with_it(tmp_path):
+    """A TPU slice head runs Ray's head beside vLLM (ExternalEngineConfig.before): started first,
+    supervised on its own, stopped with the engine."""
+    from runtime.engine.external import ExternalEngine, ExternalEngineConfig
+    marker = f"herd-companion-{os.getpid()}"
+
+    def sleeper(tag: str) -> list[str]:
+        return ["bash", "-c", f"exec -a {tag} sleep 300"]
+
+    def running(tag: str) -> bool:
+        return subprocess.run(["pgrep", "-f", f"^{tag}"], capture_output=True).returncode == 0
+
+    async def run():
+        config = ExternalEngineConfig(argv=sleeper(f"{marker}-engine"), engine_url="http://127.0.0.1:9",
+                                      served_model_name="m")
+        config.before = ExternalEngineConfig(argv=sleeper(f"{marker}-ray"), engine_url="http://127.0.0.1:9",
+                                             served_model_name="m")
+        engine = ExternalEngine(config)
+        await engine.start(front=False)
+        deadline = time.monotonic() + 20
+        while not (running(f"{marker}-ray") and running(f"{marker}-engine")):
+            assert time.monotonic() < deadline, "the engine or its companion did not start"
+            await asyncio.sleep(0.1)
+        await engine.stop()
+        deadline = time.monotonic() + 20
+        while running(f"{marker}-ray") or running(f"{marker}-engine"):
+            assert time.monotonic() < deadline, "the engine or its companion outlived stop()"
+            await asyncio.sleep(0.1)
+    asyncio.run(run())
