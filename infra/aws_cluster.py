@@ -20,7 +20,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.efa import interface_layout
-from infra.nodes import disk_gb, node_boot
+from infra.nodes import disk_gb, node_boot, weight_buckets
 from infra.rollout_gate import ROLLOUT_TAG, readiness_gate
 from infra.stack import TLS_FILES, StackTls, stack_tls
 from provisioning.boot import aws_sources
@@ -63,18 +63,6 @@ def choose_zone(instance_type: str, wanted: list[str], offered: Sequence[str],
 def parameter_path(spec: Spec) -> str:
     """The deployment's SSM path: every parameter it creates, and all its nodes may read, is under it."""
     return f"/herd/{spec.name}/"
-
-
-def weight_buckets(spec: Spec) -> list[str]:
-    """The buckets the nodes read weights from: aws.weights_bucket and the model source's bucket."""
-    section = spec.aws_section
-    buckets = [section.weights_bucket] if section.weights_bucket else []
-    source = spec.model.source or ""
-    if source.startswith("s3://"):
-        bucket = source.removeprefix("s3://").split("/", 1)[0]
-        if bucket and bucket not in buckets:
-            buckets.append(bucket)
-    return buckets
 
 
 class AwsCluster(pulumi.ComponentResource):

@@ -6,31 +6,16 @@ which is therefore reserved before the node.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pulumi
 import pulumi_gcp as gcp
 
-from infra.gcp_foundation import GcpFoundation
+from infra.gcp_foundation import GcpClusterArgs, GcpFoundation
 from infra.gcp_types import gpu_type
 from infra.nodes import disk_gb, node_boot
 from infra.rollout_gate import readiness_gate
-from infra.stack import TLS_FILES, StackTls
+from infra.stack import TLS_FILES
 from provisioning.boot import gcp_sources
 from runtime.planning import catalog
-from runtime.planning.planner import Plan
-from runtime.planning.spec import Spec
-
-
-@dataclass
-class GcpClusterArgs:
-    spec: Spec
-    plan: Plan
-    bundle: Path
-    api_key: pulumi.Input[str] | None = None
-    hf_token: pulumi.Input[str] | None = None
-    tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
 class GcpCluster(pulumi.ComponentResource):

@@ -10,27 +10,29 @@ GCP deployment has always had.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pulumi
 import pulumi_gcp as gcp
 
 from infra.gcp_types import region_of
+from infra.nodes import weight_buckets
 from infra.stack import StackTls, stack_tls
+from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
 
 SUBNET_CIDR = "10.42.0.0/20"
 
 
-def weight_buckets(spec: Spec) -> list[str]:
-    """The buckets the nodes read weights from: gcp.weights_bucket and the model source's bucket."""
-    section = spec.gcp_section
-    buckets = [section.weights_bucket] if section.weights_bucket else []
-    source = spec.model.source or ""
-    if source.startswith("gs://"):
-        bucket = source.removeprefix("gs://").split("/", 1)[0]
-        if bucket and bucket not in buckets:
-            buckets.append(bucket)
-    return buckets
+@dataclass
+class GcpClusterArgs:
+    """What a GCP cluster component (GPU nodes or a TPU slice) is made from."""
+    spec: Spec
+    plan: Plan
+    bundle: Path
+    api_key: pulumi.Input[str] | None = None
+    hf_token: pulumi.Input[str] | None = None
+    tls: StackTls | None = None                    # the head's certificate (None: stack_tls(spec))
 
 
 @dataclass

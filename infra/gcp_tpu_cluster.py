@@ -12,29 +12,16 @@ it at boot (fetch_secret retries).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pulumi
 import pulumi_gcp as gcp
 
-from infra.gcp_foundation import GcpFoundation
+from infra.gcp_foundation import GcpClusterArgs, GcpFoundation
 from infra.nodes import node_steps
-from infra.stack import TLS_FILES, StackTls
+from infra.stack import TLS_FILES
 from provisioning.boot import HEAD_ADDR, boot_script, gcp_sources, slice_boot_script
 from runtime.planning import catalog
 from runtime.planning.planner import Plan
 from runtime.planning.spec import Spec
-
-
-@dataclass
-class TpuClusterArgs:
-    spec: Spec
-    plan: Plan
-    bundle: Path
-    api_key: pulumi.Input[str] | None = None
-    hf_token: pulumi.Input[str] | None = None
-    tls: StackTls | None = None
 
 
 def runtime_version(spec: Spec) -> str:
@@ -51,8 +38,22 @@ def slice_startup(spec: Spec, plan: Plan, sources) -> str:
     return slice_boot_script(scripts)
 
 
+def external_ips(endpoints) -> list[str]:
+    """The slice's hosts' external addresses, in worker order (worker 0 is the head)."""
+    ips = []
+    for endpoint in endpoints or []:
+        configs = endpoint.access_configs or []
+        if not configs or not configs[0].external_ip:
+            raise pulumi.RunError("the TPU slice reports a host without an external address (network_config "
+                                  "enable_external_ips is on)")
+        ips.append(configs[0].external_ip)
+    if not ips:
+        raise pulumi.RunError("the TPU slice reports no network endpoints")
+    return ips
+
+
 class TpuCluster(pulumi.ComponentResource):
-    def __init__(self, name: str, args: TpuClusterArgs, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, args: GcpClusterArgs, opts: pulumi.ResourceOptions | None = None):
         super().__init__("herd:gcp:TpuSlice", name, None, opts)
         spec, plan, section = args.spec, args.plan, args.spec.gcp_section
         if spec.replicas > 1:
@@ -95,8 +96,8 @@ class TpuCluster(pulumi.ComponentResource):
             metadata={"startup-script": startup, "enable-oslogin": "TRUE", "block-project-ssh-keys": "TRUE"},
             opts=pulumi.ResourceOptions(parent=self, depends_on=early.versions))
         endpoints = self.slice.network_endpoints
-        self.head_address = endpoints.apply(lambda eps: eps[0].access_configs[0].external_ip)
-        self.node_addresses = endpoints.apply(lambda eps: [ep.access_configs[0].external_ip for ep in eps])
+        self.head_address = endpoints.apply(lambda eps: external_ips(eps)[0])
+        self.node_addresses = endpoints.apply(external_ips)
         # The head's certificate, for the address the slice was given (its hosts wait for it at boot).
         base.tls_secrets(pulumi.Output.all(self.head_address))
         scheme = "https://" if self.tls.enabled else "http://"

@@ -17,6 +17,20 @@ from runtime.planning.spec import Spec
 HOME = "/opt/herd"
 
 
+def weight_buckets(spec: Spec) -> list[str]:
+    """The buckets a cloud's nodes read weights from: the section's weights_bucket and the model source's
+    bucket (s3:// on AWS, gs:// on GCP)."""
+    section = spec.target_section
+    scheme = {"aws": "s3://", "gcp": "gs://"}[spec.target]
+    buckets = [section.weights_bucket] if section.weights_bucket else []
+    source = spec.model.source or ""
+    if source.startswith(scheme):
+        bucket = source.removeprefix(scheme).split("/", 1)[0]
+        if bucket and bucket not in buckets:
+            buckets.append(bucket)
+    return buckets
+
+
 def disk_gb(plan: Plan) -> int:
     """A node's disk: the weights, a partial copy while fetching, the venv and engine, the OS."""
     return int(plan.weights_total_bytes * 2.2 / 1e9) + 150

@@ -22,14 +22,16 @@ def main():
                                                           tls=inputs.tls))
         ssh = cluster.node_addresses.apply(lambda ips: [f"ssh {SSH_USER}@{ip}" for ip in ips])
     elif spec.target == "gcp" and plan.slice_hosts is not None:
-        from infra.gcp_tpu_cluster import TpuCluster, TpuClusterArgs
-        cluster = TpuCluster(spec.name, TpuClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token,
+        from infra.gcp_foundation import GcpClusterArgs
+        from infra.gcp_tpu_cluster import TpuCluster
+        cluster = TpuCluster(spec.name, GcpClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token,
                                                        tls=inputs.tls))
         ssh = pulumi.Output.from_input([f"gcloud compute tpus tpu-vm ssh {spec.name}-slice --worker {rank} "
                                         f"--zone {spec.gcp_section.zone} --project {spec.gcp_section.project}"
                                         for rank in range(plan.nodes)])
     elif spec.target == "gcp":
-        from infra.gcp_cluster import GcpCluster, GcpClusterArgs
+        from infra.gcp_cluster import GcpCluster
+        from infra.gcp_foundation import GcpClusterArgs
         cluster = GcpCluster(spec.name, GcpClusterArgs(spec, plan, bundle, inputs.api_key, inputs.hf_token,
                                                           tls=inputs.tls))
         ssh = pulumi.Output.from_input([f"gcloud compute ssh {spec.name}-node-{rank} --zone {spec.gcp_section.zone} "

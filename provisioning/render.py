@@ -29,7 +29,7 @@ def _render_guard(spec: Spec, model_dir: Path, console: Console) -> None:
     guard = served_guard(spec)
     if guard is None:
         return
-    launch = guard_launch(spec, guard_plan(spec), str(guard_dir_for(model_dir, guard.model, guard.source)))
+    launch = guard_launch(spec, guard_plan(spec), str(guard_dir_for(model_dir, guard.model_section.id, guard.source)))
     console.print(f"[dim]# the guard {guard.model}, served on the head's loopback and supervised by its herd serve:[/]")
     console.print(launch.shell(), markup=False, highlight=False, soft_wrap=True)
 

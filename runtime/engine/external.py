@@ -196,8 +196,9 @@ class ExternalEngine:
             self._tasks.append(asyncio.create_task(self._watch()))
 
     async def stop(self) -> None:
-        if getattr(self, "before", None) is not None:
-            await self.before.stop()
+        before = getattr(self, "before", None)
+        if before is not None:
+            await before.stop()
         self._stopping = True
         self.health.phase, self.health.reason = "stopping", "shutting down"
         self._lost.set()

@@ -198,8 +198,9 @@ def guard_launch(spec: Spec, guard: Plan, guard_dir: str, engine_port: int = GUA
 def _tpu_slice_launch(base: list[str], env: dict[str, str], plan: Plan, head_addr: str,
                       node_addrs: list[str] | None) -> list[NodeLaunch]:
     """A multi-host TPU slice: vLLM's TPU backend spans hosts over Ray (its multi-host pipeline
-    parallelism). Every host joins the Ray cluster whose head runs on host 0; vLLM runs there alone, its
-    Ray executor placing one pipeline stage per host."""
+    parallelism). Every host joins the Ray cluster whose head runs on host 0; vLLM runs there alone.
+    TPU_MULTIHOST_BACKEND=ray makes tpu-inference place the stages with its own Ray executor (its
+    multi-host guide; vLLM's --distributed-executor-backend is left unset for it)."""
     env = {k: v for k, v in env.items() if not k.startswith("NCCL_")}   # no NCCL on TPUs
     env["TPU_MULTIHOST_BACKEND"] = "ray"
     from runtime.engine.ray_cluster import ray_head, ray_worker
@@ -208,8 +209,7 @@ def _tpu_slice_launch(base: list[str], env: dict[str, str], plan: Plan, head_add
         addr = node_addrs[rank] if node_addrs else None
         node_env = {**env, **({"VLLM_HOST_IP": addr} if addr else {})}
         if rank == 0:
-            launches.append(NodeLaunch(0, "head", [*base, "--distributed-executor-backend", "ray"], node_env,
-                                       before=ray_head(addr)))
+            launches.append(NodeLaunch(0, "head", base, node_env, before=ray_head(addr)))
         else:
             node_env.pop("VLLM_API_KEY", None)   # workers serve no API
             launches.append(NodeLaunch(rank, "worker", ray_worker(head_addr, addr), node_env))

@@ -47,6 +47,6 @@ if _device:
     os.environ.setdefault("VLLM_TARGET_DEVICE", _device)
 
 if __name__ == "__main__":
-    from vllm.entrypoints.cli.main import main
+    from vllm.entrypoints.cli.main import main  # pyright: ignore[reportMissingImports]  (vLLM's venv only)
     sys.argv = ["vllm", *sys.argv[1:]]
     main()

@@ -33,9 +33,13 @@ def hardware_for(spec: Spec, host: HostFacts | None = None) -> Hardware:
         return Hardware.from_instance(section.instance_type, "aws.instance_type")
     if spec.target == "gcp":
         hw = Hardware.from_instance(section.machine_type, "gcp.machine_type")
-        if hw.accelerator.is_tpu and not section.weights_disk:
-            # The weights go on the TPU VM's boot disk, beside the OS and both venvs.
-            return replace(hw, disk_bytes=TPU_BOOT_DISK_FREE_BYTES)
+        if hw.accelerator.is_tpu:
+            inst = catalog.instance(section.machine_type)
+            if section.spot and inst.spot_price_usd_per_hour is not None:
+                hw = replace(hw, price_usd_per_hour=inst.spot_price_usd_per_hour)
+            if not section.weights_disk:
+                # The weights go on the TPU VM's boot disk, beside the OS and both venvs.
+                hw = replace(hw, disk_bytes=TPU_BOOT_DISK_FREE_BYTES)
         return hw
     if spec.target == "onprem":
         gib = 2**30
@@ -106,7 +110,7 @@ def guard_plan(spec: Spec, hw: Hardware | None = None):
     assert guard is not None
     hw = hw or hardware_for(spec)
     request = PlanRequest(architecture=resolve_architecture(guard.model_section, "serving.guard.model"),
-                          hardware=hw, model_id=guard.model, dtype=_planned_dtype(spec, hw),
+                          hardware=hw, model_id=guard.model_section.id, dtype=_planned_dtype(spec, hw),
                           max_model_len=guard.max_model_len, concurrency=spec.context.concurrency,
                           max_prefill_tokens=guard.max_model_len, tensor=1, pipeline=1, nodes=1,
                           memory_utilization=1.0, engine="vllm")

